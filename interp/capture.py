@@ -1,0 +1,403 @@
+"""Stage 2 of the loop: residual-stream activations, captured with hooks and cached on disk.
+
+`capture()` hooks the decoder layers you name, keeps only the token positions you ask for, stops the
+forward pass after the last requested layer, and (with ``cache=``) writes safetensors shards plus a
+``manifest.json`` so that a rerun reads them back and an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from interp._errors import InterpError
+from interp.models import Batch, Model, Prompt, _as_prompt
+
+FORMAT = "interp.activations/1"
+DEFAULT_CACHE_ROOT = Path("sae_cache")
+Positions = Literal["last", "all", "question"] | Callable[..., Any]
+
+
+class TokenInfo(NamedTuple):
+    """What a ``positions=`` callable sees for one prompt (all tensors are [pos], padding removed)."""
+
+    input_ids: Tensor
+    tokens: list[str]
+    question_mask: Tensor
+    special_mask: Tensor
+    image_mask: Tensor
+
+
+class CacheError(InterpError):
+    """The on-disk activation cache is missing a piece or is corrupt."""
+
+
+@dataclass(frozen=True, eq=False)
+class Activations:
+    """Captured activations: ``acts[layer]`` is ``[n_rows, d_model]``; each row knows its prompt and position."""
+
+    acts: dict[int, Tensor]
+    prompt_index: Tensor  # [n_rows] index into the prompt list
+    position: Tensor  # [n_rows] token position inside that prompt's input
+    token_id: Tensor  # [n_rows] the token at that position
+    n_prompts: int
+    positions: str
+    model_name: str = ""
+    path: Path | None = None  # the cache folder, when cached
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.acts)
+
+    def __getitem__(self, layer: int) -> Tensor:
+        if layer not in self.acts:
+            raise InterpError(f"layer {layer} was not captured; captured layers are {self.layers}")
+        return self.acts[layer]
+
+    def __len__(self) -> int:
+        return int(self.prompt_index.numel())
+
+    def per_prompt(self, layer: int) -> list[Tensor]:
+        """Rows of ``layer`` split by prompt (a list of ``[n_pos_i, d_model]`` tensors)."""
+        counts = torch.bincount(self.prompt_index, minlength=self.n_prompts).tolist()
+        return list(torch.split(self[layer], counts))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "n_rows": len(self), "n_prompts": self.n_prompts,
+                "positions": self.positions, "model": self.model_name,
+                "path": str(self.path) if self.path else None, "d_model": self.d_model}
+
+    @property
+    def d_model(self) -> int:
+        return int(next(iter(self.acts.values())).shape[-1]) if self.acts else 0
+
+    def __repr__(self) -> str:
+        where = f", cached at '{self.path}'" if self.path else ""
+        dtype = next(iter(self.acts.values())).dtype if self.acts else None
+        return (f"Activations({self.model_name!r}, layers={self.layers}, rows={len(self)} from "
+                f"{self.n_prompts} prompts, positions={self.positions!r}, d_model={self.d_model}, {dtype}{where})")
+
+
+class _Stop(Exception):
+    """Raised by the hook on the last requested layer: nothing above it is computed."""
+
+
+def _layer_output(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _position_masks(model: Model, batch: Batch, positions: Positions, exclude: Sequence[str]) -> Tensor:
+    """Boolean ``[batch, pos]`` selection of the token positions to keep."""
+    real = ~batch.pad_mask.cpu()
+    if positions == "last":
+        sel = torch.zeros_like(real)
+        sel[torch.arange(sel.shape[0]), batch.last_index] = True
+        return sel
+    if positions == "all":
+        sel = real.clone()
+        if "special" in exclude:
+            sel &= ~batch.special_mask
+        if "image" in exclude:
+            sel &= ~batch.image_mask
+        return sel
+    if positions == "question":
+        return batch.question_mask.clone()
+    sel = torch.zeros_like(real)
+    ids = batch.input_ids.cpu()
+    for i in range(ids.shape[0]):
+        n = int(batch.lengths[i])
+        info = TokenInfo(ids[i, :n], model.tokenizer.convert_ids_to_tokens(ids[i, :n].tolist()),
+                         batch.question_mask[i, :n], batch.special_mask[i, :n], batch.image_mask[i, :n])
+        picked = torch.as_tensor(positions(info))
+        if picked.dtype == torch.bool:
+            if picked.shape != (n,):
+                raise InterpError(f"positions callable returned a mask of shape {tuple(picked.shape)} for "
+                                  f"prompt with {n} tokens; return a bool mask of length {n} or indices")
+            sel[i, :n] = picked
+        else:
+            idx = picked.long().reshape(-1)
+            if idx.numel() and (idx.min() < -n or idx.max() >= n):
+                raise InterpError(f"positions callable returned index {int(idx.max())} for a prompt of {n} tokens")
+            sel[i, idx % n] = True
+    return sel
+
+
+def run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
+               out_dtype: torch.dtype | None = None) -> dict[int, Tensor]:
+    """One forward pass that keeps the selected rows of each requested layer's output and stops early.
+
+    Returns ``{layer: Tensor[n_selected, d_model]}`` on the model's device; rows are in (batch, pos) order.
+    """
+    sel_dev = sel.to(model.device)
+    kept: dict[int, Tensor] = {}
+    last = max(layers)
+
+    def make_hook(i: int):
+        def hook(_module, _inputs, output):
+            resid = _layer_output(output)  # [batch, pos, d_model]
+            rows = resid[sel_dev]
+            kept[i] = rows.to(out_dtype) if out_dtype is not None else rows.clone()
+            if i == last:
+                raise _Stop
+
+        return hook
+
+    handles = [model.layers[i].register_forward_hook(make_hook(i)) for i in layers]
+    try:
+        model.hf(**batch.inputs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return kept
+
+
+def _prompt_digest(prompts: Sequence[Prompt]) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(json.dumps([p.question, p.context]).encode())
+        if p.image is None:
+            h.update(b"<no image>")
+        elif isinstance(p.image, (str, Path)):
+            h.update(Path(p.image).read_bytes() if Path(p.image).is_file() else str(p.image).encode())
+        elif hasattr(p.image, "tobytes"):
+            h.update(p.image.tobytes())
+        else:
+            h.update(repr(p.image).encode())
+    return h.hexdigest()
+
+
+def _positions_label(positions: Positions) -> str:
+    if isinstance(positions, str):
+        return positions
+    try:
+        src = inspect.getsource(positions)
+    except (OSError, TypeError):
+        src = repr(positions)
+    return f"callable:{getattr(positions, '__qualname__', 'fn')}:{hashlib.sha256(src.encode()).hexdigest()[:12]}"
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    from interp import __version__
+
+    return {"interp": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:60] or "model"
+
+
+def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, positions: Positions = "last",
+            cache: str | os.PathLike | bool | None = None, batch_size: int | None = None,
+            exclude: Sequence[str] = (), dtype: Any = None, shard_size: int = 256,
+            recompute: bool = False, progress: bool = True) -> Activations:
+    """Capture residual-stream activations (``blocks.{L}.hook_resid_post``) at the chosen positions.
+
+    ``cache``: ``True`` for ``sae_cache/``, or a folder; each (model, prompts, layers, positions, dtype)
+    gets its own subfolder of safetensors shards and a ``manifest.json``. ``exclude`` (with
+    ``positions="all"``) drops ``"special"`` and/or ``"image"`` tokens; padding is never kept.
+    """
+    items = [_as_prompt(p) for p in prompts]
+    if not items:
+        raise InterpError("prompts is empty: pass at least one prompt to capture")
+    layer_list = model.check_layers(layers)
+    if not (callable(positions) or positions in ("last", "all", "question")):
+        raise InterpError(f"positions={positions!r}: use 'last', 'all', 'question' or a callable")
+    bad = set(exclude) - {"special", "image"}
+    if bad:
+        raise InterpError(f"exclude={sorted(bad)}: only 'special' and 'image' can be excluded")
+    out_dtype = _as_dtype(dtype) if dtype is not None else model.dtype
+    if batch_size is None:
+        batch_size = 16 if model.device.type == "cuda" else 8
+    if batch_size < 1 or shard_size < 1:
+        raise InterpError("batch_size and shard_size must be >= 1")
+    label = _positions_label(positions)
+    shards = [(s, min(s + shard_size, len(items))) for s in range(0, len(items), shard_size)]
+
+    folder = None
+    manifest: dict[str, Any] | None = None
+    if cache not in (None, False):
+        root = DEFAULT_CACHE_ROOT if cache is True else Path(cache)
+        key_src = {"model": model.name, "weights": model.fingerprint, "prompts": _prompt_digest(items),
+                   "layers": layer_list, "positions": label, "exclude": sorted(exclude),
+                   "dtype": str(out_dtype), "shard_size": shard_size, "format": FORMAT}
+        key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+        folder = root / f"{_slug(model.name)}-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = _open_manifest(folder, key, key_src, model, len(items), recompute)
+
+    done = {tuple(s["prompts"]): s for s in manifest["shards"]} if manifest else {}
+    todo = [s for s in shards if s not in done]
+    results: dict[tuple[int, int], dict[str, Tensor]] = {}
+    writer = ThreadPoolExecutor(1) if folder is not None else None
+    pending: list[Future] = []
+    bar = tqdm(total=sum(e - s for s, e in todo), desc=f"capture {model.name}", unit="prompt",
+               disable=not progress or not todo, leave=False)
+    try:
+        with torch.inference_mode():
+            for s, e in todo:
+                tensors = _capture_shard(model, items[s:e], s, layer_list, positions, exclude, out_dtype,
+                                         batch_size, bar)
+                if folder is not None:
+                    pending.append(writer.submit(_write_shard, folder, manifest, (s, e), tensors))
+                    for f in [f for f in pending if f.done()]:
+                        f.result()  # surface a failed write now, not at the end
+                results[(s, e)] = tensors
+        for f in pending:
+            f.result()
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.shutdown(wait=True)
+    if manifest is not None:
+        manifest["complete"] = True
+        _atomic_json(folder / "manifest.json", manifest)
+    for s, e in shards:
+        if (s, e) not in results:
+            results[(s, e)] = _read_shard(folder, done[(s, e)])
+    parts = [results[s] for s in shards]
+    acts = {i: torch.cat([p[f"layer_{i}"] for p in parts]) for i in layer_list}
+    return Activations(acts=acts, prompt_index=torch.cat([p["prompt_index"] for p in parts]),
+                       position=torch.cat([p["position"] for p in parts]),
+                       token_id=torch.cat([p["token_id"] for p in parts]), n_prompts=len(items),
+                       positions=label, model_name=model.name, path=folder,
+                       meta={"layers": layer_list, "exclude": sorted(exclude), "dtype": str(out_dtype)})
+
+
+def _as_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return getattr(torch, str(dtype))
+    except AttributeError:
+        raise InterpError(f"dtype={dtype!r} is not a torch dtype") from None
+
+
+def _capture_shard(model: Model, items: list[Prompt], offset: int, layers: list[int], positions: Positions,
+                   exclude: Sequence[str], out_dtype: torch.dtype, batch_size: int, bar: tqdm) -> dict[str, Tensor]:
+    # Sort by text length so that batches pad little; rows are put back in prompt order below.
+    order = sorted(range(len(items)), key=lambda i: len(items[i].question) + len(items[i].context or ""))
+    chunks: list[tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]] = []
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        batch = model.encode([items[i] for i in idx])
+        sel = _position_masks(model, batch, positions, exclude)
+        kept = run_hooked(model, batch, layers, sel, out_dtype)
+        rows, pos = sel.nonzero(as_tuple=True)
+        prompt = torch.tensor(idx)[rows] + offset
+        token = batch.input_ids.cpu()[rows, pos]
+        chunks.append((prompt, pos, token, {i: t.cpu() for i, t in kept.items()}))
+        bar.update(len(idx))
+    prompt = torch.cat([c[0] for c in chunks])
+    pos = torch.cat([c[1] for c in chunks])
+    # Stable sort by prompt index restores prompt order and keeps positions ascending within a prompt.
+    perm = torch.sort(prompt * (pos.max() + 1 if pos.numel() else 1) + pos, stable=True).indices
+    out = {"prompt_index": prompt[perm], "position": pos[perm], "token_id": torch.cat([c[2] for c in chunks])[perm]}
+    for i in layers:
+        out[f"layer_{i}"] = torch.cat([c[3][i] for c in chunks])[perm].contiguous()
+    return out
+
+
+def _open_manifest(folder: Path, key: str, key_src: dict, model: Model, n: int, recompute: bool) -> dict:
+    path = folder / "manifest.json"
+    for stray in folder.glob(".*.tmp*"):  # leftovers of a killed writer: never trusted
+        stray.unlink(missing_ok=True)
+    if path.is_file() and not recompute:
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CacheError(f"cache manifest '{path}' is corrupt ({e}); delete '{folder}' or pass "
+                             "recompute=True") from e
+        if manifest.get("key") != key:
+            raise CacheError(f"cache folder '{folder}' belongs to other inputs; delete it or pass recompute=True")
+        for s in manifest["shards"]:
+            f = folder / s["file"]
+            if not f.is_file():
+                raise CacheError(f"cache shard '{f}' is missing (manifest lists it); delete '{folder}' or pass "
+                                 "recompute=True to rebuild it")
+        return manifest
+    for old in folder.glob("shard_*.safetensors"):
+        old.unlink()
+    manifest = {"format": FORMAT, "key": key, **key_src, "source": model.source, "n_prompts": n,
+                "d_model": model.d_model, "versions": _versions(), "created": time.time(),
+                "shards": [], "complete": False}
+    _atomic_json(path, manifest)
+    return manifest
+
+
+def _write_shard(folder: Path, manifest: dict, span: tuple[int, int], tensors: dict[str, Tensor]) -> None:
+    name = f"shard_{span[0]:08d}_{span[1]:08d}.safetensors"
+    tmp = folder / f".{name}.tmp{os.getpid()}"
+    save_file(tensors, str(tmp))
+    digest = _sha256(tmp)
+    os.replace(tmp, folder / name)
+    manifest["shards"].append({"file": name, "prompts": list(span), "rows": int(tensors["prompt_index"].numel()),
+                               "sha256": digest})
+    manifest["shards"].sort(key=lambda s: s["prompts"][0])
+    _atomic_json(folder / "manifest.json", manifest)
+
+
+def _read_shard(folder: Path, entry: dict) -> dict[str, Tensor]:
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise CacheError(f"cache shard '{path}' is missing; delete '{folder}' or pass recompute=True")
+    if _sha256(path) != entry["sha256"]:
+        raise CacheError(f"cache shard '{path}' is corrupt (sha256 mismatch); delete it and rerun to "
+                         "recompute it, or pass recompute=True")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CacheError(f"cache shard '{path}' is corrupt ({e}); delete it or pass recompute=True") from e
+
+
+def load_activations(folder: str | os.PathLike) -> Activations:
+    """Read a cache folder written by `capture` (checks every shard's hash)."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise CacheError(f"no manifest.json in '{folder}': not an activation cache folder")
+    manifest = json.loads(path.read_text())
+    if not manifest.get("complete"):
+        raise CacheError(f"cache '{folder}' is incomplete (an interrupted run); rerun capture() to resume it")
+    parts = [_read_shard(folder, s) for s in manifest["shards"]]
+    acts = {i: torch.cat([p[f"layer_{i}"] for p in parts]) for i in manifest["layers"]}
+    return Activations(acts=acts, prompt_index=torch.cat([p["prompt_index"] for p in parts]),
+                       position=torch.cat([p["position"] for p in parts]),
+                       token_id=torch.cat([p["token_id"] for p in parts]), n_prompts=manifest["n_prompts"],
+                       positions=manifest["positions"], model_name=manifest["model"], path=folder,
+                       meta={"layers": manifest["layers"], "exclude": manifest["exclude"], "dtype": manifest["dtype"]})
