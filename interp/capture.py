@@ -144,15 +144,17 @@ def run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
 
     Returns ``{layer: Tensor[n_selected, d_model]}`` on the model's device; rows are in (batch, pos) order.
     """
-    sel_dev = sel.to(model.device)
+    # Flat row indices computed on the host: boolean-mask indexing on the device would force a sync
+    # in every hook and stall the kernel queue.
+    flat = sel.reshape(-1).nonzero().squeeze(1).to(model.device, non_blocking=True)
     kept: dict[int, Tensor] = {}
     last = max(layers)
 
     def make_hook(i: int):
         def hook(_module, _inputs, output):
             resid = _layer_output(output)  # [batch, pos, d_model]
-            rows = resid[sel_dev]
-            kept[i] = rows.to(out_dtype) if out_dtype is not None else rows.clone()
+            rows = resid.reshape(-1, resid.shape[-1]).index_select(0, flat)
+            kept[i] = rows.to(out_dtype) if out_dtype is not None else rows
             if i == last:
                 raise _Stop
 
@@ -313,14 +315,18 @@ def _capture_shard(model: Model, items: list[Prompt], offset: int, layers: list[
     # Sort by text length so that batches pad little; rows are put back in prompt order below.
     order = sorted(range(len(items)), key=lambda i: len(items[i].question) + len(items[i].context or ""))
     chunks: list[tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]] = []
-    for b in range(0, len(order), batch_size):
+    starts = list(range(0, len(order), batch_size))
+    encode = lambda b: model.encode([items[i] for i in order[b:b + batch_size]])  # noqa: E731
+    batch = encode(starts[0])
+    for k, b in enumerate(starts):
         idx = order[b:b + batch_size]
-        batch = model.encode([items[i] for i in idx])
         sel = _position_masks(model, batch, positions, exclude)
-        kept = run_hooked(model, batch, layers, sel, out_dtype)
+        kept = run_hooked(model, batch, layers, sel, out_dtype)  # queued on the device, not yet finished
         rows, pos = sel.nonzero(as_tuple=True)
         prompt = torch.tensor(idx)[rows] + offset
         token = batch.input_ids.cpu()[rows, pos]
+        if k + 1 < len(starts):
+            batch = encode(starts[k + 1])  # tokenise the next batch while the device works
         chunks.append((prompt, pos, token, {i: t.cpu() for i, t in kept.items()}))
         bar.update(len(idx))
     prompt = torch.cat([c[0] for c in chunks])

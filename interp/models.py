@@ -304,7 +304,7 @@ class Model:
             if with_image:
                 raise InterpError(f"prompt {with_image[0]} has an image, but '{self.name}' is a text-only model. "
                                   "Drop the image or load a vision-language model such as 'tiny-medgemma'.")
-        specials = set(self.tokenizer.all_special_ids)
+        specials = self.special_ids
         image_ids = self._image_token_ids()
         rows = []
         for p in items:
@@ -322,9 +322,18 @@ class Model:
             total = int(offsets[:, 1].max())
             q_end = total - tail
             q_begin = q_end - len(q)
-            qmask = (offsets[:, 0] >= q_begin) & (offsets[:, 1] <= q_end) & (offsets[:, 1] > offsets[:, 0])
+            # A token overlapping the question counts (BPE may merge "\n" with its first word).
+            qmask = (offsets[:, 1] > q_begin) & (offsets[:, 0] < q_end) & (offsets[:, 1] > offsets[:, 0])
             rows.append((enc, qmask))
         return self._pad(rows, specials, image_ids)
+
+    @cached_property
+    def special_ids(self) -> set[int]:
+        """Ids of special tokens: BOS/EOS/pad, turn markers and every added token flagged special."""
+        ids = set(self.tokenizer.all_special_ids)
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        ids |= {int(i) for i, t in decoder.items() if getattr(t, "special", False)}
+        return ids | self._image_token_ids()
 
     def _image_token_ids(self) -> set[int]:
         cfg = self.hf.config
@@ -358,13 +367,8 @@ class Model:
             inputs["pixel_values"] = torch.cat(pixel_values).to(self.dtype)
         if any("token_type_ids" in r[0] for r in rows):
             inputs["token_type_ids"] = token_type
-        is_image = torch.zeros_like(input_ids, dtype=torch.bool)
-        for t in image_ids:
-            is_image |= input_ids == t
-        is_special = is_image.clone()
-        for t in specials:
-            is_special |= input_ids == t
-        is_special &= attn.bool()
+        is_image = torch.isin(input_ids, torch.tensor(sorted(image_ids), dtype=torch.long))
+        is_special = torch.isin(input_ids, torch.tensor(sorted(specials), dtype=torch.long)) & attn.bool()
         dev = self.device
         return Batch(inputs={k: v.to(dev) for k, v in inputs.items()}, lengths=lengths,
                      question_mask=qmask & ~is_special, special_mask=is_special, image_mask=is_image & attn.bool())
@@ -433,8 +437,13 @@ def load(source: str | os.PathLike = "gemma3-270m", *, device: Any = None, dtype
 
 
 def _load_pretrained(src: str, dtype: torch.dtype, *, revision: str | None, trust_remote_code: bool) -> Model:
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
-                              AutoProcessor, AutoTokenizer)
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
 
     kw = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
@@ -574,8 +583,12 @@ def tiny_tokenizer(chat_template: str = GEMMA_CHAT_TEMPLATE) -> Any:
 
 
 def _tiny_medgemma(dtype: torch.dtype) -> Model:
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
-                              Gemma3Processor)
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+    )
 
     tok = tiny_tokenizer(GEMMA_CHAT_TEMPLATE)
     tid = tok.convert_tokens_to_ids
@@ -598,8 +611,7 @@ def _tiny_medgemma(dtype: torch.dtype) -> Model:
 
 
 def _tiny_llava(dtype: torch.dtype) -> Model:
-    from transformers import (CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = tiny_tokenizer(LLAVA_CHAT_TEMPLATE)
     tok.image_token = "<image>"
