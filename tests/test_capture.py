@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import interp
-
-capture_mod = importlib.import_module("interp.capture")  # the module; `interp.capture` is the function
 from interp.capture import CacheError, load_activations
 from interp.models import Prompt
+
+capture_mod = importlib.import_module("interp.capture")  # the module; `interp.capture` is the function
 
 QUESTIONS = ["Is there a right pleural effusion?", "heart looks big?", "Any pneumothorax on the left side of the chest?",
              "Is the endotracheal tube in a good position?", "lungs clear?"]
