@@ -266,26 +266,14 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
     done = {tuple(s["prompts"]): s for s in manifest["shards"]} if manifest else {}
     todo = [s for s in shards if s not in done]
     results: dict[tuple[int, int], dict[str, Tensor]] = {}
-    writer = ThreadPoolExecutor(1) if folder is not None else None
-    pending: list[Future] = []
-    bar = tqdm(total=sum(e - s for s, e in todo), desc=f"capture {model.name}", unit="prompt",
-               disable=not progress or not todo, leave=False)
-    try:
-        with torch.inference_mode():
-            for s, e in todo:
-                tensors = _capture_shard(model, items[s:e], s, layer_list, positions, exclude, out_dtype,
-                                         batch_size, bar)
-                if folder is not None:
-                    pending.append(writer.submit(_write_shard, folder, manifest, (s, e), tensors))
-                    for f in [f for f in pending if f.done()]:
-                        f.result()  # surface a failed write now, not at the end
-                results[(s, e)] = tensors
-        for f in pending:
-            f.result()
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.shutdown(wait=True)
+    if todo:
+        bar = tqdm(total=sum(e - s for s, e in todo), desc=f"capture {model.name}", unit="prompt",
+                   disable=not progress, leave=False)
+        try:
+            results.update(_run_shards(model, items, todo, layer_list, positions, exclude, out_dtype, batch_size,
+                                       folder, manifest, bar))
+        finally:
+            bar.close()
     if manifest is not None:
         manifest["complete"] = True
         _atomic_json(folder / "manifest.json", manifest)
@@ -293,12 +281,87 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
         if (s, e) not in results:
             results[(s, e)] = _read_shard(folder, done[(s, e)])
     parts = [results[s] for s in shards]
-    acts = {i: torch.cat([p[f"layer_{i}"] for p in parts]) for i in layer_list}
-    return Activations(acts=acts, prompt_index=torch.cat([p["prompt_index"] for p in parts]),
-                       position=torch.cat([p["position"] for p in parts]),
-                       token_id=torch.cat([p["token_id"] for p in parts]), n_prompts=len(items),
+    join = (lambda key: parts[0][key]) if len(parts) == 1 else (lambda key: torch.cat([p[key] for p in parts]))
+    return Activations(acts={i: join(f"layer_{i}") for i in layer_list}, prompt_index=join("prompt_index"),
+                       position=join("position"), token_id=join("token_id"), n_prompts=len(items),
                        positions=label, model_name=model.name, path=folder,
                        meta={"layers": layer_list, "exclude": sorted(exclude), "dtype": str(out_dtype)})
+
+
+def _prepare_shard(model: Model, items: list[Prompt], span: tuple[int, int], batch_size: int, positions: Positions,
+                   exclude: Sequence[str], pin: bool) -> list[tuple[Batch, Tensor, dict[str, Tensor]]]:
+    """Tokenise one shard into batches on the host: (batch, selection, row metadata) each."""
+    out = []
+    for b in range(span[0], span[1], batch_size):
+        batch = model.encode(items[b:min(b + batch_size, span[1])], device="cpu")
+        sel = _position_masks(model, batch, positions, exclude)
+        rows, pos = sel.nonzero(as_tuple=True)  # row-major: prompt order, then position order
+        meta = {"prompt_index": rows + b, "position": pos, "token_id": batch.input_ids[rows, pos]}
+        out.append((batch.to("cpu", pin=True) if pin else batch, sel, meta))
+    return out
+
+
+def _copy_rows(kept: dict[int, Tensor], out: dict[str, Tensor], lo: int, hi: int, ready: Any, stream: Any) -> None:
+    """Copy one batch's device rows into the shard's host tensors (runs on the copier thread)."""
+    if stream is None:
+        for i, rows in kept.items():
+            out[f"layer_{i}"][lo:hi] = rows
+        return
+    with torch.cuda.stream(stream):
+        stream.wait_event(ready)
+        for i, rows in kept.items():
+            out[f"layer_{i}"][lo:hi].copy_(rows)  # pageable destination: returns once copied
+
+
+def _finish_shard(copies: list[Future], out: dict[str, Tensor], folder: Path | None, manifest: dict | None,
+                  span: tuple[int, int]) -> dict[str, Tensor]:
+    for f in copies:
+        f.result()
+    if folder is not None:
+        _write_shard(folder, manifest, span, out)
+    return out
+
+
+def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], layers: list[int],
+                positions: Positions, exclude: Sequence[str], out_dtype: torch.dtype, batch_size: int,
+                folder: Path | None, manifest: dict | None, bar: tqdm) -> dict[tuple[int, int], dict[str, Tensor]]:
+    """Keep the device busy: the next shard is tokenised on one thread while the device runs this one,
+    rows come back on a side stream through a copier thread, and shards are written by a third."""
+    cuda = model.device.type == "cuda"
+    stream = torch.cuda.Stream(model.device) if cuda else None
+    tokeniser, copier, writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    finished: dict[tuple[int, int], Future] = {}
+    try:
+        ahead = tokeniser.submit(_prepare_shard, model, items, todo[0], batch_size, positions, exclude, cuda)
+        for k, span in enumerate(todo):
+            prepared = ahead.result()
+            if k + 1 < len(todo):
+                ahead = tokeniser.submit(_prepare_shard, model, items, todo[k + 1], batch_size, positions, exclude,
+                                         cuda)
+            out = {key: torch.cat([p[2][key] for p in prepared]) for key in ("prompt_index", "position", "token_id")}
+            n_rows = int(out["position"].numel())
+            out |= {f"layer_{i}": torch.empty(n_rows, model.d_model, dtype=out_dtype) for i in layers}
+            copies, row = [], 0
+            with torch.inference_mode():
+                for batch, sel, meta in prepared:
+                    kept = run_hooked(model, batch.to(model.device), layers, sel, out_dtype)
+                    ready = torch.cuda.Event() if cuda else None
+                    if cuda:
+                        ready.record()
+                    n = int(meta["position"].numel())
+                    if cuda:
+                        copies.append(copier.submit(_copy_rows, kept, out, row, row + n, ready, stream))
+                    else:
+                        _copy_rows(kept, out, row, row + n, None, None)
+                    row += n
+                    bar.update(int(batch.lengths.numel()))
+            finished[span] = writer.submit(_finish_shard, copies, out, folder, manifest, span)
+            for f in [f for f in finished.values() if f.done()]:
+                f.result()  # surface a failed copy or write now, not at the end
+        return {span: f.result() for span, f in finished.items()}
+    finally:
+        for pool in (tokeniser, copier, writer):
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _as_dtype(dtype: Any) -> torch.dtype:
@@ -308,35 +371,6 @@ def _as_dtype(dtype: Any) -> torch.dtype:
         return getattr(torch, str(dtype))
     except AttributeError:
         raise InterpError(f"dtype={dtype!r} is not a torch dtype") from None
-
-
-def _capture_shard(model: Model, items: list[Prompt], offset: int, layers: list[int], positions: Positions,
-                   exclude: Sequence[str], out_dtype: torch.dtype, batch_size: int, bar: tqdm) -> dict[str, Tensor]:
-    # Sort by text length so that batches pad little; rows are put back in prompt order below.
-    order = sorted(range(len(items)), key=lambda i: len(items[i].question) + len(items[i].context or ""))
-    chunks: list[tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]] = []
-    starts = list(range(0, len(order), batch_size))
-    encode = lambda b: model.encode([items[i] for i in order[b:b + batch_size]])  # noqa: E731
-    batch = encode(starts[0])
-    for k, b in enumerate(starts):
-        idx = order[b:b + batch_size]
-        sel = _position_masks(model, batch, positions, exclude)
-        kept = run_hooked(model, batch, layers, sel, out_dtype)  # queued on the device, not yet finished
-        rows, pos = sel.nonzero(as_tuple=True)
-        prompt = torch.tensor(idx)[rows] + offset
-        token = batch.input_ids.cpu()[rows, pos]
-        if k + 1 < len(starts):
-            batch = encode(starts[k + 1])  # tokenise the next batch while the device works
-        chunks.append((prompt, pos, token, {i: t.cpu() for i, t in kept.items()}))
-        bar.update(len(idx))
-    prompt = torch.cat([c[0] for c in chunks])
-    pos = torch.cat([c[1] for c in chunks])
-    # Stable sort by prompt index restores prompt order and keeps positions ascending within a prompt.
-    perm = torch.sort(prompt * (pos.max() + 1 if pos.numel() else 1) + pos, stable=True).indices
-    out = {"prompt_index": prompt[perm], "position": pos[perm], "token_id": torch.cat([c[2] for c in chunks])[perm]}
-    for i in layers:
-        out[f"layer_{i}"] = torch.cat([c[3][i] for c in chunks])[perm].contiguous()
-    return out
 
 
 def _open_manifest(folder: Path, key: str, key_src: dict, model: Model, n: int, recompute: bool) -> dict:

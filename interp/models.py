@@ -95,6 +95,15 @@ class Batch:
     def last_index(self) -> Tensor:
         return self.lengths - 1
 
+    def to(self, device: Any, *, pin: bool = False) -> Batch:
+        """The same batch with inputs on ``device`` (``pin=True``: page-locked host memory first, so a
+        later copy to the GPU can overlap with compute)."""
+        if pin:
+            inputs = {k: v.pin_memory() for k, v in self.inputs.items()}
+        else:
+            inputs = {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
+        return Batch(inputs, self.lengths, self.question_mask, self.special_mask, self.image_mask)
+
 
 def cache_home() -> Path:
     """Where converted models and other derived files live (``$INTERP_HOME`` or ~/.cache/interp)."""
@@ -278,24 +287,44 @@ class Model:
         question = question.strip()
         if not question:
             raise InterpError("question is empty: every prompt needs a non-empty question")
-        body = f"{context.strip()}\n\n{question}" if context else question
         if not self.chat:
             if image:
                 raise InterpError(f"'{self.name}' is a base model without a chat template; it takes no image")
             ctx = f"{context.strip()}\n" if context else ""
             return (self.tokenizer.bos_token or "") + BASE_TEMPLATE.format(context=ctx, question=question)
+        body = f"{context.strip()}\n\n{question}" if context else question
+        parts = self._template_parts(image)
+        return parts[0] + body + parts[1] if parts else self._render_chat(body, image)
+
+    def _render_chat(self, body: str, image: bool) -> str:
         content: list[dict[str, str]] = [{"type": "image"}] if image else []
         content.append({"type": "text", "text": body})
         owner = self.processor if self.processor is not None else self.tokenizer
         messages = [{"role": "user", "content": content if (image or self.processor is not None) else body}]
         return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def _template_parts(self, image: bool) -> tuple[str, str] | None:
+        """The chat template rendered once around a sentinel: (text before, text after) the body.
+
+        Rendering Jinja per prompt costs more than tokenising; a template that does anything to the
+        body other than place it (checked with two probes) falls back to per-prompt rendering."""
+        cache = self.__dict__.setdefault("_parts", {})
+        if image not in cache:
+            sentinel, probe = "\ue000interp\ue001", "Probe question one?"
+            rendered = self._render_chat(sentinel, image)
+            parts = tuple(rendered.split(sentinel)) if rendered.count(sentinel) == 1 else None
+            if parts and self._render_chat(probe, image) != parts[0] + probe + parts[1]:
+                parts = None
+            cache[image] = parts
+        return cache[image]
+
     def inputs(self, question: str, image: Any = None, *, context: str | None = None) -> dict[str, Tensor]:
         """Chat-formatted model inputs for one question (and image), on the model's device."""
         return self.encode([Prompt(question, image, context)]).inputs
 
-    def encode(self, prompts: Sequence[Prompt | str]) -> Batch:
-        """Format, tokenise and right-pad a batch; returns inputs and position masks."""
+    def encode(self, prompts: Sequence[Prompt | str], *, device: Any = None) -> Batch:
+        """Format, tokenise and right-pad a batch; returns inputs (on ``device``, default the model's)
+        and position masks."""
         if len(prompts) == 0:
             raise InterpError("prompts is empty: pass at least one prompt")
         items = [_as_prompt(p) for p in prompts]
@@ -304,28 +333,28 @@ class Model:
             if with_image:
                 raise InterpError(f"prompt {with_image[0]} has an image, but '{self.name}' is a text-only model. "
                                   "Drop the image or load a vision-language model such as 'tiny-medgemma'.")
-        specials = self.special_ids
-        image_ids = self._image_token_ids()
-        rows = []
-        for p in items:
-            text = self.format(p.question, context=p.context, image=p.image is not None)
-            q = p.question.strip()
-            q_start = text.rfind(q)
-            tail = len(text) - (q_start + len(q))  # chars after the question: unchanged by image expansion
+        texts = [self.format(p.question, context=p.context, image=p.image is not None) for p in items]
+        encs: list[dict[str, Tensor]] = [None] * len(items)  # type: ignore[list-item]
+        plain = [i for i, p in enumerate(items) if p.image is None]
+        if plain:  # one batched (multi-threaded) tokeniser call for all text-only prompts
+            out = self.tokenizer([texts[i] for i in plain], return_offsets_mapping=True, add_special_tokens=False)
+            for j, i in enumerate(plain):
+                encs[i] = {k: torch.tensor([v[j]]) for k, v in out.items()}
+        for i, p in enumerate(items):
             if p.image is not None:
-                enc = self.processor(text=[text], images=[[_open_image(p.image)]], return_tensors="pt",
-                                     return_offsets_mapping=True, add_special_tokens=False)
-            else:
-                enc = self.tokenizer([text], return_tensors="pt", return_offsets_mapping=True,
-                                     add_special_tokens=False)
+                encs[i] = dict(self.processor(text=[texts[i]], images=[[_open_image(p.image)]], return_tensors="pt",
+                                              return_offsets_mapping=True, add_special_tokens=False))
+        rows = []
+        for p, text, enc in zip(items, texts, encs, strict=True):
+            q = p.question.strip()
+            tail = len(text) - (text.rfind(q) + len(q))  # chars after the question: unchanged by image expansion
             offsets = enc.pop("offset_mapping")[0]
-            total = int(offsets[:, 1].max())
-            q_end = total - tail
+            q_end = int(offsets[:, 1].max()) - tail
             q_begin = q_end - len(q)
             # A token overlapping the question counts (BPE may merge "\n" with its first word).
             qmask = (offsets[:, 1] > q_begin) & (offsets[:, 0] < q_end) & (offsets[:, 1] > offsets[:, 0])
             rows.append((enc, qmask))
-        return self._pad(rows, specials, image_ids)
+        return self._pad(rows, self.special_ids, self._image_token_ids(), device)
 
     @cached_property
     def special_ids(self) -> set[int]:
@@ -344,7 +373,7 @@ class Model:
                 ids.add(v)
         return ids
 
-    def _pad(self, rows: list, specials: set[int], image_ids: set[int]) -> Batch:
+    def _pad(self, rows: list, specials: set[int], image_ids: set[int], device: Any = None) -> Batch:
         lengths = torch.tensor([r[0]["input_ids"].shape[1] for r in rows])
         n, width = len(rows), int(lengths.max())
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -369,7 +398,7 @@ class Model:
             inputs["token_type_ids"] = token_type
         is_image = torch.isin(input_ids, torch.tensor(sorted(image_ids), dtype=torch.long))
         is_special = torch.isin(input_ids, torch.tensor(sorted(specials), dtype=torch.long)) & attn.bool()
-        dev = self.device
+        dev = self.device if device is None else torch.device(device)
         return Batch(inputs={k: v.to(dev) for k, v in inputs.items()}, lengths=lengths,
                      question_mask=qmask & ~is_special, special_mask=is_special, image_mask=is_image & attn.bool())
 
