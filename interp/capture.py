@@ -288,82 +288,6 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
                        meta={"layers": layer_list, "exclude": sorted(exclude), "dtype": str(out_dtype)})
 
 
-def _prepare_shard(model: Model, items: list[Prompt], span: tuple[int, int], batch_size: int, positions: Positions,
-                   exclude: Sequence[str], pin: bool) -> list[tuple[Batch, Tensor, dict[str, Tensor]]]:
-    """Tokenise one shard into batches on the host: (batch, selection, row metadata) each."""
-    out = []
-    for b in range(span[0], span[1], batch_size):
-        batch = model.encode(items[b:min(b + batch_size, span[1])], device="cpu")
-        sel = _position_masks(model, batch, positions, exclude)
-        rows, pos = sel.nonzero(as_tuple=True)  # row-major: prompt order, then position order
-        meta = {"prompt_index": rows + b, "position": pos, "token_id": batch.input_ids[rows, pos]}
-        out.append((batch.to("cpu", pin=True) if pin else batch, sel, meta))
-    return out
-
-
-def _copy_rows(kept: dict[int, Tensor], out: dict[str, Tensor], lo: int, hi: int, ready: Any, stream: Any) -> None:
-    """Copy one batch's device rows into the shard's host tensors (runs on the copier thread)."""
-    if stream is None:
-        for i, rows in kept.items():
-            out[f"layer_{i}"][lo:hi] = rows
-        return
-    with torch.cuda.stream(stream):
-        stream.wait_event(ready)
-        for i, rows in kept.items():
-            out[f"layer_{i}"][lo:hi].copy_(rows)  # pageable destination: returns once copied
-
-
-def _finish_shard(copies: list[Future], out: dict[str, Tensor], folder: Path | None, manifest: dict | None,
-                  span: tuple[int, int]) -> dict[str, Tensor]:
-    for f in copies:
-        f.result()
-    if folder is not None:
-        _write_shard(folder, manifest, span, out)
-    return out
-
-
-def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], layers: list[int],
-                positions: Positions, exclude: Sequence[str], out_dtype: torch.dtype, batch_size: int,
-                folder: Path | None, manifest: dict | None, bar: tqdm) -> dict[tuple[int, int], dict[str, Tensor]]:
-    """Keep the device busy: the next shard is tokenised on one thread while the device runs this one,
-    rows come back on a side stream through a copier thread, and shards are written by a third."""
-    cuda = model.device.type == "cuda"
-    stream = torch.cuda.Stream(model.device) if cuda else None
-    tokeniser, copier, writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1), ThreadPoolExecutor(1)
-    finished: dict[tuple[int, int], Future] = {}
-    try:
-        ahead = tokeniser.submit(_prepare_shard, model, items, todo[0], batch_size, positions, exclude, cuda)
-        for k, span in enumerate(todo):
-            prepared = ahead.result()
-            if k + 1 < len(todo):
-                ahead = tokeniser.submit(_prepare_shard, model, items, todo[k + 1], batch_size, positions, exclude,
-                                         cuda)
-            out = {key: torch.cat([p[2][key] for p in prepared]) for key in ("prompt_index", "position", "token_id")}
-            n_rows = int(out["position"].numel())
-            out |= {f"layer_{i}": torch.empty(n_rows, model.d_model, dtype=out_dtype) for i in layers}
-            copies, row = [], 0
-            with torch.inference_mode():
-                for batch, sel, meta in prepared:
-                    kept = run_hooked(model, batch.to(model.device), layers, sel, out_dtype)
-                    ready = torch.cuda.Event() if cuda else None
-                    if cuda:
-                        ready.record()
-                    n = int(meta["position"].numel())
-                    if cuda:
-                        copies.append(copier.submit(_copy_rows, kept, out, row, row + n, ready, stream))
-                    else:
-                        _copy_rows(kept, out, row, row + n, None, None)
-                    row += n
-                    bar.update(int(batch.lengths.numel()))
-            finished[span] = writer.submit(_finish_shard, copies, out, folder, manifest, span)
-            for f in [f for f in finished.values() if f.done()]:
-                f.result()  # surface a failed copy or write now, not at the end
-        return {span: f.result() for span, f in finished.items()}
-    finally:
-        for pool in (tokeniser, copier, writer):
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _as_dtype(dtype: Any) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -371,6 +295,108 @@ def _as_dtype(dtype: Any) -> torch.dtype:
         return getattr(torch, str(dtype))
     except AttributeError:
         raise InterpError(f"dtype={dtype!r} is not a torch dtype") from None
+
+
+def _prepare_batch(model: Model, items: list[Prompt], lo: int, hi: int, positions: Positions,
+                   exclude: Sequence[str], pin: bool) -> tuple[Batch, Tensor, dict[str, Tensor]]:
+    """Tokenise prompts ``lo:hi`` on the host: (batch, selection, row metadata)."""
+    batch = model.encode(items[lo:hi], device="cpu")
+    sel = _position_masks(model, batch, positions, exclude)
+    rows, pos = sel.nonzero(as_tuple=True)  # row-major: prompt order, then position order
+    meta = {"prompt_index": rows + lo, "position": pos, "token_id": batch.input_ids[rows, pos]}
+    return (batch.to("cpu", pin=True) if pin else batch), sel, meta
+
+
+class _ShardBuffer:
+    """Host tensors of one shard, allocated once every batch of it is tokenised (rows are then known).
+
+    Only the copier (or, on the CPU, the main thread) calls `copy`; it allocates on first use, so the
+    device starts on the first batch without waiting for the whole shard to be tokenised."""
+
+    def __init__(self, batches: list[Future], layers: list[int], d_model: int, dtype: torch.dtype):
+        self.batches, self.layers, self.d_model, self.dtype = batches, layers, d_model, dtype
+        self.out: dict[str, Tensor] | None = None
+        self.starts: list[int] = []
+
+    def _allocate(self) -> dict[str, Tensor]:
+        metas = [f.result()[2] for f in self.batches]
+        counts = [int(m["position"].numel()) for m in metas]
+        self.starts = [sum(counts[:j]) for j in range(len(counts) + 1)]
+        out = {key: torch.cat([m[key] for m in metas]) for key in ("prompt_index", "position", "token_id")}
+        out |= {f"layer_{i}": torch.empty(self.starts[-1], self.d_model, dtype=self.dtype) for i in self.layers}
+        return out
+
+    def copy(self, j: int, kept: dict[int, Tensor], ready: Any, stream: Any) -> None:
+        """Copy batch ``j``'s rows from the device into this shard's host tensors."""
+        if self.out is None:
+            self.out = self._allocate()
+        lo, hi = self.starts[j], self.starts[j + 1]
+        if stream is None:
+            for i, rows in kept.items():
+                self.out[f"layer_{i}"][lo:hi] = rows
+            return
+        # Device -> page-locked staging buffers (fast DMA, off the compute stream), then a host memcpy
+        # into the shard; copying straight into pageable memory runs at a fraction of the bus speed.
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            staged = {i: torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True).copy_(rows, non_blocking=True)
+                      for i, rows in kept.items()}
+            stream.synchronize()
+        for i, host in staged.items():
+            self.out[f"layer_{i}"][lo:hi].copy_(host)
+
+
+def _finish_shard(copies: list[Future], shard: _ShardBuffer, folder: Path | None, manifest: dict | None,
+                  span: tuple[int, int]) -> dict[str, Tensor]:
+    for f in copies:
+        f.result()
+    if shard.out is None:
+        shard.out = shard._allocate()
+    if folder is not None:
+        _write_shard(folder, manifest, span, shard.out)
+    return shard.out
+
+
+def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], layers: list[int],
+                positions: Positions, exclude: Sequence[str], out_dtype: torch.dtype, batch_size: int,
+                folder: Path | None, manifest: dict | None, bar: tqdm) -> dict[tuple[int, int], dict[str, Tensor]]:
+    """Keep the device busy: batches are tokenised ahead on one thread, rows come back on a side stream
+    through a copier thread, and finished shards are written by a third."""
+    cuda = model.device.type == "cuda"
+    stream = torch.cuda.Stream(model.device) if cuda else None
+    tokeniser, copier, writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+
+    def queue(span: tuple[int, int]) -> list[Future]:
+        return [tokeniser.submit(_prepare_batch, model, items, b, min(b + batch_size, span[1]), positions, exclude,
+                                 cuda) for b in range(span[0], span[1], batch_size)]
+
+    finished: dict[tuple[int, int], Future] = {}
+    try:
+        queued = queue(todo[0])
+        for k, span in enumerate(todo):
+            batches = queued
+            if k + 1 < len(todo):
+                queued = queue(todo[k + 1])  # one shard of look-ahead bounds host memory
+            shard = _ShardBuffer(batches, layers, model.d_model, out_dtype)
+            copies = []
+            with torch.inference_mode():
+                for j, prepared in enumerate(batches):
+                    batch, sel, _meta = prepared.result()
+                    kept = run_hooked(model, batch.to(model.device), layers, sel, out_dtype)
+                    if cuda:
+                        ready = torch.cuda.Event()
+                        ready.record()
+                        copies.append(copier.submit(shard.copy, j, kept, ready, stream))
+                    else:
+                        shard.copy(j, kept, None, None)
+                    bar.update(int(batch.lengths.numel()))
+            finished[span] = writer.submit(_finish_shard, copies, shard, folder, manifest, span)
+            for f in [f for f in finished.values() if f.done()]:
+                f.result()  # surface a failed copy or write now, not at the end
+        return {span: f.result() for span, f in finished.items()}
+    finally:
+        for pool in (tokeniser, copier, writer):
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _open_manifest(folder: Path, key: str, key_src: dict, model: Model, n: int, recompute: bool) -> dict:

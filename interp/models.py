@@ -19,6 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -338,8 +339,8 @@ class Model:
         plain = [i for i, p in enumerate(items) if p.image is None]
         if plain:  # one batched (multi-threaded) tokeniser call for all text-only prompts
             out = self.tokenizer([texts[i] for i in plain], return_offsets_mapping=True, add_special_tokens=False)
-            for j, i in enumerate(plain):
-                encs[i] = {k: torch.tensor([v[j]]) for k, v in out.items()}
+            for j, i in enumerate(plain):  # via numpy: torch.tensor() on nested lists is slow
+                encs[i] = {k: torch.from_numpy(np.asarray(v[j], dtype=np.int64)[None]) for k, v in out.items()}
         for i, p in enumerate(items):
             if p.image is not None:
                 encs[i] = dict(self.processor(text=[texts[i]], images=[[_open_image(p.image)]], return_tensors="pt",
