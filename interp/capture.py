@@ -143,24 +143,30 @@ def run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
     """One forward pass that keeps the selected rows of each requested layer's output and stops early.
 
     Returns ``{layer: Tensor[n_selected, d_model]}`` on the model's device; rows are in (batch, pos) order.
+    All layers' rows are views of one ``[n_layers, n_selected, d_model]`` buffer, so a caller can move
+    them to the host in a single copy (``stacked(kept)``).
     """
     # Flat row indices computed on the host: boolean-mask indexing on the device would force a sync
     # in every hook and stall the kernel queue.
-    flat = sel.reshape(-1).nonzero().squeeze(1).to(model.device, non_blocking=True)
+    flat = sel.reshape(-1).nonzero().squeeze(1)
+    dtype = out_dtype or model.dtype
+    buffer = torch.empty(len(layers), flat.numel(), model.d_model, dtype=dtype, device=model.device)
+    flat = flat.to(model.device, non_blocking=True)
     kept: dict[int, Tensor] = {}
     last = max(layers)
 
-    def make_hook(i: int):
+    def make_hook(k: int, i: int):
         def hook(_module, _inputs, output):
             resid = _layer_output(output)  # [batch, pos, d_model]
             rows = resid.reshape(-1, resid.shape[-1]).index_select(0, flat)
-            kept[i] = rows.to(out_dtype) if out_dtype is not None else rows
+            buffer[k].copy_(rows)
+            kept[i] = buffer[k]
             if i == last:
                 raise _Stop
 
         return hook
 
-    handles = [model.layers[i].register_forward_hook(make_hook(i)) for i in layers]
+    handles = [model.layers[i].register_forward_hook(make_hook(k, i)) for k, i in enumerate(layers)]
     try:
         model.hf(**batch.inputs, use_cache=False)
     except _Stop:
@@ -337,13 +343,16 @@ class _ShardBuffer:
             return
         # Device -> page-locked staging buffers (fast DMA, off the compute stream), then a host memcpy
         # into the shard; copying straight into pageable memory runs at a fraction of the bus speed.
+        views = list(kept.values())  # hooks fire in layer order: views[k] is buffer[k] of run_hooked
+        stacked = views[0]._base
+        if stacked is None or stacked.shape[0] != len(views):
+            stacked = torch.stack(views)
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
-            staged = {i: torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True).copy_(rows, non_blocking=True)
-                      for i, rows in kept.items()}
+            staged = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True).copy_(stacked, non_blocking=True)
             stream.synchronize()
-        for i, host in staged.items():
-            self.out[f"layer_{i}"][lo:hi].copy_(host)
+        for k, i in enumerate(kept):
+            self.out[f"layer_{i}"][lo:hi].copy_(staged[k])
 
 
 def _finish_shard(copies: list[Future], shard: _ShardBuffer, folder: Path | None, manifest: dict | None,
