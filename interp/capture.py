@@ -78,6 +78,41 @@ class Activations:
         counts = torch.bincount(self.prompt_index, minlength=self.n_prompts).tolist()
         return list(torch.split(self[layer], counts))
 
+    def summary(self, groups: dict[str, Sequence[int]] | None = None):
+        """Per layer (and group of prompt indices): rows, mean L2 norm, and the cosine between group means.
+
+        ``groups`` like ``{"medical": range(0, 100), "general": range(100, 200)}``; default one group."""
+        import pandas as pd
+
+        groups = groups or {"all": range(self.n_prompts)}
+        member = {name: torch.isin(self.prompt_index, torch.as_tensor(list(idx))) for name, idx in groups.items()}
+        records = []
+        for layer in self.layers:
+            x = self[layer].double()
+            means = {}
+            for name, m in member.items():
+                if not m.any():
+                    raise InterpError(f"group {name!r} selects no captured rows")
+                means[name] = x[m].mean(0)
+                records.append({"layer": layer, "group": name, "rows": int(m.sum()),
+                                "mean_norm": float(x[m].norm(dim=-1).mean())})
+            if len(means) == 2:
+                a, b = means.values()
+                cos = float(a @ b / (a.norm() * b.norm()))
+                for r in records[-2:]:
+                    r["cosine_between_group_means"] = cos
+        return pd.DataFrame.from_records(records)
+
+    def figure(self, groups: dict[str, Sequence[int]] | None = None):
+        """Plotly: mean residual-stream norm per layer, one line per group."""
+        import plotly.express as px
+
+        df = self.summary(groups)
+        fig = px.line(df, x="layer", y="mean_norm", color="group", markers=True, log_y=True,
+                      title=f"{self.model_name}: residual-stream norm by layer ({self.positions} positions)")
+        fig.update_layout(template="plotly_white", yaxis_title="mean ||resid_post||")
+        return fig
+
     def to_dict(self) -> dict[str, Any]:
         return {"layers": self.layers, "n_rows": len(self), "n_prompts": self.n_prompts,
                 "positions": self.positions, "model": self.model_name,
