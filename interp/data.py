@@ -1,12 +1,17 @@
 """Paraphrase pairs: the same clinical yes/no question asked two ways (about the same image or case).
 
-`ParaphrasePair` is the unit every later stage consumes; `builtin("register")` is the bundled set of
-formal-vs-lay chest X-ray questions; `load_pairs()` reads PSF-Med-style JSONL or CSV exports.
+`ParaphrasePair` is the unit every later stage consumes; `ParaphraseGroup` holds several phrasings of one
+question (PSF-Med has 5-6) and expands into pairs against its reference phrasing. `builtin("register")` is
+the bundled set of formal-vs-lay chest X-ray questions; `load_pairs()` reads PSF-Med-style JSONL or CSV.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,29 @@ from interp._errors import InterpError
 from interp.models import Prompt
 
 RESOURCES = Path(__file__).parent / "resources"
+
+_YES = {"yes", "y", "true", "t", "1", "1.0", "positive", "present"}
+_NO = {"no", "n", "false", "f", "0", "0.0", "negative", "absent"}
+
+
+def normalize_answer(value: Any) -> str | None:
+    """``"yes"``, ``"no"`` or None from yes/no/true/false/1/0 (any case), a bool, or an empty cell."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    text = str(value).strip().strip(".!").strip().lower()
+    if text in ("", "none", "null", "nan", "n/a", "na", "unknown", "?"):
+        return None
+    if text in _YES:
+        return "yes"
+    if text in _NO:
+        return "no"
+    raise InterpError(f"answer {value!r} is not a yes/no answer; use yes/no, true/false or 1/0 (or leave it empty)")
+
+
+def _flip(answer: str | None) -> str | None:
+    return None if answer is None else ("no" if answer == "yes" else "yes")
 
 
 @dataclass(frozen=True)
@@ -40,18 +68,87 @@ class ParaphrasePair:
     @property
     def answer_b(self) -> str | None:
         """The gold answer to ``question_b`` (flipped when the rewrite inverts polarity)."""
-        if self.answer is None or self.same_polarity:
-            return self.answer
-        return "no" if self.answer == "yes" else "yes"
+        return self.answer if self.same_polarity else _flip(self.answer)
 
     def prompt_a(self) -> Prompt:
+        """Model input for phrasing A (question, image, context)."""
         return Prompt(self.question_a, self.image, self.context)
 
     def prompt_b(self) -> Prompt:
+        """Model input for phrasing B (question, image, context)."""
         return Prompt(self.question_b, self.image, self.context)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ParaphraseGroup:
+    """Several phrasings of one yes/no question; ``questions[0]`` is the reference phrasing."""
+
+    id: str
+    questions: tuple[str, ...]
+    polarities: tuple[bool, ...] = ()  # per phrasing: same polarity as questions[0]? (empty: all True)
+    answer: str | None = None  # gold answer to questions[0]
+    image: str | None = None
+    kind: str = ""  # default kind of every rewrite
+    context: str | None = None
+    kinds: tuple[str, ...] = ()  # per-phrasing kind (overrides ``kind``; entry 0 is unused)
+
+    def __post_init__(self) -> None:
+        questions = tuple(str(q) for q in self.questions)
+        object.__setattr__(self, "questions", questions)
+        if len(questions) < 2:
+            raise InterpError(f"group {self.id!r} has {len(questions)} phrasing(s); a group needs at least two")
+        if any(not q.strip() for q in questions):
+            raise InterpError(f"group {self.id!r}: every phrasing must be non-empty")
+        polarities = tuple(bool(p) for p in self.polarities) or (True,) * len(questions)
+        object.__setattr__(self, "polarities", polarities)
+        if len(polarities) != len(questions):
+            raise InterpError(f"group {self.id!r}: {len(polarities)} polarities for {len(questions)} phrasings; "
+                              "give one polarity per phrasing (or none)")
+        if not polarities[0]:
+            raise InterpError(f"group {self.id!r}: the reference phrasing (the first) cannot invert its own "
+                              "polarity; polarities are relative to it, so polarities[0] must be True")
+        kinds = tuple(str(k) for k in self.kinds)
+        object.__setattr__(self, "kinds", kinds)
+        if kinds and len(kinds) != len(questions):
+            raise InterpError(f"group {self.id!r}: {len(kinds)} kinds for {len(questions)} phrasings")
+        if self.answer is not None and self.answer not in ("yes", "no"):
+            raise InterpError(f"group {self.id!r}: answer={self.answer!r}; use 'yes', 'no' or None")
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def pairs(self) -> list[ParaphrasePair]:
+        """One pair per rewrite: the reference phrasing (a) against phrasing k (b), ids ``"{id}#{k}"``."""
+        return [ParaphrasePair(id=f"{self.id}#{k}", question_a=self.questions[0], question_b=self.questions[k],
+                               answer=self.answer, image=self.image, same_polarity=self.polarities[k],
+                               kind=(self.kinds[k] if self.kinds and self.kinds[k] else self.kind),
+                               context=self.context, group=self.id)
+                for k in range(1, len(self.questions))]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def groups_of(pairs: Iterable[ParaphrasePair]) -> list[ParaphraseGroup]:
+    """Regroup pairs by ``group`` (pairs without one become two-phrasing groups), in first-seen order."""
+    order: dict[str, list[ParaphrasePair]] = {}
+    for p in pairs:
+        order.setdefault(p.group if p.group is not None else p.id, []).append(p)
+    out = []
+    for gid, members in order.items():
+        ref = members[0]
+        for p in members[1:]:
+            if (p.question_a, p.image, p.context, p.answer) != (ref.question_a, ref.image, ref.context, ref.answer):
+                raise InterpError(f"pairs {ref.id!r} and {p.id!r} share group {gid!r} but differ in question_a, "
+                                  "image, context or answer; a group has one reference phrasing, image and answer")
+        out.append(ParaphraseGroup(id=gid, questions=(ref.question_a, *[p.question_b for p in members]),
+                                   polarities=(True, *[p.same_polarity for p in members]), answer=ref.answer,
+                                   image=ref.image, context=ref.context,
+                                   kinds=("", *[p.kind for p in members])))
+    return out
 
 
 def builtin(name: str = "register") -> list[ParaphrasePair]:
@@ -64,4 +161,392 @@ def builtin(name: str = "register") -> list[ParaphrasePair]:
         pairs.append(ParaphrasePair(id=row["id"], question_a=row["question_a"], question_b=row["question_b"],
                                     answer=row["answer"], same_polarity=row["same_polarity"], kind=row["kind"],
                                     context=row["context"] or None))
+    return pairs
+
+
+# ---- loading PSF-Med-style exports ----------------------------------------------------------------
+# Our field -> column names accepted for it (compared after lower-casing and turning spaces/dashes into _).
+ALIASES: dict[str, tuple[str, ...]] = {
+    "id": ("id", "pair_id", "question_id", "qid", "uid", "sample_id"),
+    "group": ("group", "group_id", "question_group", "cluster_id"),
+    "question_a": ("question_a", "original", "original_question", "q1", "question1", "reference_question",
+                   "source_question", "question"),
+    "question_b": ("question_b", "paraphrase", "paraphrased_question", "q2", "question2", "rephrased_question",
+                   "rewritten_question", "variant"),
+    "question": ("question", "phrasing", "text", "prompt", "paraphrase", "paraphrased_question"),
+    "questions": ("questions", "phrasings", "paraphrases", "variants"),
+    "answer": ("answer", "label", "gold", "gold_answer", "ground_truth", "answer_a", "gt"),
+    "answer_b": ("answer_b", "label_b", "gold_b"),
+    "image": ("image", "image_path", "dicom_path", "img", "image_file", "img_path", "file_path", "path"),
+    "same_polarity": ("same_polarity", "polarity_preserved", "preserves_polarity", "same_answer"),
+    "inverted": ("inverted", "polarity_inverted", "inverts_polarity", "flipped_polarity", "negated"),
+    "polarity": ("polarity",),
+    "polarities": ("polarities", "same_polarities"),
+    "kind": ("kind", "paraphrase_type", "category", "type", "rewrite_type"),
+    "kinds": ("kinds", "paraphrase_types", "categories", "types"),
+    "context": ("context", "report", "report_text", "findings"),
+    "is_reference": ("is_original", "is_reference", "reference", "role"),
+}
+FIELDS = tuple(ALIASES)
+
+
+def _norm_col(name: str) -> str:
+    return re.sub(r"[\s\-]+", "_", str(name).strip().lower())
+
+
+def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row dict) for each record of a JSONL, JSON-array, CSV or TSV file."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InterpError(f"{path}:{lineno}: invalid JSON ({e.msg}); each line must be one JSON "
+                                      "object") from None
+                if not isinstance(row, dict):
+                    raise InterpError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                yield lineno, row
+    elif suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise InterpError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(rows, list):
+            raise InterpError(f"{path}: expected a JSON array of objects (or use JSONL, one object per line)")
+        for i, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise InterpError(f"{path}: record {i} is a {type(row).__name__}, expected an object")
+            yield i, row
+    elif suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            header = next(reader, None)
+            if header is None:
+                return
+            width = len(header)
+            start = reader.line_num + 1
+            for cells in reader:
+                lineno, start = start, reader.line_num + 1
+                if not any(c.strip() for c in cells):
+                    continue
+                if len(cells) != width:
+                    raise InterpError(f"{path}:{lineno}: {len(cells)} cells but the header has {width} columns; "
+                                      "check quoting of commas and newlines in this row")
+                yield lineno, dict(zip(header, cells, strict=True))
+    else:
+        raise InterpError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .tsv")
+
+
+def _is_empty(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and math.isnan(v))
+
+
+def _as_bool(v: Any, what: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    text = str(v).strip().lower()
+    if text in ("true", "t", "yes", "y", "1", "1.0"):
+        return True
+    if text in ("false", "f", "no", "n", "0", "0.0"):
+        return False
+    raise InterpError(f"{what}={v!r} is not a boolean; use true/false, yes/no or 1/0")
+
+
+def _polarity_word(v: Any) -> bool:
+    text = str(v).strip().lower()
+    if text in ("same", "preserved", "kept", "positive", "true", "1", "yes"):
+        return True
+    if text in ("inverted", "flipped", "reversed", "opposite", "negated", "false", "0", "no"):
+        return False
+    raise InterpError(f"polarity={v!r}; use 'same' or 'inverted'")
+
+
+def _is_reference(v: Any, what: str) -> bool:
+    text = str(v).strip().lower()
+    if text in ("original", "reference", "source", "ref"):
+        return True
+    if text in ("paraphrase", "rewrite", "variant", "paraphrased"):
+        return False
+    return _as_bool(v, what)
+
+
+def _as_list(v: Any, what: str) -> list[Any]:
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    if isinstance(v, str) and v.strip().startswith("["):
+        try:
+            out = json.loads(v)
+        except json.JSONDecodeError:
+            raise InterpError(f"{what} is not a valid JSON list: {v[:60]!r}") from None
+        if isinstance(out, list):
+            return out
+    raise InterpError(f"{what} must be a list (in CSV: a JSON list such as [\"Is there ...?\", \"Any ...?\"]), "
+                      f"got {str(v)[:60]!r}")
+
+
+class _Columns:
+    """Resolves our field names to the columns of one file (aliases + the user's mapping)."""
+
+    def __init__(self, columns: Iterable[str], mapping: Mapping[str, str] | None, path: Path):
+        cols = list(columns)
+        by_norm = {_norm_col(c): c for c in cols}
+        self.col: dict[str, str] = {}
+        for field_name, their in (mapping or {}).items():
+            if field_name not in FIELDS:
+                raise InterpError(f"mapping key {field_name!r} is not a field; use one of {', '.join(FIELDS)}")
+            if their not in cols and _norm_col(their) not in by_norm:
+                raise InterpError(f"mapping {field_name!r} -> {their!r}: {path} has no column {their!r} "
+                                  f"(columns: {', '.join(cols)})")
+            self.col[field_name] = their if their in cols else by_norm[_norm_col(their)]
+        mapped = set(self.col.values())  # a column the user mapped is not also guessed for another field
+        for field_name, aliases in ALIASES.items():
+            if field_name in self.col:
+                continue
+            for alias in aliases:
+                c = by_norm.get(alias)
+                if c is not None and c not in mapped:
+                    self.col[field_name] = c
+                    break
+
+    def has(self, field_name: str) -> bool:
+        return field_name in self.col
+
+    def get(self, row: Mapping[str, Any], field_name: str) -> Any:
+        c = self.col.get(field_name)
+        v = row.get(c) if c is not None else None
+        return None if _is_empty(v) else v
+
+
+def _polarity_of(cols: _Columns, row: Mapping[str, Any]) -> bool | None:
+    same = cols.get(row, "same_polarity")
+    if same is not None:
+        return _as_bool(same, cols.col["same_polarity"])
+    inv = cols.get(row, "inverted")
+    if inv is not None:
+        return not _as_bool(inv, cols.col["inverted"])
+    pol = cols.get(row, "polarity")
+    if pol is not None:
+        return _polarity_word(pol)
+    return None
+
+
+def _text(v: Any) -> str | None:
+    return None if v is None else str(v).strip() or None
+
+
+def load_pairs(path: str | Path, *, mapping: Mapping[str, str] | None = None, image_root: str | Path | None = None,
+               check_images: bool = True) -> list[ParaphrasePair]:
+    """Read paraphrase pairs from JSONL/JSON/CSV/TSV (PSF-Med-style columns; ``mapping`` for other layouts).
+
+    Three layouts are recognised from the columns: one pair per row (``question_a``/``question_b``; rows that
+    share an ``id`` are rewrites of one question and become a group), one group per row (a ``questions``
+    list, optional ``polarities``/``kinds`` lists) and one phrasing per row (``question`` + ``group``; the row
+    flagged ``is_original`` or else the first row of a group is the reference). ``mapping`` maps our field
+    names to yours, e.g. ``{"question_b": "rewrite", "image": "jpg"}``. Relative image paths are resolved
+    against ``image_root`` (default: the file's folder); missing images are reported here, before any model
+    work. ``inverted`` is the opposite of ``same_polarity``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InterpError(f"pair file not found: '{path}'")
+    rows = list(_read_rows(path))
+    if not rows:
+        raise InterpError(f"{path} has no rows")
+    columns: dict[str, None] = {}
+    for _, row in rows:
+        columns.update(dict.fromkeys(row))
+    cols = _Columns(columns, mapping, path)
+    root = Path(image_root) if image_root is not None else path.parent
+
+    def where(lineno: int) -> str:
+        return f"{path}:{lineno}"
+
+    def image_of(row: Mapping[str, Any]) -> str | None:
+        v = _text(cols.get(row, "image"))
+        if v is None:
+            return None
+        p = Path(v).expanduser()
+        return str(p if p.is_absolute() else (root / p))
+
+    if cols.has("questions"):
+        pairs = _from_group_rows(rows, cols, where, image_of)
+    elif cols.has("question_b") and cols.has("question_a") and cols.col["question_a"] != cols.col["question_b"]:
+        pairs = _from_pair_rows(rows, cols, where, image_of)
+    elif cols.has("question") and (cols.has("group") or cols.has("id")):
+        pairs = _from_long_rows(rows, cols, where, image_of)
+    else:
+        raise InterpError(f"{path}: cannot tell the layout from columns {', '.join(columns)}. Expected "
+                          "question_a + question_b (a pair per row), questions (a list per row) or question + "
+                          "group (a phrasing per row); pass mapping={'question_b': 'your_column', ...}")
+    seen: dict[str, int] = {}
+    for p in pairs:
+        seen[p.id] = seen.get(p.id, 0) + 1
+    dups = [i for i, c in seen.items() if c > 1]
+    if dups:
+        raise InterpError(f"{path}: pair id {dups[0]!r} occurs {seen[dups[0]]} times; ids must be unique "
+                          "(rows that share an id are read as rewrites of one question only in the pair layout)")
+    if check_images:
+        check_image_files(pairs, source=str(path))
+    return pairs
+
+
+def check_image_files(pairs: Iterable[ParaphrasePair], *, source: str = "pairs") -> None:
+    """Raise one InterpError listing every image file that does not exist (or that PIL cannot read)."""
+    missing, dicom = [], []
+    for img in dict.fromkeys(p.image for p in pairs if isinstance(p.image, str)):
+        if img.lower().endswith(".dcm"):
+            dicom.append(img)
+        elif not Path(img).is_file():
+            missing.append(img)
+    if missing:
+        shown = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise InterpError(f"{source}: {len(missing)} image file(s) not found:\n  {shown}\nPass image_root= the "
+                          "folder that relative paths start from, fix the paths, or check_images=False.")
+    if dicom:
+        raise InterpError(f"{source}: {len(dicom)} DICOM image(s) (e.g. '{dicom[0]}'); convert them to PNG/JPG "
+                          "(MIMIC-CXR-JPG paths, or pydicom + PIL) and point the image column at those files")
+
+
+def _row_error(where: str, e: InterpError) -> InterpError:
+    return InterpError(f"{where}: {e}")
+
+
+def _from_pair_rows(rows, cols: _Columns, where, image_of) -> list[ParaphrasePair]:
+    parsed = []
+    for lineno, row in rows:
+        try:
+            qa, qb = _text(cols.get(row, "question_a")), _text(cols.get(row, "question_b"))
+            if qa is None or qb is None:
+                missing = cols.col.get("question_a" if qa is None else "question_b", "question_a/question_b")
+                raise InterpError(f"empty or missing {missing!r}; every row needs both phrasings")
+            answer = normalize_answer(cols.get(row, "answer"))
+            answer_b = normalize_answer(cols.get(row, "answer_b"))
+            same = _polarity_of(cols, row)
+            if answer_b is not None and answer is not None:
+                if same is None:
+                    same = answer_b == answer
+                elif (answer_b == answer) != same:
+                    raise InterpError(f"answer {answer!r}, answer_b {answer_b!r} and same_polarity={same} disagree")
+            rid = _text(cols.get(row, "id"))
+            parsed.append(dict(line=lineno, id=rid, group=_text(cols.get(row, "group")), question_a=qa,
+                               question_b=qb, answer=answer, image=image_of(row),
+                               same_polarity=True if same is None else same,
+                               kind=_text(cols.get(row, "kind")) or "", context=_text(cols.get(row, "context"))))
+        except InterpError as e:
+            raise _row_error(where(lineno), e) from None
+    counts: dict[str, int] = {}
+    for r in parsed:
+        if r["id"] is not None:
+            counts[r["id"]] = counts.get(r["id"], 0) + 1
+    first: dict[str, dict] = {}
+    index: dict[str, int] = {}
+    pairs = []
+    for r in parsed:
+        rid, group = r["id"], r["group"]
+        if rid is None:
+            rid = f"row{r['line']}"
+        elif counts[rid] > 1 and group is None:
+            # PSF-Med exports list each rewrite of a question on its own row under the question's id
+            ref = first.setdefault(rid, r)
+            for key in ("question_a", "image", "context", "answer"):
+                if r[key] != ref[key]:
+                    raise InterpError(f"{where(r['line'])}: rows with id {rid!r} are rewrites of one question but "
+                                      f"{key} differs from line {ref['line']} ({r[key]!r} vs {ref[key]!r})")
+            index[rid] = index.get(rid, 0) + 1
+            group, rid = rid, f"{rid}#{index[rid]}"
+        try:
+            pairs.append(ParaphrasePair(id=rid, question_a=r["question_a"], question_b=r["question_b"],
+                                        answer=r["answer"], image=r["image"], same_polarity=r["same_polarity"],
+                                        kind=r["kind"], context=r["context"], group=group))
+        except InterpError as e:
+            raise _row_error(where(r["line"]), e) from None
+    return pairs
+
+
+def _from_group_rows(rows, cols: _Columns, where, image_of) -> list[ParaphrasePair]:
+    pairs = []
+    for lineno, row in rows:
+        try:
+            questions = [str(q).strip() for q in _as_list(cols.get(row, "questions"), cols.col["questions"])]
+            gid = _text(cols.get(row, "group")) or _text(cols.get(row, "id")) or f"row{lineno}"
+            polarities: list[bool] = []  # per phrasing, from a same-polarity list or an inverted list
+            if (raw := cols.get(row, "polarities")) is not None:
+                polarities = [_as_bool(v, "polarities") for v in _as_list(raw, cols.col["polarities"])]
+            elif (raw := cols.get(row, "same_polarity")) is not None:
+                polarities = [_as_bool(v, "same_polarity") for v in _as_list(raw, cols.col["same_polarity"])]
+            elif (raw := cols.get(row, "inverted")) is not None:
+                polarities = [not _as_bool(v, "inverted") for v in _as_list(raw, cols.col["inverted"])]
+            kinds_raw = cols.get(row, "kinds")
+            kinds = [str(k) for k in _as_list(kinds_raw, cols.col["kinds"])] if kinds_raw is not None else []
+            group = ParaphraseGroup(id=gid, questions=tuple(questions), polarities=tuple(polarities),
+                                    answer=normalize_answer(cols.get(row, "answer")), image=image_of(row),
+                                    kind=_text(cols.get(row, "kind")) or "",
+                                    context=_text(cols.get(row, "context")), kinds=tuple(kinds))
+        except InterpError as e:
+            raise _row_error(where(lineno), e) from None
+        pairs.extend(group.pairs())
+    return pairs
+
+
+def _from_long_rows(rows, cols: _Columns, where, image_of) -> list[ParaphrasePair]:
+    key_field = "group" if cols.has("group") else "id"
+    members: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for lineno, row in rows:
+        try:
+            q = _text(cols.get(row, "question"))
+            gid = _text(cols.get(row, key_field))
+            if q is None or gid is None:
+                raise InterpError(f"needs both a phrasing ({cols.col.get('question')!r}) and a group id "
+                                  f"({cols.col.get(key_field)!r})")
+            ref = cols.get(row, "is_reference")
+            is_ref = None if ref is None else _is_reference(ref, cols.col["is_reference"])
+            members.setdefault(gid, []).append((lineno, dict(
+                question=q, answer=normalize_answer(cols.get(row, "answer")), same=_polarity_of(cols, row),
+                image=image_of(row), context=_text(cols.get(row, "context")),
+                kind=_text(cols.get(row, "kind")) or "", is_ref=is_ref)))
+        except InterpError as e:
+            raise _row_error(where(lineno), e) from None
+    pairs = []
+    for gid, rows_g in members.items():
+        refs = [i for i, (_, r) in enumerate(rows_g) if r["is_ref"]]
+        if len(refs) > 1:
+            raise InterpError(f"{where(rows_g[refs[1]][0])}: group {gid!r} has two reference rows "
+                              f"(lines {rows_g[refs[0]][0]} and {rows_g[refs[1]][0]}); flag exactly one")
+        k = refs[0] if refs else 0
+        ordered = [rows_g[k]] + rows_g[:k] + rows_g[k + 1:]
+        (ref_line, ref), rest = ordered[0], ordered[1:]
+        if ref["same"] is False:
+            raise InterpError(f"{where(ref_line)}: the reference phrasing of group {gid!r} is marked inverted; "
+                              "polarity is relative to the reference, so flag the reference as same polarity")
+        answer = ref["answer"]
+        polarities = [True]
+        for lineno, r in rest:
+            for key in ("image", "context"):
+                if r[key] != ref[key]:
+                    raise InterpError(f"{where(lineno)}: group {gid!r}: {key} {r[key]!r} differs from the "
+                                      f"reference row (line {ref_line}: {ref[key]!r}); one group, one {key}")
+            same = r["same"]
+            if same is None:
+                same = True if (r["answer"] is None or answer is None) else r["answer"] == answer
+            elif r["answer"] is not None and answer is not None and (r["answer"] == answer) != same:
+                raise InterpError(f"{where(lineno)}: answer {r['answer']!r} and polarity disagree with the "
+                                  f"reference answer {answer!r} (line {ref_line})")
+            if answer is None and r["answer"] is not None:
+                answer = r["answer"] if same else _flip(r["answer"])
+            polarities.append(same)
+        if not rest:
+            raise InterpError(f"{where(ref_line)}: group {gid!r} has a single phrasing; a group needs two or more")
+        try:
+            group = ParaphraseGroup(id=gid, questions=tuple(r["question"] for _, r in ordered),
+                                    polarities=tuple(polarities), answer=answer, image=ref["image"],
+                                    context=ref["context"], kinds=tuple(r["kind"] for _, r in ordered))
+        except InterpError as e:
+            raise _row_error(where(ref_line), e) from None
+        pairs.extend(group.pairs())
     return pairs

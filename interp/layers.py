@@ -1,16 +1,31 @@
 """Stage 5 of the loop: choose the decoder layers a LoRA should touch.
 
-`LayerSelection` is the hand-off to training: a contiguous window of language-decoder layers with the
-evidence that chose it, mapped to other depths by relative position, and turned into a `peft.LoraConfig`
-that can never reach the vision tower.
+`layer_profile` scores every decoder layer by one of three kinds of evidence (activation patching, residual
+distance between phrasings, register-sensitive SAE features); `find_layers` picks the best contiguous window
+as a `LayerSelection`: the hand-off to training, mapped to other depths by relative position and turned into a
+`peft.LoraConfig` that can never reach the vision tower.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
 
 from interp._errors import InterpError
+from interp._results import Result, jsonable
+from interp.capture import _layer_output, _position_masks, capture, run_hooked
+from interp.consistency import _body_and_head, last_hidden, project
+from interp.data import ParaphrasePair
+from interp.features import _check_pairs, _pair_prompts, paired_stats, pooled_features, sae_layer
+from interp.models import Batch, Model, Prompt
 
 # The study's modules: attention q/k/v/o and MLP gate/up/down projections.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -80,8 +95,19 @@ class LayerSelection:
         peft_kwargs.setdefault("layers_pattern", self.layers_pattern)
         return lora_config(self.layers, **peft_kwargs)
 
+    def figure(self):
+        """The per-layer scores that chose this window, with the window shaded (needs scores)."""
+        if not self.scores:
+            raise InterpError("this LayerSelection was made by hand and has no per-layer scores to plot; "
+                              "use interp.find_layers(...) or a LayerProfile")
+        labels = _LABELS.get(self.method, ("score", ""))
+        return _layers_figure(self.scores, self.meta.get("values", ()), score_label=labels[0],
+                              value_label=labels[1], window=self.layers, missing=self.meta.get("missing", ()),
+                              title=f"{self.method}: layers {self.layers[0]}-{self.layers[-1]} of {self.n_layers}"
+                                    f" (peak {self.peak})")
+
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "n_layers": self.n_layers, "scores": list(self.scores),
+        return {"layers": list(self.layers), "n_layers": self.n_layers, "scores": jsonable(list(self.scores)),
                 "method": self.method, "peak": self.peak, "relative_depth": list(self.relative_depth),
                 "layers_pattern": self.layers_pattern}
 
@@ -89,3 +115,438 @@ class LayerSelection:
         lo, hi = self.relative_depth
         return (f"LayerSelection(layers {self.layers[0]}-{self.layers[-1]} of {self.n_layers} "
                 f"({lo:.0%}-{hi:.0%} depth), method={self.method!r}, peak={self.peak})")
+
+
+# ---- layer profiles ---------------------------------------------------------------------------------
+Method = Literal["patching", "residual", "sae"]
+METHODS = ("patching", "residual", "sae")
+_POSITIONS = {"patching": ("last", "suffix"), "residual": ("last", "question"), "sae": ("question", "last")}
+# (what a bar is, what the line is) for each method's figure
+_LABELS = {
+    "patching": ("gain in fraction carried over layer L-1", "fraction of the margin difference carried"),
+    "residual": ("gain in normalised distance over layer L-1", "phrasing distance / between-question distance"),
+    "sae": ("register-sensitive share of SAE activation mass", ""),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class LayerProfile(Result):
+    """One score per decoder layer from one kind of evidence; `select` turns it into a `LayerSelection`.
+
+    ``values`` is the measured curve (patching: fraction of the margin difference carried when layer L is
+    patched; residual: distance between the phrasings over the distance between questions; sae: the
+    register-sensitive share of SAE activation mass). ``scores`` is what each layer adds: for the two
+    cumulative curves the gain over layer L-1 (before layer 0: the token embeddings), for "sae" the values
+    themselves. NaN marks layers that were not measured (``missing``: no SAE).
+    """
+
+    method: str
+    scores: tuple[float, ...]
+    values: tuple[float, ...]
+    n_layers: int
+    n_pairs: int
+    positions: str
+    model_name: str = ""
+    layers_pattern: str = "language_model.layers"
+    missing: tuple[int, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def peak(self) -> int | None:
+        """The layer with the highest score (None when no layer was measured)."""
+        s = np.asarray(self.scores, dtype=float)
+        return int(np.nanargmax(s)) if np.isfinite(s).any() else None
+
+    def select(self, width: int = 5) -> LayerSelection:
+        """The contiguous ``width``-layer window with the highest total score.
+
+        Ties (e.g. several windows around the only layer with an SAE) go to the window centred nearest the peak.
+        """
+        _check_width(width, self.n_layers, self.model_name)
+        s = np.asarray(self.scores, dtype=float)
+        sums = np.array([np.nansum(s[i:i + width]) if np.isfinite(s[i:i + width]).any() else -np.inf
+                         for i in range(self.n_layers - width + 1)])
+        if not np.isfinite(sums).any():
+            raise InterpError(f"no layer of this {self.method} profile has a score; nothing to select")
+        best = np.flatnonzero(np.isclose(sums, sums.max(), rtol=1e-9, atol=1e-12))
+        peak = self.peak
+        start = int(min(best, key=lambda i: (abs(i + (width - 1) / 2 - peak), i)))
+        meta = {"window_score": float(sums[start]), "values": list(self.values), "missing": list(self.missing),
+                "positions": self.positions, "n_pairs": self.n_pairs, "model": self.model_name}
+        return LayerSelection(tuple(range(start, start + width)), self.n_layers, tuple(self.scores), self.method,
+                              peak, self.layers_pattern, meta)
+
+    def figure(self, window: Sequence[int] | None = None):
+        """Bars: each layer's score; line: the measured curve; ``window`` (e.g. ``sel.layers``) shaded."""
+        score_label, value_label = _LABELS[self.method]
+        return _layers_figure(self.scores, self.values if self.method != "sae" else (), score_label=score_label,
+                              value_label=value_label, window=window, missing=self.missing,
+                              title=f"{self.method} profile of {self.model_name} ({self.n_pairs} pairs, "
+                                    f"{self.positions} positions): peak layer {self.peak}")
+
+    def __repr__(self) -> str:
+        measured = self.n_layers - len(self.missing)
+        top = np.argsort(-np.nan_to_num(np.asarray(self.scores, dtype=float), nan=-np.inf))[:3]
+        tops = ", ".join(f"{int(i)} ({self.scores[int(i)]:+.3g})" for i in top if np.isfinite(self.scores[int(i)]))
+        return (f"LayerProfile({self.method!r}, {self.model_name!r}, {measured}/{self.n_layers} layers measured, "
+                f"{self.n_pairs} pairs, positions={self.positions!r}; top layers {tops})")
+
+
+def _layers_figure(scores: Sequence[float], values: Sequence[float], *, score_label: str, value_label: str,
+                   title: str, window: Sequence[int] | None = None, missing: Sequence[int] = ()):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    x = list(range(len(scores)))
+    inside = set(window or ())
+    fig = make_subplots(specs=[[{"secondary_y": bool(values)}]])
+    fig.add_trace(go.Bar(x=x, y=[None if not np.isfinite(v) else v for v in scores], name=score_label,
+                         marker_color=["#d62728" if i in inside else "#1f77b4" for i in x]), secondary_y=False)
+    if values:
+        fig.add_trace(go.Scatter(x=x, y=[None if not np.isfinite(v) else v for v in values], mode="lines+markers",
+                                 name=value_label, line=dict(color="#444")), secondary_y=True)
+        fig.update_yaxes(title_text=value_label, secondary_y=True)
+    if window:
+        fig.add_vrect(x0=min(window) - 0.5, x1=max(window) + 0.5, fillcolor="#d62728", opacity=0.08, line_width=0)
+    for layer in missing:
+        fig.add_annotation(x=layer, y=0, text="no SAE", showarrow=False, textangle=-90, font=dict(color="#999"))
+    fig.update_yaxes(title_text=score_label, secondary_y=False)
+    fig.update_layout(title=title, xaxis_title="decoder layer", template="plotly_white",
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def _check_width(width: Any, n_layers: int, name: str) -> None:
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not 1 <= width <= n_layers:
+        raise InterpError(f"width={width!r}: '{name}' has {n_layers} decoder layers; pass an int from 1 to {n_layers}")
+
+
+def layer_profile(model: Model, pairs: Sequence[ParaphrasePair], *, method: Method = "patching",
+                  saes: dict[int, Any] | None = None, positions: str | None = None, batch_size: int | None = None,
+                  strategy: Literal["cache", "full"] = "cache", test: str = "wilcoxon", alpha: float = 0.05,
+                  progress: bool = True) -> LayerProfile:
+    """Score every decoder layer for how much of the register difference between two phrasings it carries.
+
+    ``method``:
+    - ``"patching"``: phrasing a's residual stream at the answer position (``positions="last"``) or at the
+      template tokens after the question that both phrasings share (``"suffix"``) replaces phrasing b's at
+      layer L; value = least-squares fraction of (margin_a - margin_b) that moves b's margin by.
+      Everything before the patched tokens is identical to b's clean run (attention is causal), so b's
+      prefix runs once into a KV cache and all (pair, layer) patches then run as one batched step over the
+      patched tokens only (``strategy="full"`` reruns whole prompts, batched, for models that take no cache).
+    - ``"residual"``: mean distance between the two phrasings' residual streams (at the last token, or
+      mean over question tokens), divided by the mean distance between different questions' (same
+      phrasing side); works for any wrapped decoder, no SAE needed.
+    - ``"sae"``: with ``saes={layer: SAE}``, the share of SAE activation mass (weighted by decoder norm) in
+      features with q < ``alpha`` in a paired ``test`` between phrasings; layers without an SAE are NaN.
+    """
+    items = _check_pairs(pairs, minimum=2)
+    if method not in METHODS:
+        raise InterpError(f"method={method!r}: use one of {', '.join(METHODS)}")
+    positions = positions or _POSITIONS[method][0]
+    if positions not in _POSITIONS[method]:
+        raise InterpError(f"positions={positions!r} does not work with method={method!r}; use one of "
+                          f"{_POSITIONS[method]}")
+    if saes is not None and method != "sae":
+        raise InterpError(f"saes= is only used by method='sae' (got method={method!r})")
+    if strategy not in ("cache", "full"):
+        raise InterpError(f"strategy={strategy!r}: use 'cache' (default) or 'full'")
+    if batch_size is None:
+        batch_size = 16 if model.device.type == "cuda" else 8
+    if batch_size < 1:
+        raise InterpError(f"batch_size={batch_size} must be >= 1")
+    missing: tuple[int, ...] = ()
+    meta: dict[str, Any]
+    if method == "patching":
+        values, scores, meta = _patching_profile(model, items, positions, batch_size, strategy, progress)
+    elif method == "residual":
+        values, scores, meta = _residual_profile(model, items, positions, batch_size, progress)
+    else:
+        values, meta = _sae_profile(model, items, saes, positions, batch_size, test, alpha, progress)
+        scores = values
+        missing = tuple(i for i in range(model.n_layers) if not np.isfinite(values[i]))
+    return LayerProfile(method=method, scores=tuple(float(v) for v in scores), values=tuple(float(v) for v in values),
+                        n_layers=model.n_layers, n_pairs=len(items), positions=positions, model_name=model.name,
+                        layers_pattern=layers_pattern_of(model.layers_path), missing=missing, meta=meta)
+
+
+def find_layers(model: Model, pairs: Sequence[ParaphrasePair], *, width: int = 5, method: Method = "patching",
+                **kw: Any) -> LayerSelection:
+    """The contiguous ``width``-layer window with the most evidence (see `layer_profile` for ``method`` and ``kw``)."""
+    _check_width(width, model.n_layers, model.name)
+    return layer_profile(model, pairs, method=method, **kw).select(width)
+
+
+def _gains(values: np.ndarray, before: float = 0.0) -> np.ndarray:
+    """What each layer adds to a cumulative curve: values[L] - values[L-1] (``before`` for layer -1)."""
+    return np.diff(np.concatenate([[before], values]))
+
+
+# ---- method "residual" ------------------------------------------------------------------------------
+def _pooled_resid(model: Model, prompts: Sequence[Prompt], positions: str, batch_size: int,
+                  progress: bool) -> Tensor:
+    """Residual stream of every prompt, pooled over ``positions``: ``[n_layers + 1, n_prompts, d_model]``.
+
+    Row 0 is the token embeddings (what layer 0 reads), row L + 1 the output of decoder layer L.
+    """
+    layers = list(range(model.n_layers))
+    out = torch.zeros(model.n_layers + 1, len(prompts), model.d_model)
+    embed = model.hf.get_input_embeddings()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].question) + len(prompts[i].context or ""))
+    with torch.inference_mode():
+        for s in tqdm(range(0, len(order), batch_size), desc=f"residual {model.name}", disable=not progress,
+                      leave=False):
+            idx = order[s:s + batch_size]
+            batch = model.encode([prompts[i] for i in idx])
+            sel = _position_masks(model, batch, positions, ())
+            counts = sel.sum(1)
+            if (counts == 0).any():
+                raise InterpError(f"prompt {idx[int((counts == 0).nonzero()[0])]} has no {positions} tokens; "
+                                  "check that its question appears in the formatted prompt, or use positions='last'")
+            kept = run_hooked(model, batch, layers, sel, torch.float32)
+            row = sel.nonzero()[:, 0].to(model.device)
+            sel_dev = sel.to(model.device)
+            per_site = [embed(batch.input_ids[sel_dev]).float()] + [kept[i] for i in layers]
+            for j, rows in enumerate(per_site):
+                pooled = torch.zeros(len(idx), model.d_model, device=model.device).index_add_(0, row, rows)
+                out[j, idx] = (pooled / counts[:, None].to(pooled.device)).cpu()
+    return out
+
+
+def _residual_profile(model: Model, items: list[ParaphrasePair], positions: str, batch_size: int,
+                      progress: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    n = len(items)
+    pooled = _pooled_resid(model, _pair_prompts(items), positions, batch_size, progress)
+    groups = [p.group if p.group is not None else f"\0{i}" for i, p in enumerate(items)]
+    other = torch.tensor([[a != b for b in groups] for a in groups])  # pairs of *different* questions
+    if not other.any():
+        raise InterpError("every pair belongs to the same question group; the residual method needs at least two "
+                          "different questions to normalise by")
+    within, between = [], []
+    for site in pooled:  # [2n, d]: the embeddings, then each layer's output
+        a, b = site[:n], site[n:]
+        within.append(float((a - b).norm(dim=-1).mean()))
+        between.append(float((torch.cdist(a, a)[other].mean() + torch.cdist(b, b)[other].mean()) / 2))
+    within_, between_ = np.array(within), np.array(between)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(between_ > 0, within_ / between_, 0.0)
+    values = ratio[1:]
+    meta = {"within": within_[1:].tolist(), "between": between_[1:].tolist(), "embedding_ratio": float(ratio[0])}
+    return values, _gains(values, float(ratio[0])), meta
+
+
+# ---- method "sae" -----------------------------------------------------------------------------------
+def _sae_profile(model: Model, items: list[ParaphrasePair], saes: dict[int, Any] | None, positions: str,
+                 batch_size: int, test: str, alpha: float, progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    if not saes:
+        raise InterpError("method='sae' needs saes={layer: SAE}; load them with interp.load_sae(...) (e.g. Gemma "
+                          "Scope 2) or train one with interp.train_sae(...)")
+    checked = {sae_layer(model, sae, int(layer)): sae for layer, sae in saes.items()}
+    n = len(items)
+    acts = capture(model, _pair_prompts(items), layers=sorted(checked), positions=positions, batch_size=batch_size,
+                   progress=progress)
+    values = np.full(model.n_layers, np.nan)
+    n_significant: dict[int, int] = {}
+    for layer, sae in checked.items():
+        x = pooled_features(sae, acts, layer, (positions,))[positions].numpy().astype(np.float64)
+        stats = paired_stats(x[:n], x[n:], test)
+        dec = sae.W_dec.detach().float().norm(dim=1).cpu().numpy()  # a feature's size in the residual stream
+        sig = (stats["q"] < alpha).to_numpy()
+        total = float((((stats["mean_a"] + stats["mean_b"]) / 2).to_numpy() * dec).sum())
+        values[layer] = float((stats["diff"].abs().to_numpy()[sig] * dec[sig]).sum() / total) if total > 0 else 0.0
+        n_significant[layer] = int(sig.sum())
+    return values, {"n_significant": n_significant, "test": test, "alpha": alpha}
+
+
+# ---- method "patching" ------------------------------------------------------------------------------
+def _answer_margin(model: Model, hidden: Tensor) -> Tensor:
+    logits = project(model, hidden, list(model.answer_ids)).float()
+    return (logits[:, 0] - logits[:, 1]).cpu()
+
+
+def _tail_index(batch: Batch, k: int) -> Tensor:
+    """Positions of each row's last ``k`` real tokens: ``[rows, k]``."""
+    return batch.last_index[:, None] - (k - 1) + torch.arange(k)
+
+
+def _shared_tail(model: Model, items: list[ParaphrasePair], batch_size: int) -> int:
+    """How many trailing tokens after the question every pair's two phrasings share (the template tail)."""
+    k = None
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        texts = [Prompt(p.question_a, None, p.context) for p in chunk] + [Prompt(p.question_b, None, p.context)
+                                                                        for p in chunk]
+        batch = model.encode(texts)
+        ids, q = batch.input_ids.cpu(), batch.question_mask
+        for i, pair in enumerate(chunk):
+            a, b = i, i + len(chunk)
+            la, lb, run = int(batch.lengths[a]), int(batch.lengths[b]), 0
+            while (run < min(la, lb) and ids[a, la - 1 - run] == ids[b, lb - 1 - run]
+                   and not q[a, la - 1 - run] and not q[b, lb - 1 - run]):
+                run += 1
+            if run == 0:
+                raise InterpError(f"pair {pair.id!r}: the two phrasings share no tokens after the question; use "
+                                  "positions='last'")
+            k = run if k is None else min(k, run)
+    return int(k)
+
+
+def _capture_source(model: Model, batch: Batch, k: int) -> tuple[Tensor, Tensor]:
+    """Phrasing a's forward: each layer's output at the last ``k`` tokens ``[n_layers, rows, k, d]``, and margins."""
+    pos = _tail_index(batch, k).to(model.device)
+    rows = torch.arange(pos.shape[0], device=model.device)[:, None]
+    src: list[Tensor] = [None] * model.n_layers  # type: ignore[list-item]
+
+    def make_hook(i: int):
+        def hook(_module, _inputs, output):
+            src[i] = _layer_output(output)[rows, pos].clone()
+
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(model.layers)]
+    try:
+        margins = _answer_margin(model, last_hidden(model, batch))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(src), margins
+
+
+def _patch_hooks(model: Model, groups: Sequence[int | None], rows: int, src: Tensor, pos: Tensor | None) -> list:
+    """One hook per patched layer; copy j of the batch (rows j*rows ... (j+1)*rows) is patched at groups[j]."""
+
+    def make_hook(lo: int, value: Tensor):
+        def hook(_module, _inputs, output):
+            resid = _layer_output(output)  # [copies * rows, pos, d_model]
+            if pos is None:  # a cached step: the batch holds exactly the patched tokens
+                resid[lo:lo + rows] = value.to(resid.dtype)
+            else:
+                resid[lo:lo + rows][torch.arange(rows, device=resid.device)[:, None], pos] = value.to(resid.dtype)
+
+        return hook
+
+    return [model.layers[layer].register_forward_hook(make_hook(j * rows, src[layer]))
+            for j, layer in enumerate(groups) if layer is not None]
+
+
+def _cache_bytes_per_row(cache: Any, rows: int) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, Tensor):
+                total += t.numel() * t.element_size()
+    return max(1, total // rows)
+
+
+_FULL_TOKENS_PER_FORWARD = {"cuda": 16384, "cpu": 4096}  # strategy="full": batch copies up to this many tokens
+
+
+def _memory_budget(device: torch.device) -> int:
+    """Bytes the copies of a prefix KV cache may take in one patched step."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * 0.3)
+    return 1 << 30
+
+
+def _patch_cached(model: Model, body: Any, batch: Batch, src: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Clean and patched margins of phrasing b: ``[rows]`` and ``[rows, n_layers]``, reusing one prefix cache."""
+    dev, rows = model.device, batch.input_ids.shape[0]
+    prefix_len = batch.lengths - k
+    if (prefix_len < 1).any():
+        raise InterpError("a prompt is no longer than the patched tokens; use positions='last'")
+    width = int(prefix_len.max())
+    # Left-align every prefix so that each row's patched tokens come right after the cache, as in generate().
+    col = torch.arange(width)[None, :] - (width - prefix_len[:, None])  # [rows, width]; < 0 = padding
+    real = (col >= 0).to(dev)
+    take = col.clamp(min=0).to(dev)
+    pad_id = model.tokenizer.pad_token_id or 0
+    prefix: dict[str, Tensor] = {"input_ids": torch.where(real, batch.input_ids.gather(1, take), pad_id),
+                                 "attention_mask": real.long(), "position_ids": take}
+    for key, value in batch.inputs.items():
+        if key == "token_type_ids":
+            prefix[key] = torch.where(real, value.gather(1, take), 0)
+        elif key not in prefix:
+            prefix[key] = value  # pixel values: one per image, in row order
+    try:
+        cache = body(**prefix, use_cache=True).past_key_values
+    except TypeError as e:
+        raise InterpError(f"{type(body).__name__} does not take position_ids/past_key_values ({e}); "
+                          "pass strategy='full'") from e
+    tail_pos = (prefix_len[:, None] + torch.arange(k)).to(dev)  # [rows, k] true positions of the patched tokens
+    tail_ids = batch.input_ids.gather(1, tail_pos)
+    mask = torch.cat([prefix["attention_mask"], torch.ones(rows, k, dtype=torch.long, device=dev)], 1)
+    groups: list[int | None] = [None, *range(model.n_layers)]  # None: b's clean run
+    per_forward = max(1, min(len(groups), _memory_budget(dev) // (rows * _cache_bytes_per_row(cache, rows))))
+    margins = []
+    for g in range(0, len(groups), per_forward):
+        chunk = groups[g:g + per_forward]
+        copies = len(chunk)
+        step = copy.deepcopy(cache)
+        step.batch_select_indices(torch.arange(rows, device=dev).repeat(copies))  # copy j = rows j*rows...
+        handles = _patch_hooks(model, chunk, rows, src, None)
+        try:
+            out = body(input_ids=tail_ids.repeat(copies, 1), attention_mask=mask.repeat(copies, 1),
+                       position_ids=tail_pos.repeat(copies, 1), past_key_values=step, use_cache=True)
+        finally:
+            for h in handles:
+                h.remove()
+        margins.append(_answer_margin(model, out.last_hidden_state[:, -1]).view(copies, rows))
+        del step
+    m = torch.cat(margins)  # [1 + n_layers, rows]
+    return m[0], m[1:].T
+
+
+def _patch_full(model: Model, body: Any, batch: Batch, src: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """As `_patch_cached`, but every copy reruns the whole prompt (for models that take no KV cache)."""
+    rows, tokens = batch.input_ids.shape
+    pos = _tail_index(batch, k).to(model.device)
+    groups: list[int | None] = [None, *range(model.n_layers)]
+    budget = _FULL_TOKENS_PER_FORWARD["cuda" if model.device.type == "cuda" else "cpu"]
+    per_forward = max(1, min(len(groups), budget // (rows * tokens)))
+    margins = []
+    for g in range(0, len(groups), per_forward):
+        chunk = groups[g:g + per_forward]
+        copies = len(chunk)
+
+        def tile(t: Tensor, n: int = copies) -> Tensor:
+            return t.repeat(n, *([1] * (t.dim() - 1)))  # pixel values tile in the same row order
+
+        tiled = dataclasses.replace(batch, inputs={key: tile(v) for key, v in batch.inputs.items()},
+                                    lengths=tile(batch.lengths), question_mask=tile(batch.question_mask),
+                                    special_mask=tile(batch.special_mask), image_mask=tile(batch.image_mask))
+        handles = _patch_hooks(model, chunk, rows, src, pos)
+        try:
+            margins.append(_answer_margin(model, last_hidden(model, tiled)).view(copies, rows))
+        finally:
+            for h in handles:
+                h.remove()
+    m = torch.cat(margins)
+    return m[0], m[1:].T
+
+
+def _patching_profile(model: Model, items: list[ParaphrasePair], positions: str, batch_size: int, strategy: str,
+                      progress: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    body, _ = _body_and_head(model)
+    k = 1 if positions == "last" else _shared_tail(model, items, batch_size)
+    n, n_layers = len(items), model.n_layers
+    m_a, m_b, m_patched = torch.empty(n), torch.empty(n), torch.empty(n, n_layers)
+    order = sorted(range(n), key=lambda i: len(items[i].question_b) + len(items[i].context or ""))
+    run = _patch_cached if strategy == "cache" else _patch_full
+    bar = tqdm(total=n * n_layers, desc=f"patching {model.name}", unit="patch", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for s in range(0, n, batch_size):
+            idx = order[s:s + batch_size]
+            src, m_a[idx] = _capture_source(model, model.encode([items[i].prompt_a() for i in idx]), k)
+            m_b[idx], m_patched[idx] = run(model, body, model.encode([items[i].prompt_b() for i in idx]), src, k)
+            bar.update(len(idx) * n_layers)
+    bar.close()
+    gap = (m_a - m_b).double()
+    denom = float((gap ** 2).sum())
+    if denom == 0:
+        raise InterpError("both phrasings of every pair give the same margin; there is no difference to patch")
+    # Least-squares slope of (patched - b) on (a - b): pairs with a large margin difference count most.
+    values = ((m_patched.double() - m_b[:, None].double()) * gap[:, None]).sum(0).numpy() / denom
+    meta = {"patched_tokens": k, "strategy": strategy, "margin_a": m_a.tolist(), "margin_b": m_b.tolist(),
+            "margin_patched": m_patched.tolist(), "mean_abs_gap": float(gap.abs().mean())}
+    # Before layer 0 the patched tokens are the same token ids in both phrasings: nothing is carried.
+    return values, _gains(values), meta
