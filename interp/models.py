@@ -634,6 +634,8 @@ def _tiny_medgemma(dtype: torch.dtype) -> Model:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         hf = Gemma3ForConditionalGeneration(cfg).to(dtype)
+        # HF initialises the image projector to zeros; random weights make images actually matter
+        nn.init.normal_(hf.model.multi_modal_projector.mm_input_projection_weight, std=0.5)
     proc = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 56, "width": 56}),
                            tokenizer=tok, image_seq_length=4, chat_template=GEMMA_CHAT_TEMPLATE)
     return Model(hf=hf, tokenizer=tok, processor=proc, name="tiny-medgemma", chat=True,

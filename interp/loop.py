@@ -1,0 +1,385 @@
+"""The whole loop from one config: capture, SAE, transfer, register features, layer choice, targeted LoRA,
+before/after consistency and (optionally) a layer-range ablation. ``interp demo`` and ``interp run`` use it.
+
+A `LoopConfig` is a tree of small dataclasses, one per stage, read from YAML with every key checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import random
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+
+from interp._errors import InterpError
+from interp._results import Result, jsonable
+
+console = Console()
+
+
+@dataclass
+class ModelSection:
+    source: str = "gemma3-270m"  # hub id, local folder, .gguf file or built-in name
+    device: str | None = None  # "cuda", "cpu", ... (default: cuda if available)
+    dtype: str | None = None  # "bfloat16", "float32", ... (default: bf16 on GPU, fp32 on CPU)
+
+
+@dataclass
+class DataSection:
+    pairs: str = "register"  # built-in set name, or a JSONL/CSV file of paraphrase pairs
+    mapping: dict[str, str] | None = None  # column renames for load_pairs, {our_field: their_column}
+    image_root: str | None = None  # folder that relative image paths are resolved against
+    limit: int | None = None  # use only the first N pairs (after shuffling with the seed)
+    eval_fraction: float = 0.3  # held out for before/after evaluation, never trained on
+
+
+@dataclass
+class SAESection:
+    release: str | None = None  # sae-lens release or local SAE folder; None: train one on the model
+    sae_id: str | None = None  # e.g. "layer_17_width_16k_l0_medium" (with a registry release)
+    layer: int | None = None  # decoder layer; default: the middle layer
+    d_sae: int = 2048  # width of an SAE trained here
+    architecture: Literal["jumprelu", "topk"] = "topk"
+    k: int = 32  # active features per token (topk)
+    steps: int = 600  # training steps for an SAE trained here
+    train_prompts: int = 120  # general-text prompts whose tokens train it (transfer then tests medical text)
+
+
+@dataclass
+class TransferSection:
+    threshold: float = 0.95  # R^2 the SAE must exceed on every corpus
+    n_prompts: int = 100  # prompts per corpus
+    n_boot: int = 1000
+    ce: bool = True  # splice the SAE into the forward pass for CE-loss score and KL
+
+
+@dataclass
+class FeaturesSection:
+    top: int = 15  # rows of the register-feature table shown and exported
+    test: Literal["wilcoxon", "ttest"] = "wilcoxon"
+
+
+@dataclass
+class LayersSection:
+    method: Literal["residual", "patching", "sae"] = "residual"  # evidence used to pick the window
+    width: int = 5  # number of contiguous decoder layers to adapt
+    layers: list[int] | None = None  # set to override the choice by hand
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    lr: float = 2e-4
+    epochs: int = 3
+    batch_size: int = 1
+    grad_accum: int = 8
+    ce_weight: float = 1.0  # cross-entropy on the first answer token
+    kl_weight: float = 1.0  # symmetric KL between the two phrasings' answer distributions
+    max_steps: int | None = None  # stop after this many optimiser steps (a short demo run)
+    train_pairs: int | None = None  # train on at most this many pairs
+
+
+@dataclass
+class AblationSection:
+    enabled: bool = False
+    ranges: dict[str, str] = field(default_factory=lambda: {"early": "0-4", "selected": "auto", "all": "all"})
+
+
+@dataclass
+class LoopConfig:
+    """Every setting of one run of the loop; ``LoopConfig.from_yaml(path)`` checks every key."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    sae: SAESection = field(default_factory=SAESection)
+    transfer: TransferSection = field(default_factory=TransferSection)
+    features: FeaturesSection = field(default_factory=FeaturesSection)
+    layers: LayersSection = field(default_factory=LayersSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    ablation: AblationSection = field(default_factory=AblationSection)
+    output: str = "runs/run"  # report folder
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "config") -> LoopConfig:
+        return _build(cls, data or {}, where, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> LoopConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise InterpError(f"config file not found: '{path}'")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise InterpError(f"'{path}' is not valid YAML: {e}") from e
+        if data is not None and not isinstance(data, dict):
+            raise InterpError(f"'{path}' must hold a mapping of settings at the top level")
+        return cls.from_dict(data or {}, where=path.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def demo(cls, quick: bool = False) -> LoopConfig:
+        """The embedded-default run: the 270M, a small SAE, a short targeted LoRA."""
+        cfg = cls(output="reports/demo")
+        cfg.data.limit = 48 if quick else 120
+        cfg.sae.steps = 150 if quick else 600
+        cfg.sae.train_prompts = 40 if quick else 120
+        cfg.transfer.n_prompts = 24 if quick else 100
+        cfg.transfer.n_boot = 200 if quick else 1000
+        cfg.lora.epochs = 1
+        cfg.lora.grad_accum = 4
+        cfg.lora.r = 8
+        cfg.lora.lr = 1e-3  # a few dozen steps must move the margins visibly
+        cfg.lora.train_pairs = 16 if quick else 60
+        return cfg
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys here: {', '.join(names)}"
+            raise InterpError(f"unknown key '{dotted}' in {where}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise InterpError(f"'{dotted}' in {where} must be a mapping of settings, got {value!r}")
+            kwargs[key] = _build(tp, value, where, f"{dotted}.")
+        elif not _type_ok(value, tp):
+            want = str(tp).replace("typing.", "")
+            raise InterpError(f"'{dotted}' in {where} is {value!r}, which is not a valid {want}")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse_range(text: Any, n_layers: int) -> list[int] | str:
+    """'3-7', '3,5,9', 'all' or a list -> layer list (or 'all')."""
+    if isinstance(text, (list, tuple)):
+        return [int(i) for i in text]
+    text = str(text)
+    if text == "all":
+        return "all"
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    bad = [i for i in out if not 0 <= i < n_layers]
+    if bad:
+        raise InterpError(f"layer range {text!r} reaches layer {bad[0]}, outside 0-{n_layers - 1}")
+    return out
+
+
+@dataclass(frozen=True)
+class LoopReport(Result):
+    """What one run of the loop produced: the headline numbers and where the report lives."""
+
+    output: Path
+    summary: dict[str, Any]
+    seconds: float
+
+    def __repr__(self) -> str:
+        s = self.summary
+        before, after = s.get("consistency_before", {}), s.get("consistency_after", {})
+        return (f"LoopReport('{self.output}', layers={s.get('selected_layers')}, flip rate "
+                f"{before.get('flip_rate', float('nan')):.3f} -> {after.get('flip_rate', float('nan')):.3f}, "
+                f"{self.seconds:.0f} s)")
+
+
+def _split(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(pairs) * fraction))
+    held = [pairs[i] for i in sorted(order[:n_eval])]
+    train = [pairs[i] for i in sorted(order[n_eval:])]
+    return train, held
+
+
+def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
+    """Run every stage of the loop and write figures, tables, metrics and a summary to ``config.output``."""
+    import torch
+
+    import interp
+    from interp.export import Recorder, run_manifest
+
+    t0 = time.perf_counter()
+    out = Path(config.output)
+    rec = Recorder(out)
+    torch.manual_seed(config.seed)
+    summary: dict[str, Any] = {"config": config.to_dict()}
+
+    def step(title: str) -> None:
+        console.rule(f"[bold]{title}[/bold]  [dim]{time.perf_counter() - t0:.0f} s[/dim]")
+
+    step("1 · model")
+    model = interp.load(config.model.source, device=config.model.device, dtype=config.model.dtype)
+    console.print(model)
+
+    if config.data.pairs == "register":
+        pairs = interp.data.builtin("register")
+    else:
+        pairs = interp.data.load_pairs(config.data.pairs, mapping=config.data.mapping,
+                                       image_root=config.data.image_root)
+    order = list(range(len(pairs)))
+    random.Random(config.seed).shuffle(order)
+    pairs = [pairs[i] for i in order[: config.data.limit or len(pairs)]]
+    train_pairs, eval_pairs = _split(pairs, config.data.eval_fraction, config.seed)
+    summary["data"] = {"n_pairs": len(pairs), "n_train": len(train_pairs), "n_eval": len(eval_pairs)}
+
+    layer = config.sae.layer if config.sae.layer is not None else model.n_layers // 2
+    step(f"2 · capture and SAE at layer {layer}")
+    medical, general = interp.prompts.medical(), interp.prompts.general()
+    n = config.transfer.n_prompts
+    if config.sae.release:
+        sae = interp.load_sae(config.sae.release, config.sae.sae_id, device=model.device, layer=layer)
+        transfer_general = general[:n]
+    else:
+        # train on general text only, then test on held-out general text and on medical text
+        train_text = general[: config.sae.train_prompts]
+        acts = interp.capture(model, train_text, layers=[layer], positions="all", exclude=("special", "image"),
+                              cache=True, progress=progress)
+        console.print(acts)
+        sae = interp.train_sae(acts, layer=layer, d_sae=config.sae.d_sae, architecture=config.sae.architecture,
+                               k=config.sae.k if config.sae.architecture == "topk" else None,
+                               steps=config.sae.steps, seed=config.seed, device=model.device, progress=progress,
+                               model_name=model.name)
+        held = general[config.sae.train_prompts:] or general[:n]
+        transfer_general = held[:n]
+
+    step("3 · SAE transfer: medical vs general text")
+    transfer = interp.transfer_report(model, sae, {"medical": medical[:n], "general": transfer_general}, layer=layer,
+                                      threshold=config.transfer.threshold, n_boot=config.transfer.n_boot,
+                                      seed=config.seed, ce=config.transfer.ce, progress=progress)
+    console.print(transfer)
+    rec.figure("transfer_r2", transfer.figure())
+    rec.table("transfer", transfer.table(), caption="SAE transfer: explained variance by corpus")
+    for c in transfer.corpora:
+        rec.metrics_from(f"transfer.{c.name}", {"r2": c.r2, "r2_prompt_mean": c.r2_prompt_mean,
+                                                "p_bootstrap": c.p_bootstrap, "l0": c.l0,
+                                                "dead_fraction": c.dead_fraction, "ce_score": c.ce_score, "kl": c.kl})
+    summary["transfer"] = {"passed": transfer.passed, "r2": {c.name: c.r2 for c in transfer.corpora},
+                           "formula": transfer.r2_formula}
+
+    step("4 · register-sensitive features (formal vs lay phrasing)")
+    features = interp.register_features(model, sae, pairs, layer=layer, test=config.features.test,
+                                        progress=progress)
+    console.print(features)
+    rec.figure("register_features", features.figure())
+    top = features.top(config.features.top)
+    rec.table("register_features", top, caption=f"Top register-sensitive SAE features at layer {layer}")
+    summary["features"] = {"n_significant": int(len(features.significant())) if callable(features.significant)
+                           else int(len(features.significant)),
+                           "top": jsonable(top.head(5))}
+
+    step(f"5 · find_layers (method={config.layers.method})")
+    if config.layers.layers:
+        selection = interp.LayerSelection(tuple(sorted(config.layers.layers)), model.n_layers, method="manual",
+                                          layers_pattern=interp.layers.layers_pattern_of(model.layers_path))
+        profile = None
+    else:
+        kw = {"saes": {layer: sae}} if config.layers.method == "sae" else {}
+        profile = interp.layer_profile(model, pairs, method=config.layers.method, progress=progress, **kw)
+        selection = profile.select(config.layers.width) if hasattr(profile, "select") else \
+            interp.find_layers(model, pairs, width=config.layers.width, method=config.layers.method, **kw)
+        rec.figure("layer_profile", profile.figure())
+    console.print(selection)
+    summary["selected_layers"] = list(selection.layers)
+    rec.metric("layers.selected", list(selection.layers))
+    rec.metric("layers.relative_depth", list(selection.relative_depth))
+
+    step("6 · consistency before training (held-out pairs)")
+    before = interp.evaluate(model, eval_pairs, seed=config.seed, progress=progress)
+    console.print(before)
+
+    step(f"7 · targeted LoRA on layers {selection.layers[0]}-{selection.layers[-1]}")
+    lora_train = train_pairs[: config.lora.train_pairs or len(train_pairs)]
+    lc = config.lora
+    result = interp.train_lora(model, lora_train, layers=selection, r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
+                               lr=lc.lr, epochs=lc.epochs, batch_size=lc.batch_size, grad_accum=lc.grad_accum,
+                               ce_weight=lc.ce_weight, kl_weight=lc.kl_weight, max_steps=lc.max_steps,
+                               eval_pairs=eval_pairs, seed=config.seed, output_dir=out / "adapter", resume=False,
+                               progress=progress)
+    console.print(result)
+    rec.figure("lora_history", result.figure())
+    rec.table("lora_history", result.table(), caption="Targeted LoRA: per-epoch history")
+
+    step("8 · consistency after training (held-out pairs)")
+    tuned = result.load(model) if hasattr(result, "load") else interp.load_adapter(model, result.adapter_path)
+    after = interp.evaluate(tuned, eval_pairs, seed=config.seed, progress=progress)
+    comparison = before.compare(after)
+    console.print(after)
+    console.print(comparison)
+    rec.figure("consistency_before", before.figure())
+    rec.figure("consistency_after", after.figure())
+    rec.table("consistency", comparison.table, caption="Paraphrase consistency before and after targeted LoRA")
+    for name, rep in (("before", before), ("after", after)):
+        rec.metrics_from(f"consistency.{name}", {"flip_rate": rep.flip_rate, "mean_margin_diff": rep.mean_margin_diff,
+                                                 "accuracy": rep.accuracy, "n": rep.n})
+    rec.metrics_from("consistency.compare", {"p_z": comparison.p_z, "p_mcnemar": comparison.p_mcnemar,
+                                             "p_wilcoxon": comparison.p_wilcoxon,
+                                             "margin_diff_relative": comparison.margin_diff_relative})
+    summary["consistency_before"] = {"flip_rate": before.flip_rate, "mean_margin_diff": before.mean_margin_diff,
+                                     "accuracy": before.accuracy}
+    summary["consistency_after"] = {"flip_rate": after.flip_rate, "mean_margin_diff": after.mean_margin_diff,
+                                    "accuracy": after.accuracy}
+
+    if config.ablation.enabled:
+        step("9 · layer-range ablation")
+        ranges = {name: (selection if spec == "auto" else parse_range(spec, model.n_layers))
+                  for name, spec in config.ablation.ranges.items()}
+        ablation = interp.ablate_layers(model, lora_train, ranges, eval_pairs=eval_pairs, seed=config.seed,
+                                        output_dir=out / "ablation", r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
+                                        lr=lc.lr, epochs=lc.epochs, batch_size=lc.batch_size,
+                                        grad_accum=lc.grad_accum, max_steps=lc.max_steps, progress=progress)
+        console.print(ablation)
+        rec.figure("ablation", ablation.figure())
+        rec.table("ablation", ablation.table, caption="Layer-range ablation")
+        summary["ablation"] = jsonable(ablation.table)
+
+    seconds = time.perf_counter() - t0
+    summary["seconds"] = seconds
+    manifest = run_manifest(model=model, sae=sae, data=[p.to_dict() for p in pairs], seed=config.seed,
+                            extra={"config": config.to_dict()})
+    (out / "manifest.json").write_text(json.dumps(jsonable(manifest), indent=1))
+    (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1))
+    console.rule(f"[bold green]done in {seconds:.0f} s[/bold green]: report in {out}")
+    return LoopReport(out, summary, seconds)
