@@ -511,9 +511,9 @@ class _FastScorer:
         for j, p in enumerate(uniq):
             by_prefix.setdefault((str(_image_key(p.image) or ""), p.context or ""), []).append(j)
         groups = [by_prefix[k] for k in sorted(by_prefix)]
-        # Blocks bound host memory (pixel values) and let the next block tokenise while this one runs.
-        # A block boundary never splits the groups of one image, so each image is encoded once. The first
-        # block is small so that the device starts early; later ones tokenise while the previous one runs.
+        # Blocks bound host memory (pixel values); each is tokenised while the previous one runs. A boundary
+        # never splits the groups of one image (each image is encoded once); the first block is small so
+        # that the device starts early.
         blocks, cur, images, n_prompts = [], [], set(), 0
         for g in groups:
             key = _image_key(uniq[g[0]].image)

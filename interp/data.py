@@ -1,8 +1,7 @@
 """Paraphrase pairs: the same clinical yes/no question asked two ways (about the same image or case).
 
-`ParaphrasePair` is the unit every later stage consumes; `ParaphraseGroup` holds several phrasings of one
-question (PSF-Med has 5-6) and expands into pairs against its reference phrasing. `builtin("register")` is
-the bundled set of formal-vs-lay chest X-ray questions; `load_pairs()` reads PSF-Med-style JSONL or CSV.
+`ParaphrasePair` is what later stages consume; a `ParaphraseGroup` (PSF-Med has 5-6 phrasings per question)
+expands into pairs. `builtin("register")` is the bundled set; `load_pairs()` reads PSF-Med-style JSONL/CSV.
 """
 
 from __future__ import annotations
