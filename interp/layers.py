@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,9 +23,9 @@ from tqdm.auto import tqdm
 from interp._errors import InterpError
 from interp._results import Result, jsonable
 from interp.capture import _layer_output, _position_masks, capture, run_hooked
-from interp.consistency import _body_and_head, last_hidden, project
+from interp.consistency import _body_and_head, last_hidden
 from interp.data import ParaphrasePair
-from interp.features import _check_pairs, _pair_prompts, paired_stats, pooled_features, sae_layer
+from interp.features import _check_pairs, _margin, _pair_prompts, paired_stats, pooled_features, sae_layer
 from interp.models import Batch, Model, Prompt
 
 # The study's modules: attention q/k/v/o and MLP gate/up/down projections.
@@ -171,6 +172,10 @@ class LayerProfile(Result):
         best = np.flatnonzero(np.isclose(sums, sums.max(), rtol=1e-9, atol=1e-12))
         peak = self.peak
         start = int(min(best, key=lambda i: (abs(i + (width - 1) / 2 - peak), i)))
+        if sums[start] <= 0:
+            warnings.warn(f"no layer of this {self.method} profile shows a positive score (best window: "
+                          f"{sums[start]:.3g}); the selected window is arbitrary. Try more pairs or another method.",
+                          stacklevel=2)
         meta = {"window_score": float(sums[start]), "values": list(self.values), "missing": list(self.missing),
                 "positions": self.positions, "n_pairs": self.n_pairs, "model": self.model_name}
         return LayerSelection(tuple(range(start, start + width)), self.n_layers, tuple(self.scores), self.method,
@@ -230,15 +235,21 @@ def layer_profile(model: Model, pairs: Sequence[ParaphrasePair], *, method: Meth
     ``method``:
     - ``"patching"``: phrasing a's residual stream at the answer position (``positions="last"``) or at the
       template tokens after the question that both phrasings share (``"suffix"``) replaces phrasing b's at
-      layer L; value = least-squares fraction of (margin_a - margin_b) that moves b's margin by.
+      the output of layer L (the question tokens cannot be patched: the phrasings differ in length).
+      Value: how far that moves b's margin towards a's, as a fraction of margin_a - margin_b (raw margins;
+      least squares over pairs, so pairs with a large difference count most; 1 at the last layer).
       Everything before the patched tokens is identical to b's clean run (attention is causal), so b's
       prefix runs once into a KV cache and all (pair, layer) patches then run as one batched step over the
       patched tokens only (``strategy="full"`` reruns whole prompts, batched, for models that take no cache).
     - ``"residual"``: mean distance between the two phrasings' residual streams (at the last token, or
       mean over question tokens), divided by the mean distance between different questions' (same
       phrasing side); works for any wrapped decoder, no SAE needed.
-    - ``"sae"``: with ``saes={layer: SAE}``, the share of SAE activation mass (weighted by decoder norm) in
-      features with q < ``alpha`` in a paired ``test`` between phrasings; layers without an SAE are NaN.
+    - ``"sae"``: with ``saes={layer: SAE}`` (a key of None: the layer in the SAE's hook_name), the share of
+      SAE activation mass (weighted by decoder norm) in features with q < ``alpha`` in a paired ``test``
+      between phrasings; layers without an SAE are NaN.
+
+    The scores used to pick layers are each layer's gain on the patching and residual curves (where the
+    difference arises, not where it persists) and the SAE share itself; see `LayerProfile`.
     """
     items = _check_pairs(pairs, minimum=2)
     if method not in METHODS:
@@ -341,7 +352,8 @@ def _sae_profile(model: Model, items: list[ParaphrasePair], saes: dict[int, Any]
     if not saes:
         raise InterpError("method='sae' needs saes={layer: SAE}; load them with interp.load_sae(...) (e.g. Gemma "
                           "Scope 2) or train one with interp.train_sae(...)")
-    checked = {sae_layer(model, sae, int(layer)): sae for layer, sae in saes.items()}
+    # a key of None means "the layer in the SAE's hook_name"
+    checked = {sae_layer(model, sae, None if layer is None else int(layer)): sae for layer, sae in saes.items()}
     n = len(items)
     acts = capture(model, _pair_prompts(items), layers=sorted(checked), positions=positions, batch_size=batch_size,
                    progress=progress)
@@ -359,11 +371,6 @@ def _sae_profile(model: Model, items: list[ParaphrasePair], saes: dict[int, Any]
 
 
 # ---- method "patching" ------------------------------------------------------------------------------
-def _answer_margin(model: Model, hidden: Tensor) -> Tensor:
-    logits = project(model, hidden, list(model.answer_ids)).float()
-    return (logits[:, 0] - logits[:, 1]).cpu()
-
-
 def _tail_index(batch: Batch, k: int) -> Tensor:
     """Positions of each row's last ``k`` real tokens: ``[rows, k]``."""
     return batch.last_index[:, None] - (k - 1) + torch.arange(k)
@@ -405,7 +412,7 @@ def _capture_source(model: Model, batch: Batch, k: int) -> tuple[Tensor, Tensor]
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(model.layers)]
     try:
-        margins = _answer_margin(model, last_hidden(model, batch))
+        margins = _margin(model, last_hidden(model, batch))
     finally:
         for h in handles:
             h.remove()
@@ -490,13 +497,13 @@ def _patch_cached(model: Model, body: Any, batch: Batch, src: Tensor, k: int) ->
         finally:
             for h in handles:
                 h.remove()
-        margins.append(_answer_margin(model, out.last_hidden_state[:, -1]).view(copies, rows))
+        margins.append(_margin(model, out.last_hidden_state[:, -1]).view(copies, rows))
         del step
     m = torch.cat(margins)  # [1 + n_layers, rows]
     return m[0], m[1:].T
 
 
-def _patch_full(model: Model, body: Any, batch: Batch, src: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _patch_full(model: Model, _body: Any, batch: Batch, src: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """As `_patch_cached`, but every copy reruns the whole prompt (for models that take no KV cache)."""
     rows, tokens = batch.input_ids.shape
     pos = _tail_index(batch, k).to(model.device)
@@ -516,7 +523,7 @@ def _patch_full(model: Model, body: Any, batch: Batch, src: Tensor, k: int) -> t
                                     special_mask=tile(batch.special_mask), image_mask=tile(batch.image_mask))
         handles = _patch_hooks(model, chunk, rows, src, pos)
         try:
-            margins.append(_answer_margin(model, last_hidden(model, tiled)).view(copies, rows))
+            margins.append(_margin(model, last_hidden(model, tiled)).view(copies, rows))
         finally:
             for h in handles:
                 h.remove()
