@@ -185,7 +185,7 @@ def _build(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
                 raise InterpError(f"'{dotted}' in {where} must be a mapping of settings, got {value!r}")
             kwargs[key] = _build(tp, value, where, f"{dotted}.")
         elif not _type_ok(value, tp):
-            want = str(tp).replace("typing.", "")
+            want = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
             raise InterpError(f"'{dotted}' in {where} is {value!r}, which is not a valid {want}")
         else:
             kwargs[key] = value
@@ -340,7 +340,7 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
                                progress=progress)
     console.print(result)
     rec.figure("lora_history", result.figure())
-    rec.table("lora_history", result.table(), caption="Targeted LoRA: per-epoch history")
+    rec.table("lora_history", result.table, caption="Targeted LoRA: per-epoch history")
 
     step("8 · consistency after training (held-out pairs)")
     tuned = result.load(model) if hasattr(result, "load") else interp.load_adapter(model, result.adapter_path)
