@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -549,3 +550,17 @@ def _from_long_rows(rows, cols: _Columns, where, image_of) -> list[ParaphrasePai
             raise _row_error(where(ref_line), e) from None
         pairs.extend(group.pairs())
     return pairs
+
+
+def split(pairs: Sequence[ParaphrasePair], eval_fraction: float = 0.3, *, seed: int = 0
+          ) -> tuple[list[ParaphrasePair], list[ParaphrasePair]]:
+    """A seeded (train, held-out) split that keeps every phrasing of a group on the same side."""
+    if not 0 < eval_fraction < 1:
+        raise InterpError(f"eval_fraction={eval_fraction} must be between 0 and 1")
+    keys = list(dict.fromkeys(p.group or p.id for p in pairs))
+    random.Random(seed).shuffle(keys)
+    n_eval = max(1, round(len(keys) * eval_fraction))
+    held = set(keys[:n_eval])
+    if len(keys) < 2:
+        raise InterpError(f"cannot split {len(pairs)} pair(s) into train and held-out sets; pass more pairs")
+    return [p for p in pairs if (p.group or p.id) not in held], [p for p in pairs if (p.group or p.id) in held]

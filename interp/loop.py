@@ -225,15 +225,6 @@ class LoopReport(Result):
                 f"{self.seconds:.0f} s)")
 
 
-def _split(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(pairs) * fraction))
-    held = [pairs[i] for i in sorted(order[:n_eval])]
-    train = [pairs[i] for i in sorted(order[n_eval:])]
-    return train, held
-
-
 def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     """Run every stage of the loop and write figures, tables, metrics and a summary to ``config.output``."""
     import torch
@@ -262,7 +253,7 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     order = list(range(len(pairs)))
     random.Random(config.seed).shuffle(order)
     pairs = [pairs[i] for i in order[: config.data.limit or len(pairs)]]
-    train_pairs, eval_pairs = _split(pairs, config.data.eval_fraction, config.seed)
+    train_pairs, eval_pairs = interp.data.split(pairs, config.data.eval_fraction, seed=config.seed)
     summary["data"] = {"n_pairs": len(pairs), "n_train": len(train_pairs), "n_eval": len(eval_pairs)}
 
     layer = config.sae.layer if config.sae.layer is not None else model.n_layers // 2

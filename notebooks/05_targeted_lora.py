@@ -1,0 +1,76 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Targeted LoRA and paraphrase consistency
+#
+# **Method.** We measure consistency on held-out pairs (flip rate: the yes/no decision changes between
+# phrasings after polarity correction; mean |margin difference|, margin = logit(yes) - logit(no) at the first
+# answer token; accuracy against gold answers), train rank-`r` LoRA adapters on the chosen layers only with
+# cross-entropy on the first answer token plus the symmetric KL between the two phrasings' answer
+# distributions, and measure again. Before/after differences are tested with the study's two-proportion
+# z-test and with paired tests (McNemar on flips, Wilcoxon on margin differences).
+
+# %% tags=["parameters"]
+model_name = "gemma3-270m"
+layers = "auto"  # "auto": find_layers(method="residual"); or a list such as [5, 6, 7, 8, 9]
+n_pairs = 60
+eval_fraction = 0.3
+r = 8
+alpha = 32
+lr = 1e-3
+epochs = 1
+grad_accum = 4
+output_dir = "exports/notebooks"
+device = None
+seed = 0
+
+# %%
+import torch
+
+import interp
+from interp.export import Recorder
+
+torch.manual_seed(seed)
+interp.viz.use_notebook_renderer()
+rec = Recorder(output_dir)
+model = interp.load(model_name, device=device)
+pairs = interp.data.builtin("register")[:n_pairs]
+train_pairs, eval_pairs = interp.data.split(pairs, eval_fraction, seed=seed)
+selection = interp.find_layers(model, pairs, method="residual") if layers == "auto" else layers
+selection
+
+# %%
+before = interp.evaluate(model, eval_pairs, seed=seed)
+before
+
+# %%
+result = interp.train_lora(model, train_pairs, layers=selection, r=r, alpha=alpha, lr=lr, epochs=epochs,
+                           grad_accum=grad_accum, eval_pairs=eval_pairs, seed=seed,
+                           output_dir=f"{output_dir}/adapter", resume=False)
+rec.figure("lora_history", result.figure())
+rec.table("lora_history", result.table, caption="Targeted LoRA: per-epoch history")
+result
+
+# %%
+after = interp.evaluate(interp.load_adapter(model, result.adapter_path), eval_pairs, seed=seed)
+comparison = before.compare(after)
+rec.table("consistency", comparison.table, caption="Paraphrase consistency before and after targeted LoRA")
+for name, rep in (("before", before), ("after", after)):
+    rec.metrics_from(f"consistency.{name}", {"flip_rate": rep.flip_rate, "mean_margin_diff": rep.mean_margin_diff,
+                                             "accuracy": rep.accuracy})
+rec.metrics_from("consistency.compare", {"p_z": comparison.p_z, "p_mcnemar": comparison.p_mcnemar,
+                                         "p_wilcoxon": comparison.p_wilcoxon})
+comparison
+
+# %%
+fig = after.figure()
+rec.figure("consistency_after", fig)
+fig
