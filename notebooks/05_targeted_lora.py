@@ -20,7 +20,7 @@
 
 # %% tags=["parameters"]
 model_name = "gemma3-270m"
-layers = "auto"  # "auto": find_layers(method="residual"); or a list such as [5, 6, 7, 8, 9]
+layers = "auto"  # "auto" picks them with find_layers, or give a list of layer numbers
 n_pairs = 60
 eval_fraction = 0.3
 r = 8

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import interp
-from interp.export import NOTEBOOK_ORDER, NOTEBOOKS, Recorder
+from interp.export import NOTEBOOK_ORDER, NOTEBOOKS, Recorder, static_export_available
 
 # Small settings so that every notebook runs in CI: tiny-medgemma (real MedGemma layout) for the
 # training-heavy notebooks, the real 270M for capture.
@@ -61,7 +61,7 @@ def test_every_notebook_executes_and_exports_its_artefacts(exported):
     for fig in ("capture_norms", "transfer_r2", "register_features", "layer_profile_residual", "lora_history",
                 "ablation"):
         assert f"{fig}.html" in figures, fig
-        if interp.export.static_export_available():
+        if static_export_available():
             assert {f"{fig}.png", f"{fig}.svg"} <= figures, fig
     tables = {p.name for p in (folder / "tables").iterdir()}
     assert {"transfer.csv", "transfer.tex", "consistency.csv", "ablation.tex"} <= tables
