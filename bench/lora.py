@@ -1,0 +1,305 @@
+"""Benchmark: interp's LoRA training step against a plain PEFT + transformers loop, same loss, same batches.
+
+A MedGemma-4B-shaped Gemma3ForConditionalGeneration (random weights, bf16) with adapters on layers 15-19:
+training pairs/s and peak GPU memory, with images (one 896 px image per pair) and text only.
+``--smoke`` shrinks everything so it runs on a CPU in seconds. Usage on a GPU machine:
+
+    python bench/lora.py --out bench_lora.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import interp  # noqa: E402
+from interp import lora as L  # noqa: E402
+from interp.data import ParaphrasePair  # noqa: E402
+from interp.layers import layers_pattern_of, lora_config  # noqa: E402
+from interp.models import GEMMA_CHAT_TEMPLATE, tiny_tokenizer  # noqa: E402
+
+REPORT = ("Findings: Moderate right pleural effusion with adjacent basilar atelectasis; heart size normal and no "
+          "pneumothorax. Impression: Moderate right pleural effusion. ")
+QUESTIONS = [("Is there a pleural effusion?", "is there fluid around the lung?"),
+             ("Is the cardiac silhouette enlarged?", "is the heart too big?"),
+             ("Is there a pneumothorax?", "can a collapsed lung be ruled out?"),
+             ("Is there focal consolidation?", "are there signs of pneumonia?")]
+
+
+def build_model(smoke: bool, device: str, dtype: torch.dtype) -> interp.Model:
+    """MedGemma-4B's shapes (or toy ones with ``smoke``), random weights, wrapped as an interp Model."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+    )
+
+    tok = tiny_tokenizer(GEMMA_CHAT_TEMPLATE)
+    tid = tok.convert_tokens_to_ids
+    if smoke:
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, sliding_window=16, vocab_size=2048)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=56, patch_size=14)
+        mm_tokens = 4
+    else:  # google/medgemma-4b-it
+        text = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=256, sliding_window=1024, vocab_size=262208,
+                    rope_scaling={"rope_type": "linear", "factor": 8.0})
+        vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                      image_size=896, patch_size=14)
+        mm_tokens = 256
+    text.update(max_position_embeddings=131072, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=mm_tokens,
+                       boi_token_index=tid("<start_of_image>"), eoi_token_index=tid("<end_of_image>"),
+                       image_token_index=tid("<image_soft_token>"), pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = Gemma3ForConditionalGeneration._from_config(cfg, dtype=dtype)
+    size = vision["image_size"]
+    proc = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": size, "width": size}),
+                           tokenizer=tok, image_seq_length=mm_tokens, chat_template=GEMMA_CHAT_TEMPLATE)
+    return interp.Model(hf=hf.eval(), tokenizer=tok, processor=proc, name="medgemma-4b-shaped" if not smoke
+                        else "smoke", chat=True, answer_words=("Yes", "No"), source="bench")
+
+
+def make_pairs(n: int, images: bool, context_tokens: int, folder: Path) -> list[ParaphrasePair]:
+    """``n`` pairs: a chest-X-ray-like image each (or none) and a report padded to about ``context_tokens``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    context = (REPORT * max(1, context_tokens // 30))[: max(1, context_tokens) * 4]
+    pairs = []
+    for i in range(n):
+        image = None
+        if images:
+            yy = np.mgrid[0:224, 0:224][0]
+            arr = np.clip(60 + 0.6 * yy + rng.normal(0, 20, (224, 224)), 0, 255).astype("uint8")
+            image = str(folder / f"cxr_{i}.png")
+            Image.fromarray(np.stack([arr] * 3, -1)).save(image)
+        a, b = QUESTIONS[i % len(QUESTIONS)]
+        pairs.append(ParaphrasePair(f"b{i}", f"{a} (case {i})", f"{b} (case {i})", answer=("yes", "no")[i % 2],
+                                    image=image, same_polarity="ruled out" not in b, context=context))
+    return pairs
+
+
+def _sync(model: interp.Model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+def _peak_reset(model: interp.Model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(model.device)
+
+
+def _peak(model: interp.Model) -> float:
+    return torch.cuda.max_memory_allocated(model.device) / 2**30 if model.device.type == "cuda" else float("nan")
+
+
+def _train_loop(model: interp.Model, params: list[torch.Tensor], n: int, group_backward, *, epochs: int,
+                grad_accum: int, lr: float, seed: int = 0) -> dict[str, Any]:
+    """The optimisation `train_lora` runs: shuffled pairs, groups of ``grad_accum``, clipping, AdamW."""
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses, epoch_s = [], []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
+        _sync(model)
+        t0 = time.perf_counter()
+        for s in range(0, n, grad_accum):
+            for p in params:
+                p.grad = None
+            losses += group_backward(order[s:s + grad_accum], epoch)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        _sync(model)
+        epoch_s.append(time.perf_counter() - t0)
+    return {"epoch_seconds": epoch_s, "losses": losses}
+
+
+def run_interp(model: interp.Model, pairs: list[ParaphrasePair], layers: list[int], *, fuse_tokens: int,
+               checkpoint: bool, **kw) -> dict[str, Any]:
+    """interp's path (what `train_lora` runs): the residual stream entering layer lo cached once per example,
+    layers lo..end only, answer-position logits, an accumulation group fused into passes of ``fuse_tokens``."""
+    pm = L._peft_wrap(model, layers, r=16, alpha=32, dropout=0.05, target_modules=L.DEFAULT_TARGET_MODULES, seed=0)
+    try:
+        trainer = L._Trainer(pm, layers[0], dict(ce_weight=1.0, kl_weight=1.0, kl_space="yes_no"), fast=True,
+                             cache="auto", fuse_tokens=fuse_tokens, checkpoint=checkpoint)
+        _peak_reset(model)
+        _sync(model)
+        t0 = time.perf_counter()
+        items = [((i, side), p.prompt_a() if side == "a" else p.prompt_b()) for i, p in enumerate(pairs)
+                 for side in ("a", "b")]
+        trainer.runner.prefill(items, rows_per_pass=8)
+        _sync(model)
+        prefill_s = time.perf_counter() - t0
+        for i in range(layers[0], pm.n_layers):
+            trainer.runner.layers[i].train()
+
+        def group_backward(group: list[int], epoch: int) -> list[float]:
+            micro = [([pairs[i]], [i], [L._micro_seed(0, epoch, i)]) for i in group]
+            parts = trainer.backward_group(micro, len(group))
+            return torch.stack([q.total.detach() for q in parts]).tolist()
+
+        with L._row_dropout(pm.hf, trainer.dropout_rows):
+            out = _train_loop(model, trainer.params, len(pairs), group_backward, **kw)
+        out["epoch_seconds"][0] += prefill_s  # the first epoch pays for filling the cache
+        out.update(peak_gib=_peak(model), cache_gib=trainer.runner.cache_bytes / 2**30, path=trainer.runner.kind,
+                   prefill_seconds=prefill_s)
+        return out
+    finally:
+        pm.hf.eval()
+        pm.hf.unload()
+
+
+def run_plain(model: interp.Model, pairs: list[ParaphrasePair], layers: list[int], **kw) -> dict[str, Any]:
+    """The plain loop: PEFT model, full forward with all-position logits, the answer position gathered,
+    one pair per forward and backward (batch 1 x accumulation, as the study trained)."""
+    from peft import get_peft_model
+
+    cfg = lora_config(layers, layers_pattern=layers_pattern_of(model.layers_path), r=16, alpha=32, dropout=0.05)
+    with torch.random.fork_rng(devices=[model.device.index or 0] if model.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        peft = get_peft_model(model.hf, cfg)
+    try:
+        peft.train()
+        # encoded once up front: tokenising and image preprocessing are left out of the plain loop's time
+        batches = [model.encode([p.prompt_a(), p.prompt_b()]) for p in pairs]
+        batches = [(b.inputs, b.last_index) for b in batches]
+        yes_no = model.answer_ids
+        params = [p for p in peft.parameters() if p.requires_grad]
+
+        def group_backward(group: list[int], epoch: int) -> list[float]:
+            losses = []
+            for i in group:
+                torch.manual_seed(L._micro_seed(0, epoch, i))
+                inputs, last = batches[i]
+                logits = peft(**inputs, use_cache=False).logits  # [2, pos, vocab]
+                at = logits[torch.arange(2, device=logits.device), last.to(logits.device)].float()
+                ta, tb, inv = L._targets([pairs[i]], yes_no)
+                loss = L.pair_loss(at[:1], at[1:], ta, tb, inv, yes_no).total
+                (loss / len(group)).backward()
+                losses.append(loss.detach())
+            return torch.stack(losses).tolist()
+
+        _peak_reset(model)
+        out = _train_loop(model, params, len(pairs), group_backward, **kw)
+        out.update(peak_gib=_peak(model), cache_gib=0.0, path="plain")
+        return out
+    finally:
+        peft.eval()
+        peft.unload()
+
+
+def check_same_loss(model: interp.Model, pairs: list[ParaphrasePair], layers: list[int]) -> float:
+    """Relative difference of the two paths' loss on one pair (same adapter, dropout off)."""
+    pm = L._peft_wrap(model, layers, r=16, alpha=32, dropout=0.0, target_modules=L.DEFAULT_TARGET_MODULES, seed=0)
+    try:
+        with torch.no_grad():
+            for n, p in pm.hf.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+            cfg = dict(ce_weight=1.0, kl_weight=1.0, kl_space="yes_no")
+            fast = L._Trainer(pm, layers[0], cfg, fast=True, cache=False).loss(pairs[:1], [0]).total
+            batch = model.encode([pairs[0].prompt_a(), pairs[0].prompt_b()])
+            logits = pm.hf(**batch.inputs, use_cache=False).logits
+            at = logits[torch.arange(2, device=logits.device), batch.last_index.to(logits.device)].float()
+            ta, tb, inv = L._targets(pairs[:1], model.answer_ids)
+            plain = L.pair_loss(at[:1], at[1:], ta, tb, inv, model.answer_ids).total
+        return float((fast - plain).abs() / plain.abs())
+    finally:
+        pm.hf.unload()
+
+
+def steady(run: dict[str, Any], n: int) -> float:
+    """Pairs/s after the first epoch (interp's cache is full by then)."""
+    return n / float(np.mean(run["epoch_seconds"][1:] or run["epoch_seconds"]))
+
+
+def overall(run: dict[str, Any], n: int) -> float:
+    """Pairs/s over all epochs, the first one (which fills interp's cache) included."""
+    return n * len(run["epoch_seconds"]) / sum(run["epoch_seconds"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (a few seconds)")
+    ap.add_argument("--pairs", type=int, default=32, help="training pairs (micro-batches of one pair)")
+    ap.add_argument("--epochs", type=int, default=2, help="epoch 1 fills interp's cache; later ones are steady")
+    ap.add_argument("--grad-accum", type=int, default=8)
+    ap.add_argument("--layers", default="15-19", help="adapted layers, e.g. 15-19")
+    ap.add_argument("--context-tokens", type=int, default=24, help="report length before each question")
+    ap.add_argument("--modes", default="images,text", help="comma list of: images, text")
+    ap.add_argument("--fuse-tokens", type=int, default=8192, help="interp: tokens per fused forward pass")
+    ap.add_argument("--no-checkpointing", action="store_true", help="interp: keep all upper-layer activations")
+    ap.add_argument("--unfused", action="store_true", help="also time interp with one pair per forward pass")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    lo, hi = (1, 3) if args.smoke else map(int, args.layers.split("-"))
+    layers = list(range(lo, hi + 1))
+    if args.smoke:
+        args.pairs, args.grad_accum = min(args.pairs, 8), min(args.grad_accum, 4)
+    t0 = time.perf_counter()
+    model = build_model(args.smoke, device, dtype)
+    print(f"model: {model} built in {time.perf_counter() - t0:.1f}s; "
+          f"{sum(p.numel() for p in model.hf.parameters()) / 1e9:.2f}B params; adapted layers {lo}-{hi}")
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    rows, results = [], {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                         "layers": layers, "pairs": args.pairs, "epochs": args.epochs, "grad_accum": args.grad_accum,
+                         "weights_gib": weights_gib, "torch": torch.__version__, "modes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes.split(","):
+            pairs = make_pairs(args.pairs, mode == "images", args.context_tokens, Path(tmp))
+            tokens = [model.encode([p.prompt_a()]).lengths.item() for p in pairs[:2]]
+            rel = check_same_loss(model, pairs, layers)
+            kw = dict(epochs=args.epochs, grad_accum=args.grad_accum, lr=2e-4)
+            fast = run_interp(model, pairs, layers, fuse_tokens=args.fuse_tokens,
+                              checkpoint=not args.no_checkpointing and device == "cuda", **kw)
+            unfused = run_interp(model, pairs, layers, fuse_tokens=0, checkpoint=False, **kw) if args.unfused \
+                else None
+            plain = run_plain(model, pairs, layers, **kw)
+            n = len(pairs)
+            res = {"tokens_per_sequence": tokens[0], "loss_rel_diff": rel, "interp": fast, "plain": plain,
+                   "speedup_steady": steady(fast, n) / steady(plain, n),
+                   "speedup_overall": overall(fast, n) / overall(plain, n),
+                   "first_loss": {"interp": fast["losses"][0], "plain": plain["losses"][0]}}
+            results["modes"][mode] = res
+            if unfused:
+                res["interp_unfused"] = unfused
+            for name, r in (("plain PEFT loop", plain), ("interp 1 pair/pass", unfused), ("interp", fast)):
+                if r is None:
+                    continue
+                rows.append((mode, name, tokens[0], overall(r, n), steady(r, n), r["peak_gib"], r["cache_gib"]))
+            print(f"[{mode}] interp vs plain: {res['speedup_steady']:.2f}x steady, {res['speedup_overall']:.2f}x "
+                  f"overall; loss check rel diff {rel:.1e}; first losses {fast['losses'][0]:.4f} / "
+                  f"{plain['losses'][0]:.4f}", flush=True)
+    print(f"\n{'mode':<7}{'loop':<20}{'tok/seq':>8}{'pairs/s all':>13}{'pairs/s steady':>16}{'peak GiB':>10}"
+          f"{'cache GiB':>11}")
+    for mode, name, tok, o, s, peak, cache in rows:
+        print(f"{mode:<7}{name:<20}{tok:>8}{o:>13.2f}{s:>16.2f}{peak:>10.2f}{cache:>11.3f}")
+    print(f"(weights: {weights_gib:.2f} GiB; a pair = 2 phrasings; epoch 1 of interp also fills its cache)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1, default=lambda v: None if isinstance(v, float)
+                                             and not math.isfinite(v) else str(v)))
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,1353 @@
+"""Stage 6 of the loop: targeted LoRA with a consistency loss, standard PEFT adapters, merging, ablations.
+
+`train_lora()` puts rank-r adapters on chosen language-decoder layers and trains them with cross-entropy on
+the first answer token plus a symmetric KL between a pair's two phrasings. Only what an adapter can change
+is recomputed: the residual stream entering the lowest adapted layer (vision tower included) is computed
+once per example and cached, and only the answer position is unembedded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import warnings
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from interp._errors import InterpError
+from interp._results import Result, jsonable
+from interp.consistency import last_hidden, project
+from interp.data import ParaphrasePair
+from interp.layers import DEFAULT_TARGET_MODULES, LayerSelection, layers_pattern_of, lora_config
+from interp.models import Model, Prompt, _find_layers
+
+CHECKPOINT_FORMAT = "interp.lora-checkpoint/1"
+KlSpace = Literal["yes_no", "vocab"]
+_VISION_PARTS = ("vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder", "vision")
+
+
+# ==== the loss ========================================================================================
+class LossParts(NamedTuple):
+    """One micro-batch's loss and its two terms (each already a mean over its rows)."""
+
+    total: Tensor  # ce_weight * ce + kl_weight * kl
+    ce: Tensor  # cross-entropy of the gold answer token, mean over phrasings that have one
+    kl: Tensor  # symmetric KL between the two phrasings' answer distributions, mean over pairs
+
+
+def symmetric_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """``(KL(p||q) + KL(q||p)) / 2`` between ``softmax(logits_p)`` and ``softmax(logits_q)`` over the last axis."""
+    log_p = F.log_softmax(logits_p.float(), dim=-1)
+    log_q = F.log_softmax(logits_q.float(), dim=-1)
+    # KL(p||q) + KL(q||p) = sum (p - q)(log p - log q): one pass, exactly symmetric in p and q
+    return 0.5 * ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
+
+
+def pair_loss(logits_a: Tensor, logits_b: Tensor, targets_a: Tensor, targets_b: Tensor, inverted: Tensor,
+              answer_ids: tuple[int, int], *, ce_weight: float = 1.0, kl_weight: float = 1.0,
+              kl_space: KlSpace = "yes_no") -> LossParts:
+    """The study's loss for ``[pairs, vocab]`` first-answer-token logits of phrasings a and b.
+
+    ``targets_*``: gold token ids (-100 where a pair has no gold answer). ``inverted``: ``[pairs]`` bool, True
+    where b inverts the polarity of a; b's yes/no are swapped before comparing the two distributions.
+    ``kl_space="yes_no"`` compares the 2-way (yes, no) softmax, i.e. the decision the margin measures;
+    ``"vocab"`` compares full-vocabulary distributions (yes/no columns of b swapped on inverted pairs).
+    """
+    yes, no = answer_ids
+    zero = logits_a.new_zeros((), dtype=torch.float32)
+    ce = zero
+    if ce_weight:
+        logits = torch.cat([logits_a, logits_b]).float()
+        targets = torch.cat([targets_a, targets_b]).to(logits.device)
+        n_gold = int((targets != -100).sum())
+        if n_gold:
+            ce = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / n_gold
+    kl = zero
+    if kl_weight:
+        flip = inverted.to(logits_a.device)[:, None]
+        if kl_space == "yes_no":
+            la, lb = logits_a[:, [yes, no]], logits_b[:, [yes, no]]
+            lb = torch.where(flip, lb.flip(-1), lb)
+        elif kl_space == "vocab":
+            perm = torch.arange(logits_b.shape[-1], device=logits_b.device)
+            perm[yes], perm[no] = no, yes
+            la, lb = logits_a, torch.where(flip, logits_b[:, perm], logits_b)
+        else:
+            raise InterpError(f"kl_space={kl_space!r}; use 'yes_no' or 'vocab'")
+        kl = symmetric_kl(la, lb).mean()
+    return LossParts(ce_weight * ce + kl_weight * kl, ce.detach(), kl.detach())
+
+
+def _targets(pairs: Sequence[ParaphrasePair], answer_ids: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    def tid(word: str | None) -> int:
+        return -100 if word is None else answer_ids[0 if word == "yes" else 1]
+
+    ta = torch.tensor([tid(p.answer) for p in pairs])
+    tb = torch.tensor([tid(p.answer_b) for p in pairs])
+    inverted = torch.tensor([not p.same_polarity for p in pairs])
+    return ta, tb, inverted
+
+
+def pair_metrics(margins_a: Tensor, margins_b: Tensor, pairs: Sequence[ParaphrasePair]) -> dict[str, float]:
+    """Flip rate, mean |margin difference| (polarity-corrected) and accuracy from per-phrasing margins."""
+    ma, mb = margins_a.double().cpu(), margins_b.double().cpu()
+    same = torch.tensor([p.same_polarity for p in pairs])
+    mb = torch.where(same, mb, -mb)
+    flips = ((ma > 0) != (mb > 0)).double()
+    gold = [(m, p.answer) for m, p in zip(margins_a.tolist(), pairs, strict=True)]
+    gold += [(m, p.answer_b) for m, p in zip(margins_b.tolist(), pairs, strict=True)]
+    scored = [(m > 0) == (g == "yes") for m, g in gold if g is not None]
+    return {"flip_rate": float(flips.mean()), "mean_margin_diff": float((ma - mb).abs().mean()),
+            "accuracy": float(np.mean(scored)) if scored else float("nan"), "n_eval": len(pairs)}
+
+
+# ==== dropout that depends on the example, not on the batch ========================================
+class _DropoutRows:
+    """Which example each row of the current forward pass is: a seed and a real length per row."""
+
+    def __init__(self) -> None:
+        self.seeds: list[int] | None = None
+        self.lengths: list[int] | None = None
+
+    @contextmanager
+    def rows(self, seeds: Sequence[int]):
+        self.seeds, self.lengths = list(seeds), None
+        try:
+            yield self
+        finally:
+            self.seeds = self.lengths = None
+
+
+class _RowDropout(nn.Module):
+    """LoRA dropout whose mask is drawn per row from (example seed, module), over the row's real tokens.
+
+    With it, a pair's dropout masks are the same whichever micro-batches are fused into one pass, which GPU
+    computes it and whether the run was resumed; and activation checkpointing recomputes the same masks.
+    """
+
+    def __init__(self, p: float, salt: int, ctx: _DropoutRows):
+        super().__init__()
+        self.p, self.salt, self.ctx = p, salt, ctx
+        self._generators: dict[str, torch.Generator] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        ctx = self.ctx
+        if not self.training or self.p == 0:
+            return x
+        if ctx.seeds is None or ctx.lengths is None or x.dim() < 3 or x.shape[0] != len(ctx.seeds):
+            return F.dropout(x, self.p, True)
+        gen = self._generators.get(str(x.device))
+        if gen is None:
+            gen = self._generators[str(x.device)] = torch.Generator(device=x.device)
+        keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+        for i, (seed, n) in enumerate(zip(ctx.seeds, ctx.lengths, strict=True)):
+            gen.manual_seed((seed * 1_000_003 + self.salt) % (2**63 - 1))
+            keep[i, :n] = torch.rand((n, *x.shape[2:]), generator=gen, device=x.device) >= self.p
+        return x * keep / (1 - self.p)
+
+
+@contextmanager
+def _row_dropout(model: nn.Module, ctx: _DropoutRows) -> Iterator[None]:
+    """Swap every LoRA ``nn.Dropout`` of ``model`` for a `_RowDropout` for the duration of training."""
+    from peft.tuners.lora import LoraLayer
+
+    swapped = []
+    for name, mod in _base_of(model).named_modules():
+        if isinstance(mod, LoraLayer):
+            for key, drop in list(mod.lora_dropout.items()):
+                if isinstance(drop, nn.Dropout):
+                    row = _RowDropout(drop.p, zlib.crc32(f"{name}.{key}".encode()), ctx)
+                    row.train(drop.training)
+                    mod.lora_dropout[key] = row
+                    swapped.append((mod, key, drop))
+    try:
+        yield
+    finally:
+        for mod, key, drop in swapped:
+            mod.lora_dropout[key] = drop
+
+
+def _prefetch(fn: Callable[[Any], Any], items: Sequence[Any], depth: int) -> Iterator[Any]:
+    """``map(fn, items)`` computed ``depth`` items ahead in threads (tokenising and image preprocessing
+    overlap the GPU work), holding no more than ``depth`` results at a time."""
+    with ThreadPoolExecutor(max_workers=depth) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# ==== the fast path ===================================================================================
+class _Stop(Exception):
+    """Raised by the pre-hook on the lowest adapted layer: nothing above it runs in the cached pass."""
+
+
+def _base_of(hf: nn.Module) -> nn.Module:
+    return hf.get_base_model() if hasattr(hf, "get_base_model") else hf
+
+
+def _arch_kind(text_model: nn.Module) -> str:
+    """Which decoder forward we reproduce: 'gemma3', 'llama', or 'generic' (plain forward)."""
+    name, cfg = type(text_model).__name__, getattr(text_model, "config", None)
+    if not hasattr(text_model, "rotary_emb") or not hasattr(text_model, "norm"):
+        return "generic"
+    if name == "Gemma3TextModel" and not getattr(cfg, "use_bidirectional_attention", False):
+        return "gemma3"
+    if name == "LlamaModel":
+        return "llama"
+    return "generic"
+
+
+class _Runner:
+    """First-answer-token hidden states of prompts, running only the layers an adapter can change.
+
+    ``lower`` runs the model's own forward (embeddings, vision tower, layers below ``lo``) without gradients
+    and stops at the pre-hook of layer ``lo``; its output is cached per phrasing, memory permitting.
+    ``upper`` runs layers ``lo..end`` directly with the masks and rotary embeddings the model's forward
+    would build, then the final norm on the last real token only. Unknown architectures ('generic') run
+    the plain forward of the body instead (still no logits but the answer position's).
+    """
+
+    def __init__(self, model: Model, lo: int, *, fast: bool = True, cache: bool | str = "auto",
+                 checkpoint: bool = False, dropout_rows: _DropoutRows | None = None):
+        self.model, self.lo, self.checkpoint = model, lo, checkpoint
+        self.dropout_rows = dropout_rows or _DropoutRows()
+        self.base = _base_of(model.hf)
+        self.body = self.base.model if hasattr(self.base, "model") else self.base
+        path, self.layers = _find_layers(self.base)
+        self.text_model = self.base.get_submodule(path.rsplit(".", 1)[0]) if "." in path else self.base
+        self.kind = _arch_kind(self.text_model) if fast else "generic"
+        self.vlm = self.body is not self.text_model
+        self.dedupe_images = ("mm_encoder_outputs" in inspect.signature(self.body.forward).parameters
+                              and hasattr(self.body, "get_image_features"))
+        self.store: dict[Any, tuple[Tensor, Tensor | None]] = {}
+        self.used: dict[torch.device, float] = {}
+        self.budgets = self._budgets(cache) if self.kind != "generic" else []
+
+    # -- cache policy --
+    def _budgets(self, cache: bool | str) -> list[tuple[torch.device, float]]:
+        dev = self.model.device
+        if cache is False:
+            return []
+        if cache is True:
+            return [(dev, math.inf)]
+        if cache == "cpu":
+            return [(torch.device("cpu"), math.inf)]
+        if cache != "auto":
+            raise InterpError(f"cache={cache!r}; use 'auto', True, False or 'cpu'")
+        ram = _available_ram()
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            return [(dev, 0.3 * free), (torch.device("cpu"), 0.3 * ram)]
+        return [(dev, 0.3 * ram)]
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(sum(self.used.values()))
+
+    def _keep(self, key: Any, resid: Tensor, tt: Tensor | None) -> None:
+        size = resid.numel() * resid.element_size()
+        for dev, budget in self.budgets:
+            if self.used.get(dev, 0.0) + size <= budget:
+                r = resid.to(dev, copy=True)  # a copy: a view would pin the whole padded batch in memory
+                if dev.type == "cpu" and self.model.device.type == "cuda":
+                    r = r.pin_memory()
+                self.store[key] = (r, None if tt is None else tt.to(dev, copy=True))
+                self.used[dev] = self.used.get(dev, 0.0) + size
+                return
+
+    # -- the two halves --
+    def _lower_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Any]:
+        pv = inputs.get("pixel_values")
+        if pv is None or not self.dedupe_images or pv.shape[0] < 2:
+            return inputs
+        # the two phrasings of a pair show the same image: run the vision tower once per distinct image
+        flat = pv.reshape(pv.shape[0], -1)
+        uniq: list[int] = []
+        inverse: list[int] = []
+        for i in range(flat.shape[0]):
+            j = next((k for k, u in enumerate(uniq) if torch.equal(flat[u], flat[i])), None)
+            if j is None:
+                uniq.append(i)
+                j = len(uniq) - 1
+            inverse.append(j)
+        if len(uniq) == flat.shape[0]:
+            return inputs
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        feats = self.body.get_image_features(pv[uniq], return_dict=True).pooler_output
+        per_row = feats[inverse] if isinstance(feats, Tensor) else [feats[j] for j in inverse]
+        out = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
+        return out
+
+    def lower(self, inputs: dict[str, Tensor]) -> Tensor:
+        """Residual stream entering layer ``lo``: ``[batch, pos, d_model]`` (no gradient)."""
+        captured: dict[str, Tensor] = {}
+
+        def grab(_module, args, kwargs):
+            captured["resid"] = args[0] if args else kwargs["hidden_states"]
+            raise _Stop
+
+        handle = self.layers[self.lo].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.body(**self._lower_inputs(inputs), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "resid" not in captured:
+            raise InterpError(f"layer {self.lo} of {type(self.base).__name__} was never called in the forward pass")
+        return captured["resid"]
+
+    def _masks(self, resid: Tensor, attn: Tensor, token_type: Tensor | None, position_ids: Tensor) -> Any:
+        from transformers import masking_utils as mu
+
+        if self.kind == "llama":
+            return mu.create_causal_mask(config=self.text_model.config, inputs_embeds=resid, attention_mask=attn,
+                                         past_key_values=None, position_ids=position_ids)
+        if self.vlm:  # Gemma3Model.forward: position_ids stay None for the masks
+            from transformers.models.gemma3 import modeling_gemma3 as g3
+
+            kw = dict(config=self.base.config.get_text_config(), inputs_embeds=resid, attention_mask=attn,
+                      past_key_values=None, position_ids=None)
+            if token_type is not None:
+                blocks = g3.get_block_sequence_ids_for_mask(token_type, device=resid.device)
+                return g3.create_masks_for_vision_model(block_sequence_ids=blocks, **kw)
+            return mu.create_masks_for_generate(**kw)
+        kw = dict(config=self.text_model.config, inputs_embeds=resid, attention_mask=attn, past_key_values=None,
+                  position_ids=position_ids)  # Gemma3TextModel.forward (text-only Gemma 3)
+        return {"full_attention": mu.create_causal_mask(**kw),
+                "sliding_attention": mu.create_sliding_window_causal_mask(**kw)}
+
+    def upper(self, resid: Tensor, lengths: Tensor, token_type: Tensor | None = None) -> Tensor:
+        """Layers ``lo..end`` on right-padded ``resid [batch, pos, d]``; final-norm state at each last token."""
+        batch, width = resid.shape[:2]
+        dev = resid.device
+        attn = (torch.arange(width, device=dev)[None, :] < lengths.to(dev)[:, None]).long()
+        position_ids = torch.arange(width, device=dev)[None, :]
+        masks = self._masks(resid, attn, token_type, position_ids)
+        tm, hidden = self.text_model, resid
+        if self.kind == "gemma3":
+            types = tm.config.layer_types
+            rope = {t: tm.rotary_emb(resid, position_ids, t) for t in set(types[self.lo:])}
+            kwargs = [dict(attention_mask=masks[types[i]], position_embeddings=rope[types[i]],
+                           position_ids=position_ids, past_key_values=None) for i in range(len(self.layers))]
+        else:
+            rope = tm.rotary_emb(resid, position_ids=position_ids)
+            kwargs = [dict(attention_mask=masks, position_embeddings=rope, position_ids=position_ids,
+                           past_key_values=None, use_cache=False)] * len(self.layers)
+        ckpt = self.checkpoint and torch.is_grad_enabled()
+        for i in range(self.lo, len(self.layers)):
+            if ckpt:  # keep only each layer's input; recompute the layer in the backward pass
+                hidden = torch.utils.checkpoint.checkpoint(self.layers[i], hidden, use_reentrant=False,
+                                                           preserve_rng_state=False, **kwargs[i])
+            else:
+                hidden = self.layers[i](hidden, **kwargs[i])
+        last = hidden[torch.arange(batch, device=dev), lengths.to(dev) - 1]
+        return tm.norm(last)
+
+    # -- what training and evaluation call --
+    def hidden(self, keys: Sequence[Any], prompts: Sequence[Prompt]) -> Tensor:
+        """``[len(prompts), d_model]`` final-norm states at the first answer token (differentiable)."""
+        if self.kind == "generic":
+            batch = self.model.encode(list(prompts))
+            self.dropout_rows.lengths = batch.lengths.tolist()
+            return last_hidden(self.model, batch)
+        rows: dict[int, tuple[Tensor, Tensor | None]] = {i: self.store[k] for i, k in enumerate(keys)
+                                                         if k in self.store}
+        missing = [i for i in range(len(keys)) if i not in rows]
+        if missing:  # not cached (yet, or no room): the lower part for these rows, now
+            for i, entry in zip(missing, self._lower_rows(self.model.encode([prompts[i] for i in missing])),
+                                strict=True):
+                rows[i] = entry
+                self._keep(keys[i], *entry)
+        dev = self.model.device
+        lengths = torch.tensor([rows[i][0].shape[0] for i in range(len(keys))])
+        self.dropout_rows.lengths = lengths.tolist()
+        first = rows[0][0]
+        padded = first.new_zeros((len(keys), int(lengths.max()), first.shape[-1]), device=dev)
+        any_tt = any(rows[i][1] is not None for i in range(len(keys)))
+        token_type = torch.zeros(padded.shape[:2], dtype=torch.long, device=dev) if any_tt else None
+        for i in range(len(keys)):
+            r, tt = rows[i]
+            padded[i, :r.shape[0]] = r.to(dev, non_blocking=True)
+            if tt is not None:
+                token_type[i, :tt.shape[0]] = tt.to(dev, non_blocking=True)
+        return self.upper(padded, lengths, token_type)
+
+    def _lower_rows(self, batch) -> list[tuple[Tensor, Tensor | None]]:
+        resid = self.lower(batch.inputs)
+        tts = batch.inputs.get("token_type_ids")
+        return [(resid[j, :n], None if tts is None else tts[j, :n]) for j, n in enumerate(batch.lengths.tolist())]
+
+    def prefill(self, items: Sequence[tuple[Any, Prompt]], *, rows_per_pass: int, progress: bool = False) -> None:
+        """Cache the residual stream entering layer ``lo`` for every row, a few examples per forward pass
+        (keep an example's phrasings adjacent so that its image is encoded once), until the budget is full."""
+        todo = [(k, p) for k, p in items if k not in self.store]
+        if self.kind == "generic" or not self.budgets or not todo:
+            return
+        chunks = [todo[i:i + rows_per_pass] for i in range(0, len(todo), rows_per_pass)]
+        # preprocessing (tokeniser, 896 px image resizing) is CPU work: several chunks are encoded at once
+        depth = min(8, max(2, (os.cpu_count() or 2) // 2))
+        encoded = _prefetch(lambda chunk: self.model.encode([p for _, p in chunk]), chunks, depth=depth)
+        bar = tqdm(total=len(todo), desc=f"caching layer {self.lo} inputs", unit="row", disable=not progress,
+                   leave=False)
+        for chunk, batch in zip(chunks, encoded, strict=True):
+            before = len(self.store)
+            for (key, _), entry in zip(chunk, self._lower_rows(batch), strict=True):
+                self._keep(key, *entry)
+            bar.update(len(chunk))
+            if len(self.store) - before < len(chunk):
+                break  # out of room: the remaining rows are computed when they are needed
+        encoded.close()
+        bar.close()
+
+    def check(self, prompts: Sequence[Prompt]) -> float:
+        """Relative max difference between the fast path and the plain forward on ``prompts`` (0 if generic)."""
+        if self.kind == "generic":
+            return 0.0
+        with torch.no_grad():
+            batch = self.model.encode(list(prompts))
+            ref = last_hidden(self.model, batch).float()
+            fast = self.upper(self.lower(batch.inputs), batch.lengths, batch.inputs.get("token_type_ids")).float()
+        return float((fast - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def _available_ram() -> float:
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8e9
+
+
+# ==== results =========================================================================================
+@dataclass(frozen=True)
+class EpochStats(Result):
+    """Training loss of one epoch and the held-out consistency after it (epoch 0: before training)."""
+
+    epoch: float  # completed epochs (fractional when max_steps stopped a run mid-epoch)
+    step: int  # optimizer steps so far
+    loss: float | None  # mean training loss over the epoch's micro-batches (None for epoch 0)
+    ce: float | None
+    kl: float | None
+    flip_rate: float  # held-out, polarity-corrected sign disagreement between phrasings
+    accuracy: float  # held-out first-token accuracy over phrasings with a gold answer
+    mean_margin_diff: float  # held-out mean |margin_a - corrected margin_b| (logits)
+    n_eval: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class TrainResult(Result):
+    """A trained adapter: where it is, what it touches, and how training and held-out consistency went."""
+
+    adapter_path: Path  # a standard PEFT folder: PeftModel.from_pretrained(base, adapter_path)
+    layers: tuple[int, ...]
+    history: tuple[EpochStats, ...]
+    n_train: int
+    n_eval: int
+    trainable_params: int
+    steps: int
+    fast_path: str  # 'gemma3', 'llama' or 'generic'
+    cache_bytes: int  # residual-stream cache held at the end (0: not cached)
+    output_dir: Path
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> EpochStats:
+        return self.history[-1]
+
+    @property
+    def table(self):
+        """The history as a pandas DataFrame, one row per epoch."""
+        import pandas as pd
+
+        return pd.DataFrame([h.to_dict() for h in self.history])
+
+    def load(self, model: Model) -> Model:
+        """This adapter on ``model`` (see `load_adapter`)."""
+        return load_adapter(model, self.adapter_path)
+
+    def figure(self):
+        """Training loss and held-out flip rate, accuracy and margin difference per epoch."""
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=4, subplot_titles=("training loss", "flip rate", "first-token accuracy",
+                                                            "mean |margin diff|"))
+        ep = [h.epoch for h in self.history]
+        series = [[h.loss for h in self.history], [h.flip_rate for h in self.history],
+                  [h.accuracy for h in self.history], [h.mean_margin_diff for h in self.history]]
+        for col, ys in enumerate(series, start=1):
+            fig.add_scatter(x=ep, y=ys, mode="lines+markers", showlegend=False, row=1, col=col)
+            fig.update_xaxes(title_text="epoch", row=1, col=col)
+        for col in (2, 3):
+            fig.update_yaxes(tickformat=".0%", row=1, col=col)
+        fig.update_layout(title=f"LoRA on layers {_span(self.layers)} ({self.trainable_params:,} params, "
+                                f"{self.n_train} train / {self.n_eval} held-out pairs)", height=320, width=1200)
+        return fig
+
+    def __repr__(self) -> str:
+        h0, h1 = self.history[0], self.history[-1]
+        return (f"TrainResult(layers {_span(self.layers)}, {self.steps} steps, {self.trainable_params:,} params, "
+                f"flip {h0.flip_rate:.1%} -> {h1.flip_rate:.1%}, acc {h0.accuracy:.1%} -> {h1.accuracy:.1%}, "
+                f"margin diff {h0.mean_margin_diff:.2f} -> {h1.mean_margin_diff:.2f}, "
+                f"adapter='{self.adapter_path}')")
+
+
+def _span(layers: Sequence[int]) -> str:
+    layers = list(layers)
+    if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1:
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+# ==== data ============================================================================================
+def _check_pairs(pairs: Any, name: str = "pairs") -> list[ParaphrasePair]:
+    pairs = list(pairs)
+    if not pairs:
+        raise InterpError(f"{name} is empty: pass at least one ParaphrasePair (e.g. interp.data.builtin('register'))")
+    bad = [type(p).__name__ for p in pairs if not isinstance(p, ParaphrasePair)]
+    if bad:
+        raise InterpError(f"{name} must hold ParaphrasePair objects, got {bad[0]}; see interp.data.load_pairs")
+    return pairs
+
+
+def split_holdout(pairs: Sequence[ParaphrasePair], fraction: float, seed: int = 0
+                  ) -> tuple[list[ParaphrasePair], list[ParaphrasePair]]:
+    """(train, held-out): a seeded split by question group, so no question sits on both sides."""
+    if not 0 < fraction < 1:
+        raise InterpError(f"holdout fraction {fraction} must be between 0 and 1 (e.g. 0.1)")
+    groups = sorted({p.group or p.id for p in pairs})
+    if len(groups) < 2:
+        raise InterpError(f"cannot hold out a fraction of {len(groups)} question group; pass eval_pairs explicitly")
+    order = np.random.default_rng(seed).permutation(len(groups))
+    n_eval = min(len(groups) - 1, max(1, round(fraction * len(groups))))
+    held = {groups[i] for i in order[:n_eval]}
+    return [p for p in pairs if (p.group or p.id) not in held], [p for p in pairs if (p.group or p.id) in held]
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _micro_seed(seed: int, epoch: int, index: int) -> int:
+    """Per-micro-batch seed: dropout masks depend on the example, not on which GPU or run computes it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+# ==== checkpoints (safetensors + JSON, written atomically) ============================================
+@contextmanager
+def _atomic_dir(target: Path):
+    """Yield a temp folder beside ``target``; on success it replaces ``target`` in one rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(jsonable(obj), indent=1))
+    os.replace(tmp, path)
+
+
+def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    py = random.getstate()
+    return tensors, {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], int(np_state[2]),
+                                                                      int(np_state[3]), float(np_state[4])]}
+
+
+def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+
+
+def _save_checkpoint(folder: Path, peft_model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     state: dict[str, Any]) -> None:
+    with _atomic_dir(folder) as tmp:
+        peft_model.save_pretrained(tmp / "adapter")
+        opt = optimizer.state_dict()
+        tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items()
+                   for k, v in s.items() if isinstance(v, Tensor)}
+        save_file(tensors or {"empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
+        rng_tensors, rng_meta = _rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        _write_json(tmp / "state.json", {**state, "format": CHECKPOINT_FORMAT, "param_groups": opt["param_groups"],
+                                         "scheduler": sched, "rng": rng_meta})
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    found = []
+    for d in (output_dir / "checkpoints").glob("step-*"):
+        try:
+            state = json.loads((d / "state.json").read_text())
+        except (OSError, ValueError):
+            continue  # a half-written or foreign folder: ignore it
+        if state.get("format") == CHECKPOINT_FORMAT:
+            found.append((int(state["global_step"]), d))
+    return max(found)[1] if found else None
+
+
+def _load_checkpoint(folder: Path, peft_model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+                     ) -> dict[str, Any]:
+    from peft import set_peft_model_state_dict
+
+    state = json.loads((folder / "state.json").read_text())
+    set_peft_model_state_dict(peft_model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+    flat = load_file(str(folder / "optimizer.safetensors"))
+    opt_state: dict[int, dict[str, Tensor]] = {}
+    for key, value in flat.items():
+        if key == "empty":
+            continue
+        _, i, name = key.split(".", 2)
+        opt_state.setdefault(int(i), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state["param_groups"]]
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+    _set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"])
+    return state
+
+
+# ==== distributed (accelerate / torch.distributed) ====================================================
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group through accelerate under ``accelerate launch``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()  # accelerate launch / torchrun: NCCL on GPUs, one device per process
+        if state.num_processes > 1:
+            return state.process_index, state.num_processes
+        if not dist.is_initialized():  # torchrun on CPUs without an accelerate config: join the group ourselves
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(tensors: list[Tensor], world: int) -> None:
+    if world == 1 or not tensors:
+        return
+    import torch.distributed as dist
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flat = torch.cat([t.reshape(-1).to(dev, torch.float32) for t in tensors])  # one collective for all of them
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+# ==== training ========================================================================================
+def _resolve_layers(model: Model, layers: Any) -> list[int]:
+    if isinstance(layers, LayerSelection) and layers.n_layers != model.n_layers:
+        raise InterpError(f"the LayerSelection {_span(layers.layers)} is for a {layers.n_layers}-layer model but "
+                          f"'{model.name}' has {model.n_layers}; use selection.to_depth({model.n_layers})")
+    return model.check_layers(layers)
+
+
+def _peft_wrap(model: Model, layers: list[int], *, r: int, alpha: int, dropout: float, target_modules: Any,
+               seed: int) -> Model:
+    from peft import get_peft_model
+
+    if hasattr(model.hf, "peft_config"):
+        raise InterpError(f"'{model.name}' already carries a PEFT adapter; train on the base model (or merge() "
+                          "the adapter first)")
+    cfg = lora_config(layers, layers_pattern=layers_pattern_of(model.layers_path), r=r, alpha=alpha,
+                      dropout=dropout, target_modules=target_modules)
+    with torch.random.fork_rng(devices=_rng_devices(model)):
+        torch.manual_seed(seed)  # LoRA A matrices start from the same draw on every run and every GPU
+        peft = get_peft_model(model.hf, cfg)
+    peft.eval()  # new LoRA dropout modules start in training mode; training switches them on itself
+    wrapped = _rewrap(model, peft)
+    report = adapter_report(wrapped)
+    if report.vision_modules or report.other_modules or sorted(report.language_layers) != layers:
+        peft.unload()
+        raise InterpError(f"adapters landed on {report.modules[:3]}... instead of only language layers {layers}; "
+                          f"check target_modules={list(target_modules)}")
+    return wrapped
+
+
+def _rewrap(model: Model, hf: nn.Module, name: str | None = None) -> Model:
+    return Model(hf=hf, tokenizer=model.tokenizer, processor=model.processor, name=name or model.name,
+                 chat=model.chat, answer_words=model.answer_words, source=model.source)
+
+
+def _rng_devices(model: Model) -> list[int]:
+    return [model.device.index or 0] if model.device.type == "cuda" else []
+
+
+def _as_4bit(model: Model) -> Model:
+    """QLoRA: the base in 4-bit NF4 (bitsandbytes), reloaded from its source, ready for k-bit training."""
+    if not torch.cuda.is_available() or model.device.type != "cuda":
+        raise InterpError("qlora=True needs a CUDA GPU: 4-bit NF4 quantisation (bitsandbytes) has no CPU kernels "
+                          "here. On the CPU train a plain LoRA (qlora=False); on a GPU machine load the model "
+                          "there (interp.load(..., device='cuda')).")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise InterpError("qlora=True needs bitsandbytes: pip install 'interp[gpu]' (bitsandbytes>=0.45)") from e
+    from peft import prepare_model_for_kbit_training
+
+    if not _is_4bit(model.hf):
+        src = model.source
+        if not src or src in ("tiny-medgemma", "tiny-llava") or not (Path(src).is_dir() or src.count("/") == 1):
+            raise InterpError(f"qlora=True reloads the model in 4-bit from its hub id or folder, but '{model.name}' "
+                              f"came from {src!r}; load it with BitsAndBytesConfig yourself and Model.wrap() it")
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForImageTextToText,
+            BitsAndBytesConfig,
+        )
+
+        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+        cfg = AutoConfig.from_pretrained(src)
+        cls = AutoModelForImageTextToText if getattr(cfg, "vision_config", None) is not None else AutoModelForCausalLM
+        hf = cls.from_pretrained(src, quantization_config=qcfg, dtype=torch.bfloat16,
+                                 device_map={"": model.device.index or 0})
+        model = _rewrap(model, hf, name=f"{model.name} (4-bit)")
+    prepare_model_for_kbit_training(model.hf, use_gradient_checkpointing=False)
+    return model
+
+
+def _is_4bit(hf: nn.Module) -> bool:
+    base = _base_of(hf)
+    if getattr(base, "is_loaded_in_4bit", False):
+        return True
+    qc = getattr(getattr(base, "config", None), "quantization_config", None)
+    if qc is not None and (getattr(qc, "load_in_4bit", False) or (isinstance(qc, dict) and qc.get("load_in_4bit"))):
+        return True
+    return any(type(m).__name__ == "Linear4bit" for m in base.modules())
+
+
+class _Trainer:
+    """The state of one training run (shared by `train_lora` and the benchmark)."""
+
+    def __init__(self, model: Model, lo: int, cfg: dict[str, Any], *, fast: bool, cache: Any,
+                 fuse_tokens: int = 0, checkpoint: bool = False):
+        self.model, self.cfg, self.fuse_tokens = model, cfg, fuse_tokens
+        self.dropout_rows = _DropoutRows()
+        self.runner = _Runner(model, lo, fast=fast, cache=cache, checkpoint=checkpoint,
+                              dropout_rows=self.dropout_rows)
+        self.answer_ids = model.answer_ids
+        self.params = [p for p in model.hf.parameters() if p.requires_grad]
+
+    def _logits(self, pairs: Sequence[ParaphrasePair], keys: Sequence[Any]) -> Tensor:
+        prompts = [p.prompt_a() for p in pairs] + [p.prompt_b() for p in pairs]
+        row_keys = [(k, "a") for k in keys] + [(k, "b") for k in keys]  # (example, phrasing)
+        return project(self.model, self.runner.hidden(row_keys, prompts)).float()  # [2k, vocab]
+
+    def _pair_loss(self, pairs: Sequence[ParaphrasePair], la: Tensor, lb: Tensor) -> LossParts:
+        ta, tb, inverted = _targets(pairs, self.answer_ids)
+        return pair_loss(la, lb, ta, tb, inverted, self.answer_ids, ce_weight=self.cfg["ce_weight"],
+                         kl_weight=self.cfg["kl_weight"], kl_space=self.cfg["kl_space"])
+
+    def loss(self, pairs: Sequence[ParaphrasePair], keys: Sequence[Any]) -> LossParts:
+        """The loss of one micro-batch of pairs (``keys``: a cache key per pair)."""
+        logits, n = self._logits(pairs, keys), len(pairs)
+        return self._pair_loss(pairs, logits[:n], logits[n:])
+
+    def _tokens(self, key: Any) -> int:
+        entry = self.runner.store.get(key)
+        return entry[0].shape[0] if entry is not None else 1 << 30  # unknown length: never fused
+
+    def backward_group(self, micro: Sequence[tuple[Sequence[ParaphrasePair], Sequence[Any], Sequence[int]]],
+                       group_size: int) -> list[LossParts]:
+        """Forward and backward of micro-batches ``(pairs, keys, seeds)`` of one accumulation group.
+
+        Micro-batches are fused into passes of at most ``fuse_tokens`` (padded) tokens; each one's loss is
+        divided by ``group_size`` exactly as gradient accumulation does, so fusing changes no gradient (up
+        to float rounding) and no dropout mask (they are drawn per example).
+        """
+        chunks: list[list[int]] = []
+        width = rows = 0
+        for j, (pairs, keys, _) in enumerate(micro):
+            longest = max(self._tokens((k, side)) for k in keys for side in ("a", "b"))
+            new_rows, new_width = rows + 2 * len(pairs), max(width, longest)
+            if chunks and new_rows * new_width <= self.fuse_tokens:
+                chunks[-1].append(j)
+                rows, width = new_rows, new_width
+            else:
+                chunks.append([j])
+                rows, width = 2 * len(pairs), longest
+        parts: list[LossParts] = []
+        for chunk in chunks:
+            pairs = [p for j in chunk for p in micro[j][0]]
+            keys = [k for j in chunk for k in micro[j][1]]
+            seeds = [s for j in chunk for s in micro[j][2]]
+            with self.dropout_rows.rows([2 * s for s in seeds] + [2 * s + 1 for s in seeds]):
+                logits, n = self._logits(pairs, keys), len(pairs)
+                total, start = logits.new_zeros(()), 0
+                for j in chunk:
+                    k = len(micro[j][0])
+                    part = self._pair_loss(micro[j][0], logits[start:start + k], logits[n + start:n + start + k])
+                    total, start = total + part.total / group_size, start + k
+                    parts.append(part)
+                total.backward()  # inside the context: checkpointed layers redraw the same dropout masks
+        return parts
+
+    @torch.no_grad()
+    def margins(self, pairs: Sequence[ParaphrasePair], prefix: str, batch_rows: int, progress: bool = False
+                ) -> tuple[Tensor, Tensor]:
+        prompts = [q for p in pairs for q in (p.prompt_a(), p.prompt_b())]
+        keys = [((prefix, i), side) for i in range(len(pairs)) for side in ("a", "b")]
+        out = torch.empty(len(prompts))
+        ids = list(self.answer_ids)
+        step = max(2, batch_rows - batch_rows % 2)  # whole pairs per slice
+        for s in tqdm(range(0, len(prompts), step), desc="held-out", disable=not progress, leave=False):
+            sl = slice(s, s + step)
+            logits = project(self.model, self.runner.hidden(keys[sl], prompts[sl]), ids).float().cpu()
+            out[sl] = logits[:, 0] - logits[:, 1]
+        return out[0::2], out[1::2]
+
+
+def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r: int = 16, alpha: int = 32,
+               dropout: float = 0.05, lr: float = 2e-4, epochs: int = 3, batch_size: int = 1, grad_accum: int = 8,
+               ce_weight: float = 1.0, kl_weight: float = 1.0, kl_space: KlSpace = "yes_no",
+               target_modules: Iterable[str] = DEFAULT_TARGET_MODULES,
+               eval_pairs: Sequence[ParaphrasePair] | float | None = 0.1, seed: int = 0,
+               output_dir: str | os.PathLike = "lora_run", resume: bool = True, max_steps: int | None = None,
+               warmup_ratio: float = 0.0, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+               qlora: bool = False, fast_path: bool = True, cache: bool | str = "auto",
+               fuse_tokens: int | None = None, checkpointing: bool | None = None,
+               eval_batch_size: int | None = None, progress: bool = True) -> TrainResult:
+    """Train a LoRA on ``layers`` with CE on the first answer token + symmetric KL between phrasings.
+
+    Defaults are the study's (r=16, alpha=32, dropout 0.05, q/k/v/o/gate/up/down, lr 2e-4, 1 pair x 8
+    accumulation steps, 3 epochs, linear decay). ``layers``: a `LayerSelection`, ints, or ``"all"``.
+    ``ce_weight=0`` is pure consistency training (it collapses to a constant answer). ``eval_pairs``: held-out
+    pairs, or a fraction of ``pairs`` to hold out (by question group), or None for no held-out metrics.
+    ``kl_space``: ``"yes_no"`` (default) compares the 2-way yes/no distributions, i.e. the decision whose
+    flips we count, and lets inverted-polarity pairs be compared by swapping yes/no; ``"vocab"`` compares
+    full-vocabulary distributions. Each epoch ends with a checkpoint in ``output_dir/checkpoints``; with
+    ``resume=True`` a rerun continues from the last one. The adapter (standard PEFT) goes to
+    ``output_dir/adapter``; ``model`` itself is left without adapters (load it with `load_adapter`).
+
+    Speed (none of it changes the gradient beyond float rounding): the residual stream entering the lowest
+    adapted layer is cached once per example (``cache``: "auto" = GPU, then CPU memory, as room allows;
+    True, False, "cpu"); the micro-batches of one accumulation group are fused into forward passes of at
+    most ``fuse_tokens`` padded tokens (default 8192 on a GPU, 2048 on the CPU; 0 = one micro-batch per
+    pass), and ``checkpointing`` (default: on a GPU) recomputes each adapted-stack layer in the backward
+    pass so that fusing costs no extra memory. LoRA dropout masks are drawn per example, so fusing, the
+    number of GPUs and resuming leave them unchanged. ``fast_path=False`` trains with the plain forward.
+    Under ``accelerate launch`` (or torchrun) each process takes its share of every accumulation group and
+    the LoRA gradients are summed across processes (DDP): same result as one GPU up to reduction order.
+    """
+    pairs = _check_pairs(pairs)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum), ("r", r)):
+        if int(value) < 1:
+            raise InterpError(f"{name}={value} must be a positive integer")
+    if ce_weight < 0 or kl_weight < 0 or ce_weight + kl_weight == 0:
+        raise InterpError(f"ce_weight={ce_weight}, kl_weight={kl_weight}: both >= 0 and not both 0")
+    if kl_space not in ("yes_no", "vocab"):
+        raise InterpError(f"kl_space={kl_space!r}; use 'yes_no' or 'vocab'")
+    layer_list = _resolve_layers(model, layers)
+    if isinstance(eval_pairs, float):
+        train, held = split_holdout(pairs, eval_pairs, seed)
+    else:
+        train, held = pairs, ([] if eval_pairs is None else _check_pairs(eval_pairs, "eval_pairs"))
+    rank, world = _distributed()
+    if grad_accum % world:
+        raise InterpError(f"grad_accum={grad_accum} must be a multiple of the {world} processes so that every "
+                          "optimizer step sees the same examples as on one GPU")
+    output_dir = Path(output_dir)
+    cfg = dict(layers=layer_list, r=r, alpha=alpha, dropout=dropout, lr=lr, epochs=epochs, batch_size=batch_size,
+               grad_accum=grad_accum, ce_weight=ce_weight, kl_weight=kl_weight, kl_space=kl_space,
+               target_modules=list(target_modules), seed=seed, warmup_ratio=warmup_ratio,
+               weight_decay=weight_decay, max_grad_norm=max_grad_norm, qlora=qlora,
+               train_digest=_digest([p.to_dict() for p in train]), eval_digest=_digest([p.to_dict() for p in held]),
+               model=model.name, model_fingerprint=model.fingerprint)
+    if qlora:
+        model = _as_4bit(model)
+
+    peft_model = _peft_wrap(model, layer_list, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                            seed=seed)
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(model)):
+            return _train(peft_model, train, held, cfg, output_dir=output_dir, resume=resume, max_steps=max_steps,
+                          fast=fast_path, cache=cache, fuse_tokens=fuse_tokens, checkpointing=checkpointing,
+                          eval_batch_size=eval_batch_size, progress=progress,
+                          rank=rank, world=world)
+    finally:
+        peft_model.hf.unload()  # leaves the caller's model exactly as it came in
+        model.hf.eval()
+
+
+def _train(pm: Model, train: list[ParaphrasePair], held: list[ParaphrasePair], cfg: dict[str, Any], *,
+           output_dir: Path, resume: bool, max_steps: int | None, fast: bool, cache: Any,
+           fuse_tokens: int | None, checkpointing: bool | None, eval_batch_size: int | None, progress: bool,
+           rank: int, world: int) -> TrainResult:
+    from transformers import get_linear_schedule_with_warmup
+
+    layers, seed = cfg["layers"], cfg["seed"]
+    cuda = pm.device.type == "cuda"
+    fuse = (8192 if cuda else 2048) if fuse_tokens is None else int(fuse_tokens)
+    ckpt = cuda if checkpointing is None else bool(checkpointing)
+    trainer = _Trainer(pm, layers[0], cfg, fast=fast, cache=cache, fuse_tokens=fuse, checkpoint=ckpt)
+    if trainer.runner.kind != "generic":
+        # guard against a transformers release whose decoder forward we no longer reproduce exactly
+        try:
+            err = trainer.runner.check([train[0].prompt_a(), train[0].prompt_b()])
+            problem = f"differs from the plain forward by {err:.2e} (relative)" \
+                if err > (1e-3 if pm.dtype == torch.float32 else 5e-2) else None
+        except Exception as e:  # noqa: BLE001 - any failure means: use the plain forward
+            problem = f"failed ({type(e).__name__}: {e})"
+        if problem:
+            warnings.warn(f"the {trainer.runner.kind} fast path {problem} on '{pm.name}'; training with the plain "
+                          "forward instead", stacklevel=3)
+            trainer = _Trainer(pm, layers[0], cfg, fast=False, cache=False)
+    # the residual stream entering layer lo: computed once per example, before any training
+    items = [((("train", i), side), p.prompt_a() if side == "a" else p.prompt_b())
+             for i, p in enumerate(train) for side in ("a", "b")]
+    items += [((("eval", i), side), p.prompt_a() if side == "a" else p.prompt_b())
+              for i, p in enumerate(held) for side in ("a", "b")]
+    trainer.runner.prefill(items, rows_per_pass=8, progress=progress and rank == 0)
+    optimizer = torch.optim.AdamW(trainer.params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    bs, ga = cfg["batch_size"], cfg["grad_accum"]
+    n_micro = math.ceil(len(train) / bs)
+    steps_per_epoch = math.ceil(n_micro / ga)
+    total_steps = steps_per_epoch * cfg["epochs"]
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg["warmup_ratio"] * total_steps), total_steps)
+    eval_rows = eval_batch_size or (32 if pm.device.type == "cuda" else 16)
+
+    def evaluate_now(epoch: float, step: int, loss: list[float] | None) -> EpochStats:
+        pm.hf.eval()
+        if held:
+            ma, mb = trainer.margins(held, "eval", eval_rows, progress=progress and rank == 0)
+            m = pair_metrics(ma, mb, held)
+        else:
+            m = {"flip_rate": float("nan"), "accuracy": float("nan"), "mean_margin_diff": float("nan"), "n_eval": 0}
+        mean = (lambda i: loss[i] / max(loss[3], 1)) if loss else (lambda i: None)
+        return EpochStats(epoch=epoch, step=step, loss=mean(0), ce=mean(1), kl=mean(2), lr=scheduler.get_last_lr()[0],
+                          **m)
+
+    def train_mode() -> None:
+        pm.hf.eval()  # the cached lower part was computed in eval mode; only the adapted layers train
+        for i in range(layers[0], len(trainer.runner.layers)):
+            trainer.runner.layers[i].train()
+
+    ckpt_root = output_dir / "checkpoints"
+    history: list[EpochStats] = []
+    epoch0, step_in_epoch, global_step = 0, 0, 0
+    resumed_sums = [0.0, 0.0, 0.0, 0.0]
+    latest = _latest_checkpoint(output_dir) if resume else None
+    if latest is not None:
+        saved = json.loads((latest / "state.json").read_text())
+        diff = {k: (saved["config"].get(k), v) for k, v in jsonable(cfg).items() if saved["config"].get(k) != v}
+        if diff:
+            key, (old, new) = next(iter(diff.items()))
+            raise InterpError(f"output_dir '{output_dir}' holds a run with other settings ({key}: {old!r} there, "
+                              f"{new!r} now); pass resume=False to start over, or use another output_dir")
+        saved = _load_checkpoint(latest, pm.hf, optimizer, scheduler)
+        history = [EpochStats(**h) for h in saved["history"]]
+        epoch0, step_in_epoch, global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
+        if rank == 0 and step_in_epoch:  # resumed mid-epoch: the epoch's loss so far (all processes)
+            resumed_sums = list(saved["epoch_sums"])
+    elif rank == 0 and ckpt_root.exists():
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # stale checkpoints must not be resumed by a later run
+    _barrier(world)
+    if not history:
+        history.append(evaluate_now(0, 0, None))
+
+    with _row_dropout(pm.hf, trainer.dropout_rows):  # dropout masks drawn per example
+        bar = tqdm(total=total_steps, initial=global_step, desc=f"lora {_span(layers)}", unit="step",
+                   disable=not progress or rank != 0)
+        for epoch in range(epoch0, cfg["epochs"]):
+            if max_steps is not None and global_step >= max_steps:
+                break
+            order = np.random.default_rng([seed, epoch]).permutation(len(train)).tolist()
+            micro = [order[i:i + bs] for i in range(0, len(order), bs)]
+            sums = resumed_sums if epoch == epoch0 else [0.0, 0.0, 0.0, 0.0]  # loss, ce, kl, micro-batches
+            train_mode()
+            stopped = False
+            for s in range(step_in_epoch if epoch == epoch0 else 0, steps_per_epoch):
+                group = list(range(s * ga, min((s + 1) * ga, n_micro)))
+                for p in trainer.params:
+                    p.grad = None
+                mine = [micro[mi] for k, mi in enumerate(group) if k % world == rank]  # this process's share
+                torch.manual_seed(_micro_seed(seed, epoch, -1 - s))
+                parts = trainer.backward_group([([train[i] for i in idx], [("train", i) for i in idx],
+                                                 [_micro_seed(seed, epoch, i) for i in idx]) for idx in mine], len(group))
+                if parts:
+                    totals = torch.stack([torch.stack([q.total.detach(), q.ce, q.kl]) for q in parts]).sum(0)
+                    for j, v in enumerate(totals.tolist()):  # one device sync per optimizer step
+                        sums[j] += v
+                    sums[3] += len(parts)
+                for p in trainer.params:
+                    if p.grad is None:  # a process with no micro-batch this step still joins the reduction
+                        p.grad = torch.zeros_like(p)
+                _all_reduce_sum([p.grad for p in trainer.params], world)
+                if cfg["max_grad_norm"]:
+                    torch.nn.utils.clip_grad_norm_(trainer.params, cfg["max_grad_norm"])
+                optimizer.step()
+                scheduler.step()
+                global_step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums[0] / max(sums[3], 1):.3f}")
+                if max_steps is not None and global_step >= max_steps and s + 1 < steps_per_epoch:
+                    stopped, step_in_epoch = True, s + 1
+                    break
+            totals = torch.tensor(sums, dtype=torch.float64)
+            _all_reduce_sum([totals], world)
+            done = epoch + 1 if not stopped else epoch + step_in_epoch / steps_per_epoch
+            history.append(evaluate_now(round(done, 4), global_step, totals.tolist()))
+            if rank == 0:
+                _save_checkpoint(ckpt_root / f"step-{global_step:06d}", pm.hf, optimizer, scheduler,
+                                 {"config": cfg, "epoch": epoch if stopped else epoch + 1,
+                                  "step_in_epoch": step_in_epoch if stopped else 0, "global_step": global_step,
+                                  "history": [h.to_dict() for h in history], "epoch_sums": totals.tolist()})
+            if stopped:
+                break
+        bar.close()
+    pm.hf.eval()
+    adapter_dir = output_dir / "adapter"
+    if rank == 0:
+        with _atomic_dir(adapter_dir) as tmp:
+            pm.hf.save_pretrained(tmp)
+    result = TrainResult(adapter_path=adapter_dir, layers=tuple(layers), history=tuple(history), n_train=len(train),
+                         n_eval=len(held), trainable_params=sum(p.numel() for p in trainer.params), steps=global_step,
+                         fast_path=trainer.runner.kind, cache_bytes=trainer.runner.cache_bytes,
+                         output_dir=output_dir, config=cfg)
+    if rank == 0:
+        result.to_json(output_dir / "result.json")
+    _barrier(world)
+    return result
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ==== adapters: report, load, merge ===================================================================
+@dataclass(frozen=True)
+class AdapterReport(Result):
+    """Exactly which modules carry LoRA adapters, split into language layers, vision tower and the rest."""
+
+    modules: tuple[str, ...]  # every adapted module, named as in the base model
+    language_layers: tuple[int, ...]  # decoder layers with at least one adapted module
+    vision_modules: tuple[str, ...]  # adapted modules inside a vision tower (the cxr-auditor case)
+    other_modules: tuple[str, ...]  # adapted modules in neither (projector, lm_head, ...)
+    adapter_params: int
+    configs: dict[str, Any] = field(default_factory=dict)  # adapter name -> r, alpha, targets, layers
+
+    @property
+    def touches_vision(self) -> bool:
+        return bool(self.vision_modules)
+
+    @property
+    def table(self):
+        """One row per adapted module: name, part (language / vision / other), layer."""
+        import pandas as pd
+
+        part = {m: "vision" for m in self.vision_modules} | {m: "other" for m in self.other_modules}
+        return pd.DataFrame([{"module": m, "part": part.get(m, "language"), "layer": _layer_of(m)}
+                             for m in self.modules])
+
+    def __repr__(self) -> str:
+        lang = f"language layers {_span(self.language_layers)}" if self.language_layers else "no language layers"
+        text = f"AdapterReport({len(self.modules)} modules on {lang}, {self.adapter_params:,} params"
+        if self.vision_modules:
+            text += f"; WARNING {len(self.vision_modules)} in the vision tower, e.g. '{self.vision_modules[0]}'"
+        if self.other_modules:
+            text += f"; {len(self.other_modules)} elsewhere, e.g. '{self.other_modules[0]}'"
+        return text + ")"
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:], strict=False):
+        if a in ("layers", "h") and b.isdigit():
+            return int(b)
+    return None
+
+
+def adapter_report(model: Model | nn.Module) -> AdapterReport:
+    """List the modules that carry adapters; any inside the vision tower are flagged."""
+    from peft.tuners.lora import LoraLayer
+
+    hf = model.hf if isinstance(model, Model) else model
+    base = _base_of(hf)
+    layers_path, _ = _find_layers(base)
+    modules, lang, vision, other = [], set(), [], []
+    for name, mod in base.named_modules():
+        if not isinstance(mod, LoraLayer) or not mod.lora_A:
+            continue
+        modules.append(name)
+        if name.startswith(layers_path + "."):
+            lang.add(int(name[len(layers_path) + 1:].split(".")[0]))
+        elif any(part in _VISION_PARTS for part in name.split(".")):
+            vision.append(name)
+        else:
+            other.append(name)
+    n_params = sum(p.numel() for n, p in hf.named_parameters() if "lora_" in n)
+    configs = {k: {"r": c.r, "alpha": c.lora_alpha, "dropout": c.lora_dropout,
+                   "target_modules": sorted(c.target_modules) if isinstance(c.target_modules, (set, list))
+                   else c.target_modules, "layers_to_transform": c.layers_to_transform,
+                   "layers_pattern": c.layers_pattern}
+               for k, c in getattr(hf, "peft_config", {}).items()}
+    return AdapterReport(tuple(modules), tuple(sorted(lang)), tuple(vision), tuple(other), n_params, configs)
+
+
+def load_adapter(model: Model, path_or_hub_id: str | os.PathLike, *, adapter_name: str = "default",
+                 is_trainable: bool = False) -> Model:
+    """``model`` with a standard PEFT adapter (a local folder or a hub id), as a new `Model`.
+
+    PEFT injects the adapter into ``model.hf`` in place: use the returned Model from here on.
+    """
+    from peft import PeftConfig, PeftModel
+
+    if hasattr(model.hf, "peft_config"):
+        raise InterpError(f"'{model.name}' already carries an adapter; load the new one onto a fresh base model "
+                          "or merge() the current one first")
+    src = str(path_or_hub_id)
+    path = Path(src).expanduser()
+    if path.exists():
+        if not (path / "adapter_config.json").is_file():
+            raise InterpError(f"'{path}' has no adapter_config.json: pass the folder PEFT's save_pretrained wrote")
+        folder = path
+    else:
+        if src.count("/") != 1 or src.startswith((".", "/", "~")):
+            raise InterpError(f"adapter '{src}' is neither a local folder nor a hub id like 'owner/name'")
+        folder = _fetch_adapter(src)
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise InterpError(f"'{folder}' has no adapter_model.safetensors; interp loads safetensors adapters only "
+                          "(a pickled adapter_model.bin can run code when loaded)")
+    pcfg = PeftConfig.from_pretrained(str(folder))
+    wanted = pcfg.layers_to_transform
+    wanted = [wanted] if isinstance(wanted, int) else (wanted or [])
+    if wanted and max(wanted) >= model.n_layers:
+        raise InterpError(f"adapter '{src}' targets layer {max(wanted)} but '{model.name}' has {model.n_layers} "
+                          "layers: it was trained for another base model")
+    try:
+        peft = PeftModel.from_pretrained(model.hf, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+    except ValueError as e:
+        raise InterpError(f"adapter '{src}' does not fit '{model.name}': {e}") from e
+    peft.eval()
+    return _rewrap(model, peft, name=f"{model.name}+{Path(src).name or src}")
+
+
+def _fetch_adapter(hub_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, allow_patterns=["adapter_config.json", "adapter_model.safetensors"]))
+    except Exception as e:  # offline, gated, missing: all mean "get the folder another way"
+        raise InterpError(f"could not fetch adapter '{hub_id}' from the Hugging Face hub ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}). This machine may have no hub access: "
+                          "download the adapter folder elsewhere and pass its local path.") from e
+
+
+@dataclass(frozen=True)
+class MergeReport(Result):
+    """Per adapted module: how much the merge changed the weight, and whether anything else moved."""
+
+    relative_delta: dict[str, float]  # ||W_merged - W_base|| / ||W_base||
+    agreement: dict[str, float]  # ||W_merged - W_base|| / ||B A * scale|| (1 = the merge kept the update)
+    unchanged_elsewhere: bool
+    passed: bool
+
+
+def merge(model: Model, verify: bool = True, *, min_relative_delta: float = 1e-6) -> Model:
+    """Merge the adapter into the base weights (``merge_and_unload``) and return the merged `Model`.
+
+    Refuses a 4-bit base (merge into a clean bf16 base instead). With ``verify``: every adapted module's
+    weight must move by a non-trivial amount that agrees with its LoRA update (so a zero adapter, or one
+    that bf16 rounding swallowed, fails), and no other parameter may change. The check is attached to the
+    result as ``.merge_report``.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    hf = model.hf
+    if not hasattr(hf, "merge_and_unload"):
+        raise InterpError(f"'{model.name}' carries no adapter to merge; load one with interp.load_adapter first")
+    if _is_4bit(hf):
+        raise InterpError("refusing to merge into a 4-bit base: merging dequantises and re-rounds the weights and "
+                          "silently loses the update. Load the base in bf16 (interp.load(source, dtype='bfloat16')), "
+                          "load_adapter() onto it, and merge that.")
+    base = _base_of(hf)
+    adapted = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer) and m.lora_A}
+    if not adapted:
+        raise InterpError(f"'{model.name}' has no LoRA modules to merge")
+    before: dict[str, Tensor] = {}
+    expected: dict[str, float] = {}
+    if verify:
+        for name, mod in adapted.items():
+            with torch.no_grad():
+                delta = sum(mod.get_delta_weight(a).float() for a in mod.active_adapters if a in mod.lora_A)
+            expected[name] = float(torch.linalg.norm(delta)) if isinstance(delta, Tensor) else 0.0
+            before[name] = mod.get_base_layer().weight.detach().to("cpu", copy=True)
+        zero = [n for n, e in expected.items() if e == 0.0]
+        if zero:
+            raise InterpError(f"merge verification failed before merging: the adapter's update is exactly zero in "
+                              f"{len(zero)} of {len(adapted)} modules (e.g. '{zero[0]}'), so merging would change "
+                              "nothing. Was the adapter trained (or saved before training)?")
+        adapted_params = {f"{n}.base_layer.weight" for n in adapted}
+        sums = {n: _checksum(p) for n, p in base.named_parameters() if "lora_" not in n and n not in adapted_params}
+    merged = hf.merge_and_unload()
+    out = _rewrap(model, merged, name=f"{model.name} (merged)")
+    if verify:
+        rel, agree = {}, {}
+        for name, w0 in before.items():
+            w1 = merged.get_submodule(name).weight.detach().cpu()
+            moved = float(torch.linalg.norm(w1.float() - w0.float()))
+            rel[name] = moved / max(float(torch.linalg.norm(w0.float())), 1e-30)
+            agree[name] = moved / expected[name]
+        after = {n: _checksum(p) for n, p in merged.named_parameters()}
+        changed = [n for n, s in sums.items() if n.replace(".base_layer", "") in after
+                   and after[n.replace(".base_layer", "")] != s]
+        bad = [n for n in rel if rel[n] <= min_relative_delta or not 0.5 <= agree[n] <= 2.0]
+        report = MergeReport(rel, agree, not changed, not bad and not changed)
+        object.__setattr__(out, "merge_report", report)
+        if changed:
+            raise InterpError(f"merge verification failed: {len(changed)} parameters outside the adapted modules "
+                              f"changed (e.g. '{changed[0]}')")
+        if bad:
+            n = bad[0]
+            raise InterpError(f"merge verification failed: '{n}' moved by {rel[n]:.2e} (relative), "
+                              f"{agree[n]:.2f}x its LoRA update; merge into a float32 or bf16 base, not a "
+                              "quantised or lower-precision one")
+    return out
+
+
+def _checksum(p: Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        return float(p.sum(dtype=torch.float64)), float(p.abs().sum(dtype=torch.float64))
+
+
+# ==== layer-range ablation ============================================================================
+@dataclass(frozen=True)
+class AblationReport(Result):
+    """One adapter per layer range, same data and settings, evaluated against the base model."""
+
+    table: Any  # pandas DataFrame, one row per arm (baseline first)
+    results: dict[str, TrainResult] = field(default_factory=dict)
+    reports: dict[str, Any] = field(default_factory=dict)  # arm -> ConsistencyReport (baseline included)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"table": jsonable(self.table), "results": {k: v.to_dict() for k, v in self.results.items()}}
+
+    def figure(self):
+        """Flip rate, mean margin difference and accuracy per arm (with p-values against the baseline)."""
+        from plotly.subplots import make_subplots
+
+        t = self.table
+        fig = make_subplots(rows=1, cols=3, subplot_titles=("flip rate", "mean |margin diff|", "accuracy"))
+        for col, metric in enumerate(("flip_rate", "mean_margin_diff", "accuracy"), start=1):
+            pcol = {"flip_rate": "p_flip", "mean_margin_diff": "p_margin", "accuracy": "p_accuracy"}[metric]
+            text = [f"p={v:.3g}" if isinstance(v, float) and math.isfinite(v) else "" for v in t[pcol]] \
+                if pcol in t.columns else None
+            fig.add_bar(x=t["arm"], y=t[metric], text=text, showlegend=False, row=1, col=col)
+        for col in (1, 3):
+            fig.update_yaxes(tickformat=".0%", row=1, col=col)
+        fig.update_layout(title="LoRA layer-range ablation (held-out pairs)", height=360, width=1100)
+        return fig
+
+    def __repr__(self) -> str:
+        cols = [c for c in ("arm", "layers", "flip_rate", "mean_margin_diff", "accuracy") if c in self.table.columns]
+        return "AblationReport(\n" + self.table[cols].to_string(index=False) + "\n)"
+
+
+def ablate_layers(model: Model, pairs: Sequence[ParaphrasePair], ranges: Mapping[str, Any], *,
+                  eval_pairs: Sequence[ParaphrasePair] | float = 0.2, output_dir: str | os.PathLike = "lora_ablation",
+                  seed: int = 0, progress: bool = True, **train_kw: Any) -> AblationReport:
+    """Train one adapter per layer range (e.g. early / selected / late / all) from the same base, with the
+    same data and settings, and compare each arm's held-out consistency with the base model's
+    (`ConsistencyReport.compare`: two-proportion z-test on flips, McNemar, Wilcoxon on margin differences)."""
+    from interp.consistency import evaluate
+
+    pairs = _check_pairs(pairs)
+    if not ranges:
+        raise InterpError("ranges is empty: pass e.g. {'early': range(0, 5), 'selected': selection, 'all': 'all'}")
+    if isinstance(eval_pairs, float):
+        train, held = split_holdout(pairs, eval_pairs, seed)
+    else:
+        train, held = pairs, _check_pairs(eval_pairs, "eval_pairs")
+    arms = {str(name): _resolve_layers(model, spec) for name, spec in ranges.items()}  # fail before training
+    baseline = evaluate(model, held, progress=progress)
+    rows = [{"arm": "baseline", "layers": "", "n_layers": 0, "trainable_params": 0, **_report_metrics(baseline)}]
+    results, reports = {}, {"baseline": baseline}
+    for name, layer_list in arms.items():
+        res = train_lora(model, train, layers=layer_list, eval_pairs=held, seed=seed, progress=progress,
+                         output_dir=Path(output_dir) / _safe_name(name), **train_kw)
+        adapted = load_adapter(model, res.adapter_path)
+        try:
+            report = evaluate(adapted, held, progress=progress)
+        finally:
+            adapted.hf.unload()  # back to the same clean base for the next arm
+        results[name], reports[name] = res, report
+        rows.append({"arm": name, "layers": _span(layer_list), "n_layers": len(layer_list),
+                     "trainable_params": res.trainable_params, **_report_metrics(report),
+                     **_comparison(baseline.compare(report))})
+    import pandas as pd
+
+    return AblationReport(pd.DataFrame(rows), results, reports)
+
+
+def _report_metrics(report: Any) -> dict[str, float]:
+    return {k: float("nan") if getattr(report, k) is None else float(getattr(report, k))
+            for k in ("flip_rate", "mean_margin_diff", "accuracy")}
+
+
+def _comparison(cmp: Any) -> dict[str, float | None]:
+    """The study's statistics of one arm against the baseline (`ConsistencyComparison`)."""
+    return {"flip_rate_delta": cmp.flip_rate_delta, "p_flip": cmp.p_z, "p_flip_mcnemar": cmp.p_mcnemar,
+            "margin_diff_relative": cmp.margin_diff_relative, "p_margin": cmp.p_wilcoxon,
+            "accuracy_delta": cmp.accuracy_delta, "p_accuracy": cmp.p_accuracy}
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name)) or "arm"

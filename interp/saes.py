@@ -1,0 +1,815 @@
+"""Stage 3 of the loop: sparse autoencoders on the residual stream, loaded, trained and validated.
+
+`load_sae()` opens a sae-lens registry SAE, a local Gemma Scope 2 folder (no hub access) or a folder sae-lens
+saved; `train_sae()` trains one with sae-lens' own trainer on cached activations; `transfer_report()` measures
+how well an SAE reconstructs a model's activations on text corpora (R^2, L0, dead features, CE-loss score, KL).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from interp._errors import InterpError
+from interp._results import Result
+from interp.capture import Activations, _position_masks, capture
+from interp.models import Model, Prompt, _as_prompt
+
+if TYPE_CHECKING:  # sae-lens takes ~10 s to import: only functions that need it import it
+    from sae_lens import SAE
+
+R2_FORMULA = "1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)"
+R2_NAME = (f"explained variance R^2 = {R2_FORMULA} over tokens, accumulated in float64 "
+           "(sae-lens' current explained_variance)")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+# Gemma Scope 2's config.json names the Hugging Face module it reads (`hf_hook_point_in`); these are the
+# same site mappings as sae-lens' gemma_3 loader, from the HF module path to the TransformerLens hook.
+_GEMMA_SCOPE_SITES = (
+    (re.compile(r"layers\.(\d+)\.output$"), "blocks.{}.hook_resid_post"),
+    (re.compile(r"layers\.(\d+)\.post_feedforward_layernorm\.output$"), "blocks.{}.hook_mlp_out"),
+    (re.compile(r"layers\.(\d+)\.self_attn\.o_proj\.input$"), "blocks.{}.attn.hook_z"),
+)
+_GEMMA_SCOPE_KEYS = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def _dtype_name(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise InterpError(f"dtype={dtype!r} is not a torch dtype; use 'float32', 'bfloat16' or 'float16'")
+    return name
+
+
+def _default_device(device: Any) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def load_sae(release_or_path: str | os.PathLike, sae_id: str | None = None, *, device: Any = None,
+             dtype: Any = None, layer: int | None = None) -> SAE:
+    """Load an SAE: a sae-lens release + id, a local Gemma Scope 2 folder, or a folder sae-lens saved.
+
+    ``layer`` declares the decoder layer when the files do not name it (or overrides what they say); the
+    SAE's hook is then ``blocks.{layer}.<site>``. Local folders never touch the hub.
+    """
+    src = str(release_or_path)
+    dev, dt = _default_device(device), _dtype_name(dtype)
+    path = Path(src).expanduser()
+    if path.is_file() and path.name in ("params.safetensors", "config.json", "cfg.json", "sae_weights.safetensors"):
+        path = path.parent  # a file of the folder was passed: read the folder
+    if path.exists() or src.startswith((".", "/", "~")) or (os.sep in src and sae_id is None):
+        if not path.is_dir():
+            raise InterpError(f"SAE folder not found: '{src}'. Pass a folder with params.safetensors + "
+                              "config.json (Gemma Scope) or cfg.json + sae_weights.safetensors (sae-lens), "
+                              "or a sae-lens release name and an sae_id.")
+        sae = _load_folder(path, dev, dt, layer)
+    else:
+        sae = _load_registry(src, sae_id, dev, dt or "float32")
+    if layer is not None:
+        _set_layer(sae, int(layer))
+    return sae.eval()
+
+
+def _load_folder(path: Path, device: str, dtype: str | None, layer: int | None) -> SAE:
+    from sae_lens import SAE
+    from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+
+    if (path / SAE_CFG_FILENAME).is_file() and (path / SAE_WEIGHTS_FILENAME).is_file():
+        try:
+            return SAE.load_from_disk(path, device=device, dtype=dtype)
+        except (KeyError, ValueError, TypeError) as e:
+            raise InterpError(f"could not read the sae-lens folder '{path}': {e}") from e
+    if (path / "params.safetensors").is_file():
+        loader = partial(_gemma_scope_disk_loader, layer=layer)
+        sae = SAE.load_from_disk(path, device=device, dtype=dtype, converter=loader)
+        sae.cfg.metadata.source_path = str(path)  # sae-lens keeps only its own metadata keys
+        return sae
+    found = sorted(p.name for p in path.iterdir())[:12]
+    hint = " (params.npz is Gemma Scope 1 for Gemma 2: not supported)" if "params.npz" in found else ""
+    raise InterpError(f"'{path}' is not an SAE folder{hint}: found {found}. Expected params.safetensors + "
+                      f"config.json (Gemma Scope 2) or {SAE_CFG_FILENAME} + {SAE_WEIGHTS_FILENAME} (sae-lens).")
+
+
+def _gemma_scope_config(path: Path, raw: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                        layer: int | None) -> dict[str, Any]:
+    """sae-lens config dict for a Gemma Scope 2 folder, as sae-lens' gemma_3 loader builds it from the hub."""
+    if raw.get("architecture", "jump_relu") != "jump_relu":
+        raise InterpError(f"'{path / 'config.json'}' has architecture={raw.get('architecture')!r}; Gemma Scope "
+                          "2 SAEs are 'jump_relu'")
+    hook_in, hook_out = raw.get("hf_hook_point_in"), raw.get("hf_hook_point_out")
+    if raw.get("type") == "transcoder" or (hook_out and hook_in and hook_out != hook_in) \
+            or "affine_skip_connection" in shapes:
+        raise InterpError(f"'{path}' holds a transcoder (reads {hook_in}, writes {hook_out}); load_sae reads "
+                          "SAEs. Use an SAE folder such as resid_post/layer_17_width_16k_l0_medium.")
+    site = None
+    if hook_in:
+        for pattern, template in _GEMMA_SCOPE_SITES:
+            m = pattern.search(hook_in)
+            if m:
+                site, file_layer = template, int(m.group(1))
+                break
+        else:
+            raise InterpError(f"'{path / 'config.json'}': hf_hook_point_in={hook_in!r} is not a residual, MLP "
+                              "or attention output site this workbench knows")
+    else:  # no config.json (or no hook in it): the folder names say it, as on the hub
+        m = re.search(r"layer_(\d+)", path.name)
+        file_layer = int(m.group(1)) if m else None
+        parent = path.parent.name
+        site = ("blocks.{}.hook_mlp_out" if parent.startswith("mlp_out") else
+                "blocks.{}.attn.hook_z" if parent.startswith("attn_out") else "blocks.{}.hook_resid_post")
+    if layer is None and file_layer is None:
+        raise InterpError(f"cannot tell which layer the SAE in '{path}' reads: config.json has no "
+                          "hf_hook_point_in and the folder is not named layer_<L>_...; pass layer=<L>")
+    hook_name = site.format(layer if layer is not None else file_layer)
+
+    d_in, d_sae = shapes["w_enc"]
+    width = raw.get("width")
+    if width is not None and int(width) != d_sae:
+        raise InterpError(f"'{path}': config.json says width={width} but w_enc has {d_sae} columns")
+    model_name = str(raw.get("model_name") or "unknown")
+    if model_name != "unknown" and not model_name.startswith("google/"):
+        model_name = "google/" + model_name
+    model_name = model_name.replace("-v3", "-3")
+    if "270m" in model_name:
+        model_name = model_name.replace("-pt", "")  # the hub's 270M base model has no -pt suffix
+    return {
+        "architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
+        "model_name": model_name, "hook_name": hook_name, "hook_head_index": None,
+        "finetuning_scaling_factor": False, "sae_lens_training_version": None, "prepend_bos": True,
+        "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
+        "hf_hook_name": hook_in,
+    }
+
+
+def _gemma_scope_disk_loader(path: str | Path, device: str, cfg_overrides: dict[str, Any] | None = None,
+                             *, layer: int | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A sae-lens ``PretrainedSaeDiskLoader`` for a local Gemma Scope 2 folder (no hub access)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if (path / "config.json").is_file():
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise InterpError(f"'{path / 'config.json'}' is not valid JSON ({e})") from e
+    params = path / "params.safetensors"
+    try:
+        with safe_open(str(params), framework="pt", device="cpu") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise InterpError(f"could not read '{params}': {e}") from e
+    missing = [k for k in _GEMMA_SCOPE_KEYS if k not in shapes]
+    if missing:
+        what = (" Without 'threshold' it is not a JumpReLU SAE; Gemma Scope 2 files always have one."
+                if "threshold" in missing else "")
+        raise InterpError(f"'{params}' lacks {missing} (has {sorted(shapes)}).{what}")
+    if len(shapes["w_enc"]) != 2:
+        raise InterpError(f"'{params}': w_enc has shape {shapes['w_enc']}; expected [d_in, d_sae]")
+    d_in, d_sae = shapes["w_enc"]
+    want = {"w_enc": (d_in, d_sae), "w_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
+            "threshold": (d_sae,)}
+    bad = [f"{k} {shapes[k]} (expected {v})" for k, v in want.items() if shapes[k] != v]
+    if bad:
+        raise InterpError(f"'{params}' has inconsistent shapes: {', '.join(bad)} for d_in={d_in}, d_sae={d_sae}")
+    cfg = _gemma_scope_config(path, raw, shapes, layer)
+    cfg["device"] = device
+    if cfg_overrides:
+        cfg.update(cfg_overrides)
+    dtype = getattr(torch, cfg["dtype"])
+    with safe_open(str(params), framework="pt", device="cpu") as f:  # w_enc -> W_enc, as sae-lens names it
+        state = {k.replace("w_", "W_", 1): f.get_tensor(k).to(device, dtype) for k in _GEMMA_SCOPE_KEYS}
+    return cfg, state
+
+
+def _load_registry(release: str, sae_id: str | None, device: str, dtype: str) -> SAE:
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()  # the registry ships with sae-lens: no hub needed here
+    if release not in directory and "/" in release and sae_id:  # a hub repo id, as sae-lens allows
+        repo, folder = release, sae_id
+    elif release not in directory:
+        close = difflib.get_close_matches(release, list(directory), n=3, cutoff=0.5)
+        raise InterpError(f"unknown SAE release {release!r} (and no such folder). "
+                          f"{'Did you mean ' + ', '.join(map(repr, close)) + '? ' if close else ''}"
+                          "Releases are listed in sae-lens' pretrained_saes.yaml, e.g. 'gemma-scope-2-4b-it-res'.")
+    else:
+        ids = list(directory[release].saes_map)
+        if sae_id is None or sae_id not in ids:
+            close = difflib.get_close_matches(str(sae_id), ids, n=4, cutoff=0.3) if sae_id else ids[:4]
+            what = "sae_id is missing for" if sae_id is None else f"sae_id {sae_id!r} is not in"
+            raise InterpError(f"{what} release {release!r}; for example {close} ({len(ids)} ids in all)")
+        repo, folder = directory[release].repo_id, directory[release].saes_map[sae_id]
+    try:
+        return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
+    except OSError as e:  # requests' and huggingface_hub's network errors are all OSErrors
+        raise InterpError(
+            f"could not fetch {release}/{sae_id} from the Hugging Face hub ({type(e).__name__}): no hub is "
+            f"reachable from here. Download the folder '{folder}' of '{repo}' on a machine with access, e.g. "
+            f"`hf download {repo} --include '{folder}/*'`, and pass its local path: "
+            f"load_sae('<download>/{folder}')") from e
+
+
+def _set_layer(sae: SAE, layer: int) -> None:
+    hook = sae.cfg.metadata.hook_name
+    m = _HOOK_RE.match(hook) if hook else None
+    sae.cfg.metadata.hook_name = f"blocks.{layer}.{m.group(2)}" if m else f"blocks.{layer}.hook_resid_post"
+
+
+class SAESite(NamedTuple):
+    """Where an SAE plugs into a model: the decoder layer whose output it reads."""
+
+    layer: int
+    hook_name: str  # TransformerLens name, e.g. blocks.17.hook_resid_post
+    module_path: str  # the decoder layer in the Hugging Face model, e.g. model.language_model.layers.17
+
+
+def check_sae(model: Model, sae: SAE, layer: int | None = None) -> SAESite:
+    """Map the SAE's hook (``blocks.L.hook_resid_post``) onto ``model``'s decoder layer; clear error on mismatch."""
+    hook = sae.cfg.metadata.hook_name
+    m = _HOOK_RE.match(hook) if hook else None
+    if hook and not m:
+        raise InterpError(f"SAE hook {hook!r} is not a TransformerLens block hook; the workbench reads "
+                          "blocks.<L>.hook_resid_post")
+    if m and m.group(2) != "hook_resid_post":
+        raise InterpError(f"the SAE reads {hook!r}; the workbench splices residual-stream SAEs "
+                          f"(blocks.<L>.hook_resid_post, Gemma Scope's resid_post folders)")
+    if m is None and layer is None:
+        raise InterpError("the SAE does not say which layer it reads (cfg.metadata.hook_name is empty); "
+                          "pass layer=<L>")
+    sae_layer = int(m.group(1)) if m else None
+    if layer is not None and sae_layer is not None and int(layer) != sae_layer:
+        raise InterpError(f"the SAE reads {hook} (layer {sae_layer}) but layer={layer} was asked for; pass "
+                          f"layer={sae_layer} or load the SAE trained for layer {layer}")
+    want = sae_layer if layer is None else int(layer)
+    if int(sae.cfg.d_in) != model.d_model:
+        where = f"layer {want} of '{model.name}'" if 0 <= want < model.n_layers else f"'{model.name}'"
+        raise InterpError(f"SAE d_in={sae.cfg.d_in} but {where} has d_model={model.d_model}: the SAE was "
+                          "trained on another model")
+    use = model.check_layers([want])[0]
+    if getattr(sae.cfg, "reshape_activations", "none") != "none":
+        raise InterpError(f"the SAE reshapes its input ({sae.cfg.reshape_activations}); residual SAEs do not")
+    return SAESite(use, f"blocks.{use}.hook_resid_post", f"{model.layers_path}.{use}")
+
+
+# ---- training -----------------------------------------------------------------------------------
+def _row_batches(rows: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Endless shuffled batches of exactly ``batch_size`` rows (sae-lens counts samples per batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = rows.shape[0]
+    while True:
+        perm = torch.randperm(n, generator=gen).to(rows.device)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield rows[perm[i:i + batch_size]]
+
+
+def train_sae(activations: Activations | Tensor, *, layer: int | None = None, d_sae: int,
+              architecture: Literal["jumprelu", "topk"] = "jumprelu", k: int | None = None,
+              l0_coefficient: float | None = None,
+              sparsity_loss: Literal["tanh", "step", "quadratic"] = "tanh", target_l0: float | None = None,
+              lr: float = 1e-3, steps: int | None = None, epochs: float | None = None, batch_size: int = 256,
+              seed: int = 0, device: Any = None, model_name: str | None = None,
+              progress: bool = True) -> SAE:
+    """Train a JumpReLU or TopK SAE with sae-lens' own trainer on cached activations (``[n, d_model]`` rows).
+
+    Inputs are scaled to mean norm sqrt(d_in) during training (sae-lens' ``expected_average_only_in``)
+    and the scale is folded into the weights, so the returned SAE reads raw activations. JumpReLU uses
+    sae-lens' ``tanh`` sparsity loss by default: the ``step`` (L0) loss barely moves the thresholds in
+    the few hundred steps a CPU run affords. Default: 1000 steps. Seeded; bitwise repeatable on CPU.
+    """
+    from sae_lens import SAE
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    rows, layer, exclude = _training_rows(activations, layer)
+    model_name = model_name or (activations.model_name if isinstance(activations, Activations) else None)
+    n, d_in = rows.shape
+    if d_sae < 1 or batch_size < 1 or lr <= 0:
+        raise InterpError(f"d_sae={d_sae}, batch_size={batch_size}, lr={lr}: all must be positive")
+    if n < 16:
+        raise InterpError(f"only {n} activation rows: capture more prompts (positions='all') to train an SAE")
+    batch_size = min(batch_size, n)
+    if steps is not None and epochs is not None:
+        raise InterpError("pass steps= or epochs=, not both")
+    if epochs is not None:
+        steps = math.ceil(epochs * n / batch_size)
+    steps = 1000 if steps is None else int(steps)
+    if steps < 1:
+        raise InterpError(f"steps={steps}: train for at least one step")
+    dev = _default_device(device)
+
+    metadata = SAEMetadata(model_name=model_name, hook_name=f"blocks.{layer}.hook_resid_post",
+                           hook_head_index=None, prepend_bos=True, exclude_special_tokens=exclude)
+    common = dict(d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu",
+                  normalize_activations="expected_average_only_in", metadata=metadata)
+    if architecture == "jumprelu":
+        if k is not None:
+            raise InterpError("k= is for architecture='topk'; JumpReLU sparsity is set by l0_coefficient")
+        if sparsity_loss not in ("tanh", "step", "quadratic"):
+            raise InterpError(f"sparsity_loss={sparsity_loss!r}: use 'tanh', 'step' or 'quadratic'")
+        if (sparsity_loss == "quadratic") != (target_l0 is not None):
+            raise InterpError("target_l0= goes with sparsity_loss='quadratic' (Gemma Scope 2's loss), and only there")
+        default_coef = {"tanh": 0.1, "step": 1.0, "quadratic": 1.0}[sparsity_loss]
+        coef = default_coef if l0_coefficient is None else l0_coefficient
+        cfg = JumpReLUTrainingSAEConfig(**common, l0_coefficient=coef, jumprelu_sparsity_loss_mode=sparsity_loss,
+                                        target_l0=target_l0)
+        make = JumpReLUTrainingSAE
+    elif architecture == "topk":
+        if l0_coefficient is not None or target_l0 is not None:
+            raise InterpError("a TopK SAE's sparsity is k=; l0_coefficient/target_l0 are for JumpReLU")
+        k = min(32, d_sae) if k is None else int(k)
+        if not 1 <= k <= d_sae:
+            raise InterpError(f"k={k} must be between 1 and d_sae={d_sae}")
+        cfg = TopKTrainingSAEConfig(**common, k=k)
+        make = TopKTrainingSAE
+    else:
+        raise InterpError(f"architecture={architecture!r}: use 'jumprelu' or 'topk'")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        training_sae = make(cfg)
+    data = rows.to(dev, torch.float32)
+    # Exact (not sampled) input scale; b_dec starts at the data mean so the encoder sees centred inputs
+    # (Gemma's residual stream has a mean far larger than its spread).
+    scale = math.sqrt(d_in) / float(data.norm(dim=-1).double().mean())
+    with torch.no_grad():
+        training_sae.b_dec.copy_((data.sum(0, dtype=torch.float64) / n * scale).float().cpu())
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr, lr_end=lr,
+        lr_scheduler_name="constant", lr_decay_steps=steps // 5, device=dev,
+        logger=LoggingConfig(log_to_wandb=False))
+    trainer = SAETrainer(cfg=trainer_cfg, sae=training_sae, data_provider=_row_batches(data, batch_size, seed))
+    trainer.activation_scaler.scaling_factor = scale
+    # SAETrainer.fit() with its public seams (step, maybe_reset_sparsity, set_final_sae_metadata), so the
+    # progress bar follows `progress=`.
+    trainer.sae.to(dev)
+    bar = tqdm(total=steps, desc=f"train SAE {architecture} d_sae={d_sae} L{layer}", unit="step",
+               disable=not progress, leave=False)
+    last: dict[str, float] = {}
+    try:
+        while trainer.n_training_samples < trainer_cfg.total_training_samples:
+            trainer.maybe_reset_sparsity()
+            out = trainer.step(next(trainer.data_provider))
+            trainer.n_training_steps += 1
+            if trainer.n_training_steps % 50 == 0 or trainer.n_training_steps == steps:
+                last = {name: float(v.detach()) for name, v in out.losses.items()}
+                bar.set_postfix({k_: f"{v:.3g}" for k_, v in last.items()})
+            bar.update(1)
+    finally:
+        bar.close()
+    trainer.sae.fold_activation_norm_scaling_factor(scale)
+    trainer.activation_scaler.scaling_factor = None
+    trainer.set_final_sae_metadata()
+
+    inference_cfg = training_sae.cfg.get_inference_sae_cfg_dict()
+    inference_cfg["device"] = dev
+    inference_cfg["metadata"].update(interp_training={
+        "rows": n, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "sparsity_loss": sparsity_loss if architecture == "jumprelu" else None,
+        "l0_coefficient": getattr(cfg, "l0_coefficient", None), "k": getattr(cfg, "k", None),
+        "final_losses": last})
+    sae = SAE.from_dict(inference_cfg)
+    state = training_sae.state_dict()
+    training_sae.process_state_dict_for_saving_inference(state)
+    sae.process_state_dict_for_loading(state)
+    sae.load_state_dict({k_: v.float() for k_, v in state.items()})
+    return sae.to(dev).eval()
+
+
+def _training_rows(activations: Activations | Tensor, layer: int | None) -> tuple[Tensor, int, bool]:
+    if isinstance(activations, Activations):
+        layers = activations.layers
+        if layer is None:
+            if len(layers) != 1:
+                raise InterpError(f"the activations hold layers {layers}: pass layer= to pick one")
+            layer = layers[0]
+        rows = activations[layer]
+        exclude = "special" in activations.meta.get("exclude", [])
+    elif isinstance(activations, Tensor):
+        if layer is None:
+            raise InterpError("pass layer=<L> with a bare tensor: the SAE records blocks.<L>.hook_resid_post")
+        rows, exclude = activations, False
+    else:
+        raise InterpError(f"activations must be interp.Activations or a [n, d_model] tensor, got "
+                          f"{type(activations).__name__}")
+    if rows.ndim != 2:
+        raise InterpError(f"activations have shape {tuple(rows.shape)}; expected [n_rows, d_model]")
+    if not torch.isfinite(rows).all():
+        raise InterpError(f"the layer-{layer} activations contain NaN or inf; recapture them (a float16 "
+                          "overflow is the usual cause: use float32 or bfloat16)")
+    return rows, int(layer), exclude
+
+
+# ---- transfer report ----------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class _Stats:
+    """Per-prompt sufficient statistics of a reconstruction, in float64."""
+
+    n: np.ndarray  # [n_prompts] tokens
+    sum_x: np.ndarray  # [n_prompts, d_in]
+    sq_norm: np.ndarray  # [n_prompts] sum ||x||^2
+    sq_resid: np.ndarray  # [n_prompts] sum ||x - x_hat||^2
+    cos: float  # summed cosine(x, x_hat) over tokens
+    l0_sum: float  # summed active-feature counts over tokens
+    fired: np.ndarray  # [d_sae] bool: fired at least once
+
+
+def _r2(n: np.ndarray, sum_x: np.ndarray, sq_norm: np.ndarray, sq_resid: np.ndarray) -> np.ndarray:
+    """The R^2 formula on (stacked) sufficient statistics; NaN where the variance is zero."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_x = sum_x / n[..., None]
+        var = sq_norm / n - np.einsum("...d,...d->...", mean_x, mean_x)
+        out = 1.0 - (sq_resid / n) / var
+    return np.where((n > 0) & (var > 0), out, np.nan)
+
+
+@torch.no_grad()
+def _recon_stats(sae: SAE, rows: Tensor, prompt_index: Tensor, n_prompts: int, *,
+                 chunk: int = 4096, what: str = "") -> _Stats:
+    """Stream ``rows`` through the SAE and accumulate per-prompt statistics in float64 on the SAE's device."""
+    dev = sae.W_dec.device
+    d_in = rows.shape[1]
+    n = torch.zeros(n_prompts, dtype=torch.float64, device=dev)
+    sum_x = torch.zeros(n_prompts, d_in, dtype=torch.float64, device=dev)
+    sq_norm = torch.zeros_like(n)
+    sq_resid = torch.zeros_like(n)
+    cos = torch.zeros((), dtype=torch.float64, device=dev)
+    l0 = torch.zeros((), dtype=torch.float64, device=dev)
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=dev)
+    for s in range(0, rows.shape[0], chunk):
+        x = rows[s:s + chunk].to(dev)
+        idx = prompt_index[s:s + chunk].to(dev)
+        if not torch.isfinite(x).all():
+            bad = int(idx[~torch.isfinite(x).all(-1)][0])
+            raise InterpError(f"{what}activations of prompt {bad} contain NaN or inf: the model's forward pass "
+                              "overflowed (float16?); load the model in float32 or bfloat16")
+        feats = sae.encode(x.to(sae.W_dec.dtype))
+        x_hat = sae.decode(feats)
+        if not torch.isfinite(x_hat).all():
+            raise InterpError(f"{what}the SAE's reconstruction contains NaN or inf: check the SAE's weights")
+        xd, x_hat_d = x.double(), x_hat.double()
+        n.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+        sum_x.index_add_(0, idx, xd)
+        sq_norm.index_add_(0, idx, xd.pow(2).sum(-1))
+        sq_resid.index_add_(0, idx, (xd - x_hat_d).pow(2).sum(-1))
+        cos += torch.nn.functional.cosine_similarity(xd, x_hat_d, dim=-1).sum()
+        active = feats != 0
+        l0 += active.sum()
+        fired |= active.any(0)
+    return _Stats(n.cpu().numpy(), sum_x.cpu().numpy(), sq_norm.cpu().numpy(), sq_resid.cpu().numpy(),
+                  float(cos), float(l0), fired.cpu().numpy())
+
+
+def _bootstrap(stats: _Stats, n_boot: int, seed: int) -> np.ndarray:
+    """Pooled R^2 of ``n_boot`` resamples of the prompts (with replacement)."""
+    keep = stats.n > 0
+    n, sum_x = stats.n[keep], stats.sum_x[keep]
+    k = len(n)
+    counts = np.random.default_rng(seed).multinomial(k, np.full(k, 1.0 / k), size=n_boot).astype(np.float64)
+    tokens = counts @ n
+    # ||sum of the resampled sum_x||^2 through the prompts' Gram matrix: [n_boot, k] work instead of d_in
+    sq_mean = np.einsum("bi,ij,bj->b", counts, sum_x @ sum_x.T, counts) / tokens**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = counts @ stats.sq_norm[keep] / tokens - sq_mean
+        out = 1.0 - (counts @ stats.sq_resid[keep] / tokens) / var
+    return np.where(var > 0, out, np.nan)
+
+
+def _layer_output(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_output(out: Any, resid: Tensor) -> Any:
+    return (resid, *out[1:]) if isinstance(out, tuple) else resid
+
+
+@torch.no_grad()
+def _splice_losses(model: Model, sae: SAE, layer: int, items: list[Prompt], exclude: Sequence[str],
+                   batch_size: int, bar: tqdm) -> dict[str, float]:
+    """Summed next-token CE (original, SAE-spliced, zero-ablated) and KL(original || spliced / ablated).
+
+    The SAE's reconstruction (or zeros) replaces layer ``layer``'s output at the selected positions; losses
+    are taken at those positions, predicting the next token (sae-lens' convention with ignored tokens).
+    """
+    keys = ("ce_orig", "ce_sae", "ce_zero", "kl_sae", "kl_zero")
+    acc = torch.zeros(len(keys), dtype=torch.float64, device=model.device)  # summed on device: no syncs
+    n_pred = 0
+    order = sorted(range(len(items)), key=lambda i: len(items[i].question) + len(items[i].context or ""))
+    mode: dict[str, Any] = {"kind": None, "sel": None}
+
+    def hook(_module, _inputs, output):
+        if mode["kind"] is None:
+            return None
+        resid = _layer_output(output)  # [batch, pos, d_model]
+        sel = mode["sel"]
+        new = resid.clone()
+        if mode["kind"] == "zero":
+            new[sel] = 0
+        else:
+            x = resid[sel]
+            new[sel] = sae.decode(sae.encode(x.to(sae.W_dec.device, sae.W_dec.dtype))).to(resid.device, resid.dtype)
+        return _replace_output(output, new)
+
+    handle = model.layers[layer].register_forward_hook(hook)
+    try:
+        for b in range(0, len(order), batch_size):
+            batch = model.encode([items[i] for i in order[b:b + batch_size]])
+            sel = _position_masks(model, batch, "all", exclude)
+            pos = torch.arange(sel.shape[1])
+            pred = sel & (pos[None, :] + 1 < batch.lengths[:, None])  # positions whose next token exists
+            if pred.any():
+                ids = batch.input_ids
+                target = ids[:, 1:][pred[:, :-1].to(ids.device)]
+                mode.update(kind=None, sel=sel.to(model.device))
+                logits = {"orig": _pred_logits(model, batch, pred)}  # [n_pred, vocab] each
+                for kind in ("sae", "zero"):
+                    mode["kind"] = kind
+                    logits[kind] = _pred_logits(model, batch, pred)
+                for c in range(0, len(target), 256):  # bounded memory: rows x 262k vocab in float32
+                    tgt = target[c:c + 256, None]
+                    logp = torch.log_softmax(logits["orig"][c:c + 256].float(), dim=-1)
+                    acc[0] -= logp.gather(1, tgt).double().sum()
+                    for j, kind in ((1, "sae"), (2, "zero")):
+                        logq = torch.log_softmax(logits[kind][c:c + 256].float(), dim=-1)
+                        acc[j] -= logq.gather(1, tgt).double().sum()
+                        kl = torch.nn.functional.kl_div(logq, logp, log_target=True, reduction="none")
+                        acc[j + 2] += kl.sum(-1).double().sum()
+                del logits
+                n_pred += int(pred.sum())
+            bar.update(len(order[b:b + batch_size]))
+    finally:
+        handle.remove()
+    return {"tokens": float(n_pred), **dict(zip(keys, acc.tolist(), strict=True))}
+
+
+def _pred_logits(model: Model, batch: Any, pred: Tensor) -> Tensor:
+    """Logits ``[n_pred, vocab]`` at the prediction positions (Gemma's soft-capping already applied)."""
+    logits = model.hf(**batch.inputs, use_cache=False).logits  # [batch, pos, vocab]
+    return logits[pred.to(logits.device)]
+
+
+@dataclass(frozen=True)
+class CorpusTransfer(Result):
+    """How well the SAE reconstructs one corpus's activations, and what splicing it in costs the model."""
+
+    name: str
+    n_prompts: int
+    n_tokens: int  # activation rows scored (special tokens excluded unless asked)
+    r2: float  # pooled over tokens: 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2), float64
+    r2_ci: tuple[float, float]  # 95% percentile bootstrap over prompts
+    r2_prompt_mean: float  # mean of the per-prompt R^2 (prompts with >= 2 tokens)
+    r2_prompt: tuple[float, ...]  # the same formula on each prompt's own tokens (NaN if < 2 tokens)
+    p_bootstrap: float  # one-sided: share of bootstrap pooled R^2 <= threshold, (1 + #) / (1 + n_boot)
+    p_ttest: float  # one-sided t-test that the mean per-prompt R^2 > threshold
+    threshold: float
+    alpha: float
+    l0: float  # mean active features per token
+    dead_fraction: float  # features that never fire on this corpus
+    cosine: float  # mean cosine similarity of x and x_hat
+    ce_orig: float = math.nan  # mean next-token CE at the spliced positions, model untouched
+    ce_sae: float = math.nan  # ... with the SAE's reconstruction spliced in
+    ce_zero: float = math.nan  # ... with the layer output zeroed at the same positions
+    ce_score: float = math.nan  # (ce_zero - ce_sae) / (ce_zero - ce_orig); 1 = no loss from the SAE
+    kl: float = math.nan  # mean KL(original || spliced) per predicted token, nats
+    kl_zero: float = math.nan  # mean KL(original || zero-ablated)
+    n_predicted: int = 0  # next-token predictions the CE/KL average over
+
+    @property
+    def passed(self) -> bool:
+        """Pooled R^2 above ``threshold`` (bootstrap) and mean per-prompt R^2 above it (t-test), both at alpha."""
+        return bool(self.p_bootstrap < self.alpha and self.p_ttest < self.alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "passed": self.passed}
+
+    def __repr__(self) -> str:
+        return (f"CorpusTransfer({self.name!r}: R^2={self.r2:.4f} [{self.r2_ci[0]:.4f}, {self.r2_ci[1]:.4f}], "
+                f"per-prompt {self.r2_prompt_mean:.4f}, n={self.n_prompts} prompts / {self.n_tokens} tokens, "
+                f"L0={self.l0:.1f}, dead={self.dead_fraction:.1%}, CE score={self.ce_score:.3f}, "
+                f"KL={self.kl:.4f}, {'PASS' if self.passed else 'FAIL'})")
+
+
+def _fmt_p(p: float, n_boot: int | None = None) -> str:
+    if not math.isfinite(p):
+        return "n/a"
+    if n_boot is not None and p <= 1.0 / (n_boot + 1) + 1e-12:
+        return f"<{1.0 / n_boot:.0e}" if n_boot >= 1000 else f"<={p:.1e}"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+@dataclass(frozen=True)
+class TransferReport(Result):
+    """Per-corpus reconstruction quality of an SAE on a model's activations; ``.passed`` is the verdict."""
+
+    model: str
+    sae: str
+    layer: int
+    hook_name: str
+    module_path: str
+    threshold: float
+    alpha: float
+    corpora: tuple[CorpusTransfer, ...]
+    r2_formula: str = R2_NAME
+    token_mask: str = ""
+    test: str = ""
+    n_boot: int = 1000
+    seed: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.corpora)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.corpora]
+
+    def __getitem__(self, name: str) -> CorpusTransfer:
+        for c in self.corpora:
+            if c.name == name:
+                return c
+        raise KeyError(f"no corpus {name!r}; the report has {self.names}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "passed": self.passed}
+
+    def table(self) -> Any:
+        """One row per corpus as a pandas DataFrame (per-prompt values left out)."""
+        import pandas as pd
+
+        return pd.DataFrame([{k: v for k, v in c.to_dict().items() if k != "r2_prompt"} for c in self.corpora])
+
+    def figure(self) -> Any:
+        """Per-prompt R^2 by corpus (box + points), pooled R^2 with its 95% CI, and the threshold line."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for c in self.corpora:
+            vals = [v for v in c.r2_prompt if math.isfinite(v)]
+            fig.add_trace(go.Box(y=vals, name=c.name, boxpoints="all", jitter=0.4, pointpos=0,
+                                 marker=dict(size=4, opacity=0.6), line=dict(width=1),
+                                 hovertemplate="per-prompt R^2 %{y:.4f}<extra>" + c.name + "</extra>",
+                                 showlegend=False))
+        fig.add_trace(go.Scatter(
+            x=self.names, y=[c.r2 for c in self.corpora], mode="markers", name="pooled R^2 (95% CI)",
+            marker=dict(symbol="diamond", size=12, color="black"),
+            error_y=dict(type="data", symmetric=False, array=[c.r2_ci[1] - c.r2 for c in self.corpora],
+                         arrayminus=[c.r2 - c.r2_ci[0] for c in self.corpora])))
+        fig.add_hline(y=self.threshold, line_dash="dash", line_color="firebrick",
+                      annotation_text=f"threshold {self.threshold:g}", annotation_position="bottom right")
+        verdict = "passed" if self.passed else "did not pass"
+        fig.update_layout(
+            title=f"SAE transfer to '{self.model}' at {self.hook_name}: {verdict}<br><sup>{self.sae}; "
+                  f"R^2 = {R2_FORMULA}; {self.token_mask}</sup>",
+            yaxis_title="R^2 (explained variance)", xaxis_title="corpus", template="plotly_white",
+            legend=dict(orientation="h", y=-0.18))
+        return fig
+
+    def __repr__(self) -> str:
+        n_pass = sum(c.passed for c in self.corpora)
+        head = (f"TransferReport: {self.sae}\n  on '{self.model}' layer {self.layer} ({self.module_path}) - "
+                f"{'PASSED' if self.passed else 'NOT PASSED'} ({n_pass}/{len(self.corpora)} corpora with "
+                f"R^2 > {self.threshold:g} at alpha={self.alpha:g})\n"
+                f"  R^2 = {R2_FORMULA}, pooled over tokens in float64 (sae-lens' explained variance)\n"
+                f"  tokens: {self.token_mask}\n  test: {self.test}\n")
+        cols = ("corpus", "prompts", "tokens", "R^2", "95% CI", "per-prompt", "p(boot)", "p(t)", "L0", "dead",
+                "CE score", "KL", "")
+        rows = [cols]
+        for c in self.corpora:
+            rows.append((c.name, str(c.n_prompts), str(c.n_tokens), f"{c.r2:.4f}",
+                         f"[{c.r2_ci[0]:.4f}, {c.r2_ci[1]:.4f}]", f"{c.r2_prompt_mean:.4f}",
+                         _fmt_p(c.p_bootstrap, self.n_boot), _fmt_p(c.p_ttest), f"{c.l0:.1f}",
+                         f"{c.dead_fraction:.1%}", f"{c.ce_score:.3f}", f"{c.kl:.4f}",
+                         "pass" if c.passed else "FAIL"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+        lines = ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        return head + "\n".join(lines)
+
+
+def transfer_report(model: Model, sae: SAE, corpora: Mapping[str, Sequence[Prompt | str]] | Sequence[Prompt | str],
+                    *, layer: int | None = None, threshold: float = 0.95, alpha: float = 0.05,
+                    exclude_special: bool = True, n_boot: int = 1000, seed: int = 0, ce: bool = True,
+                    batch_size: int | None = None, cache: Any = None, progress: bool = True) -> TransferReport:
+    """Does ``sae`` reconstruct ``model``'s layer activations on each corpus? R^2, CI, tests, L0, CE and KL.
+
+    ``corpora``: ``{"medical": [...], "general": [...]}`` (prompts or strings). ``layer`` defaults to the
+    SAE's own. BOS and other special tokens are excluded unless ``exclude_special=False``. ``ce=False``
+    skips the three full forward passes that the CE-loss score and KL need; ``cache`` is passed to
+    `capture` so that a rerun reads the activations back.
+    """
+    site = check_sae(model, sae, layer)
+    if not 0 < threshold < 1 or not 0 < alpha < 1:
+        raise InterpError(f"threshold={threshold} and alpha={alpha} must lie strictly between 0 and 1")
+    if n_boot < 1:
+        raise InterpError(f"n_boot={n_boot}: use at least 1 bootstrap resample (1000 is the default)")
+    if isinstance(corpora, Mapping):
+        named = dict(corpora)
+    elif isinstance(corpora, Sequence) and not isinstance(corpora, str):
+        named = {"corpus": corpora}
+    else:
+        raise InterpError(f"corpora must be a dict of name -> prompts, got {type(corpora).__name__}")
+    if not named:
+        raise InterpError("corpora is empty: pass e.g. {'medical': interp.prompts.medical()}")
+    items_by_name: dict[str, list[Prompt]] = {}
+    for name, prompts in named.items():
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise InterpError(f"corpus {name!r} must be a list of prompts, got {type(prompts).__name__}")
+        if len(prompts) == 0:
+            raise InterpError(f"corpus {name!r} is empty: give it at least two prompts")
+        items_by_name[name] = [_as_prompt(p) for p in prompts]
+    exclude = ("special", "image") if exclude_special else ()
+    if batch_size is None:
+        batch_size = 16 if model.device.type == "cuda" else 8
+    sae.eval()
+
+    results = []
+    for name, items in items_by_name.items():
+        acts = capture(model, items, layers=[site.layer], positions="all", exclude=exclude,
+                       batch_size=batch_size, cache=cache, progress=progress)
+        rows = acts[site.layer]
+        if rows.shape[0] == 0:
+            raise InterpError(f"corpus {name!r} has no tokens left after excluding special tokens")
+        stats = _recon_stats(sae, rows, acts.prompt_index, len(items), what=f"corpus {name!r}: ")
+        losses = None
+        if ce:
+            with tqdm(total=len(items), desc=f"splice SAE ({name})", unit="prompt", disable=not progress,
+                      leave=False) as bar:
+                losses = _splice_losses(model, sae, site.layer, items, exclude, batch_size, bar)
+        results.append(_corpus_result(name, stats, losses, threshold, alpha, n_boot, seed))
+
+    mask = ("BOS, turn markers and other special tokens and image tokens excluded (exclude_special=True); "
+            "padding never counted" if exclude_special else "all real tokens, BOS and special tokens included")
+    test = (f"pooled R^2 > {threshold:g}: percentile bootstrap over prompts ({n_boot} resamples, "
+            f"p = (1 + #{{R^2* <= {threshold:g}}}) / (1 + {n_boot})); mean per-prompt R^2 > {threshold:g}: "
+            f"one-sided one-sample t-test; a corpus passes when both p < {alpha:g}")
+    if ce:
+        test += ("; CE/KL: SAE reconstruction spliced into the layer output at the scored positions, "
+                 "zero-ablation at the same positions, next-token loss at those positions")
+    meta = sae.cfg.metadata
+    desc = (f"{sae.cfg.architecture()} SAE {sae.cfg.d_in}->{sae.cfg.d_sae} ({meta.hook_name or site.hook_name}"
+            f"{', ' + meta.model_name if meta.model_name else ''})")
+    return TransferReport(model=model.name, sae=desc, layer=site.layer, hook_name=site.hook_name,
+                          module_path=site.module_path, threshold=threshold, alpha=alpha,
+                          corpora=tuple(results), token_mask=mask, test=test, n_boot=n_boot, seed=seed)
+
+
+def _corpus_result(name: str, stats: _Stats, losses: dict[str, float] | None, threshold: float, alpha: float,
+                   n_boot: int, seed: int) -> CorpusTransfer:
+    from scipy import stats as st
+
+    n_tok = float(stats.n.sum())
+    r2 = float(_r2(stats.n.sum(), stats.sum_x.sum(0), stats.sq_norm.sum(), stats.sq_resid.sum()))
+    per_prompt = _r2(stats.n, stats.sum_x, stats.sq_norm, stats.sq_resid)
+    per_prompt = np.where(stats.n >= 2, per_prompt, np.nan)
+    finite = per_prompt[np.isfinite(per_prompt)]
+    boot = _bootstrap(stats, n_boot, seed)
+    boot = boot[np.isfinite(boot)]
+    if len(boot) and (stats.n > 0).sum() >= 2:
+        ci = (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
+        p_boot = float((1 + np.sum(boot <= threshold)) / (1 + len(boot)))
+    else:
+        ci, p_boot = (math.nan, math.nan), math.nan
+    if len(finite) >= 2 and np.ptp(finite) > 0:
+        p_t = float(st.ttest_1samp(finite, threshold, alternative="greater").pvalue)
+    elif len(finite) >= 2:  # identical values: the t statistic is infinite or undefined
+        p_t = 0.0 if finite[0] > threshold else 1.0
+    else:
+        p_t = math.nan
+    extra: dict[str, Any] = {}
+    if losses is not None and losses["tokens"] > 0:
+        t = losses["tokens"]
+        ce_orig, ce_sae, ce_zero = losses["ce_orig"] / t, losses["ce_sae"] / t, losses["ce_zero"] / t
+        denom = ce_zero - ce_orig
+        extra = dict(ce_orig=ce_orig, ce_sae=ce_sae, ce_zero=ce_zero,
+                     ce_score=(ce_zero - ce_sae) / denom if denom != 0 else math.nan,
+                     kl=losses["kl_sae"] / t, kl_zero=losses["kl_zero"] / t, n_predicted=int(t))
+    return CorpusTransfer(
+        name=name, n_prompts=len(stats.n), n_tokens=int(n_tok), r2=r2, r2_ci=ci,
+        r2_prompt_mean=float(finite.mean()) if len(finite) else math.nan,
+        r2_prompt=tuple(float(v) for v in per_prompt), p_bootstrap=p_boot, p_ttest=p_t, threshold=threshold,
+        alpha=alpha, l0=stats.l0_sum / n_tok, dead_fraction=float(1.0 - stats.fired.mean()),
+        cosine=stats.cos / n_tok, **extra)
+
+
+__all__ = ["CorpusTransfer", "SAESite", "TransferReport", "check_sae", "load_sae", "train_sae",
+           "transfer_report", "R2_FORMULA"]

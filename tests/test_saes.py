@@ -1,0 +1,382 @@
+"""SAEs: Gemma Scope folders load without the hub and encode as the JumpReLU formula says; R^2 matches numpy
+and sae-lens; the CE splice is exact for an identity SAE; training lowers the error; bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import interp
+import interp.prompts
+from interp.saes import check_sae, load_sae, train_sae, transfer_report
+
+LAYER = 3  # tiny-medgemma has 6 layers, d_model 64
+EXCLUDE = ("special", "image")
+
+
+def _gemma_scope_folder(root, params: dict[str, torch.Tensor], *, layer: int = LAYER, config: dict | None = None,
+                        name: str | None = None):
+    """A folder laid out like google/gemma-scope-2-*/resid_post/layer_<L>_width_<W>_l0_<size>/."""
+    width = params["w_enc"].shape[1] if "w_enc" in params else 0
+    folder = root / "resid_post" / (name or f"layer_{layer}_width_{width}_l0_small")
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in params.items()}, str(folder / "params.safetensors"))
+    if config is None:  # the real Gemma Scope 2 config.json fields
+        config = {"width": width, "model_name": "google/gemma-3-4b-pt", "architecture": "jump_relu", "l0": 20,
+                  "affine_connection": False, "hf_hook_point_in": f"model.layers.{layer}.output",
+                  "hf_hook_point_out": f"model.layers.{layer}.output", "type": "sae"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _random_params(d_in: int = 64, d_sae: int = 96, seed: int = 0, mean: torch.Tensor | None = None):
+    g = torch.Generator().manual_seed(seed)
+    w_dec = torch.randn(d_sae, d_in, generator=g)
+    w_dec /= w_dec.norm(dim=-1, keepdim=True)
+    return {"w_enc": w_dec.T * 0.8, "w_dec": w_dec, "b_enc": 0.1 * torch.randn(d_sae, generator=g),
+            "b_dec": torch.zeros(d_in) if mean is None else mean,
+            "threshold": 0.2 + 0.1 * torch.rand(d_sae, generator=g)}
+
+
+def _identity_params(d_in: int = 64):
+    """relu(x) - relu(-x) = x exactly: a JumpReLU SAE that reconstructs perfectly."""
+    eye = torch.eye(d_in)
+    return {"w_enc": torch.cat([eye, -eye], 1), "w_dec": torch.cat([eye, -eye], 0), "b_enc": torch.zeros(2 * d_in),
+            "b_dec": torch.zeros(d_in), "threshold": torch.zeros(2 * d_in)}
+
+
+@pytest.fixture(scope="module")
+def corpora() -> dict[str, list[str]]:
+    return {"medical": interp.prompts.medical()[:6], "general": interp.prompts.general()[:6]}
+
+
+@pytest.fixture(scope="module")
+def medical_acts(tiny_medgemma, corpora) -> interp.Activations:
+    return interp.capture(tiny_medgemma, corpora["medical"], layers=[LAYER], positions="all", exclude=EXCLUDE,
+                          progress=False)
+
+
+@pytest.fixture(scope="module")
+def train_acts(tiny_medgemma) -> interp.Activations:
+    return interp.capture(tiny_medgemma, interp.prompts.general()[10:40], layers=[LAYER], positions="all",
+                          exclude=EXCLUDE, progress=False)
+
+
+# ---- corpora ------------------------------------------------------------------------------------
+def test_bundled_corpora_have_120_distinct_prompts_each():
+    med, gen = interp.prompts.medical(), interp.prompts.general()
+    assert len(med) == len(gen) == 120
+    assert len(set(med)) == 120 and len(set(gen)) == 120 and not set(med) & set(gen)
+    assert all(p == p.strip() and p for p in med + gen)
+    assert interp.prompts.corpora() == {"medical": med, "general": gen}
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def test_gemma_scope_folder_loads_offline_and_encodes_as_jumprelu(tmp_path, tiny_medgemma, medical_acts):
+    params = _random_params()
+    sae = load_sae(_gemma_scope_folder(tmp_path, params), device="cpu")
+    assert type(sae).__name__ == "JumpReLUSAE"
+    assert sae.cfg.metadata.hook_name == f"blocks.{LAYER}.hook_resid_post"
+    assert sae.cfg.metadata.hf_hook_name == f"model.layers.{LAYER}.output"
+    assert sae.cfg.metadata.model_name == "google/gemma-3-4b-pt"
+    assert not sae.cfg.apply_b_dec_to_input  # Gemma Scope feeds raw activations to the encoder
+
+    x = medical_acts[LAYER][:50]
+    p = {k: v.double().numpy() for k, v in params.items()}
+    pre = x.double().numpy() @ p["w_enc"] + p["b_enc"]
+    assert np.abs(pre - p["threshold"]).min() > 1e-4  # no unit sits on its threshold: float32 cannot flip it
+    f = np.maximum(pre, 0) * (pre > p["threshold"])
+    with torch.no_grad():
+        feats = sae.encode(x)
+        np.testing.assert_allclose(feats.numpy(), f, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sae.decode(feats).numpy(), f @ p["w_dec"] + p["b_dec"], rtol=1e-5, atol=1e-4)
+    assert 0 < (feats != 0).float().mean() < 1
+
+    site = check_sae(tiny_medgemma, sae)
+    assert site == (LAYER, f"blocks.{LAYER}.hook_resid_post", f"model.language_model.layers.{LAYER}")
+    assert tiny_medgemma.layers[site.layer] is tiny_medgemma.hf.get_submodule(site.module_path)
+
+
+def test_gemma_scope_layer_from_folder_name_or_override(tmp_path):
+    folder = _gemma_scope_folder(tmp_path, _random_params(), name="layer_5_width_96_l0_big",
+                                 config={"width": 96, "architecture": "jump_relu", "model_name": "gemma-v3-1b-it"})
+    sae = load_sae(folder, device="cpu")
+    assert sae.cfg.metadata.hook_name == "blocks.5.hook_resid_post"
+    assert sae.cfg.metadata.model_name == "google/gemma-3-1b-it"
+    assert load_sae(folder, device="cpu", layer=2).cfg.metadata.hook_name == "blocks.2.hook_resid_post"
+    odd = _gemma_scope_folder(tmp_path / "x", _random_params(), name="my_sae", config={"width": 96})
+    with pytest.raises(interp.InterpError, match="pass layer="):
+        load_sae(odd)
+    assert load_sae(odd, layer=1, dtype="bfloat16").W_enc.dtype == torch.bfloat16
+
+
+def test_bad_sae_folders_get_clear_errors(tmp_path):
+    no_threshold = {k: v for k, v in _random_params().items() if k != "threshold"}
+    with pytest.raises(interp.InterpError, match="threshold"):
+        load_sae(_gemma_scope_folder(tmp_path / "a", no_threshold))
+    transposed = {**_random_params(), "w_dec": _random_params()["w_enc"]}
+    with pytest.raises(interp.InterpError, match=r"w_dec \(64, 96\) \(expected \(96, 64\)\)"):
+        load_sae(_gemma_scope_folder(tmp_path / "b", transposed))
+    wrong_width = _gemma_scope_folder(tmp_path / "c", _random_params(), config={"width": 16384, "hf_hook_point_in": "model.layers.3.output"})
+    with pytest.raises(interp.InterpError, match="width=16384"):
+        load_sae(wrong_width)
+    transcoder = {"width": 96, "architecture": "jump_relu", "type": "transcoder",
+                  "hf_hook_point_in": "model.layers.3.pre_feedforward_layernorm.output",
+                  "hf_hook_point_out": "model.layers.3.post_feedforward_layernorm.output"}
+    with pytest.raises(interp.InterpError, match="transcoder"):
+        load_sae(_gemma_scope_folder(tmp_path / "d", _random_params(), config=transcoder))
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "weights.bin").write_bytes(b"0")
+    with pytest.raises(interp.InterpError, match="not an SAE folder.*weights.bin"):
+        load_sae(tmp_path / "e")
+    with pytest.raises(interp.InterpError, match="SAE folder not found"):
+        load_sae(tmp_path / "missing")
+
+
+def test_sae_lens_saved_folder_round_trips(tmp_path):
+    sae = load_sae(_gemma_scope_folder(tmp_path, _random_params()), device="cpu")
+    sae.save_model(tmp_path / "saved")
+    back = load_sae(tmp_path / "saved")
+    assert back.cfg.metadata.hook_name == sae.cfg.metadata.hook_name
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+        assert torch.equal(getattr(back, name), getattr(sae, name))
+
+
+def test_registry_names_are_checked_locally_and_hub_failure_says_what_to_do(monkeypatch):
+    with pytest.raises(interp.InterpError, match="gemma-scope-2-4b-it-res"):
+        load_sae("gemma-scope-2-4b-it-rez", "layer_17_width_16k_l0_medium")
+    with pytest.raises(interp.InterpError, match="layer_17_width_16k_l0_medium"):
+        load_sae("gemma-scope-2-4b-it-res", "layer_17_width_16k_l0_mediun")
+    with pytest.raises(interp.InterpError, match="sae_id is missing"):
+        load_sae("gemma-scope-2-4b-it-res")
+
+    import requests
+    from sae_lens import SAE
+
+    def offline(*_a, **_k):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(SAE, "from_pretrained", offline)
+    with pytest.raises(interp.InterpError, match=r"no hub is reachable.*resid_post/layer_17_width_16k_l0_medium"
+                                                 r".*google/gemma-scope-2-4b-it.*local path"):
+        load_sae("gemma-scope-2-4b-it-res", "layer_17_width_16k_l0_medium")
+
+
+def test_check_sae_refuses_wrong_width_layer_and_site(tmp_path, tiny_medgemma):
+    sae = load_sae(_gemma_scope_folder(tmp_path / "a", _random_params()), device="cpu")
+    with pytest.raises(interp.InterpError, match=r"reads blocks.3.hook_resid_post \(layer 3\) but layer=4"):
+        check_sae(tiny_medgemma, sae, 4)
+    wide = load_sae(_gemma_scope_folder(tmp_path / "b", _random_params(d_in=32)), device="cpu")
+    with pytest.raises(interp.InterpError, match="SAE d_in=32 but layer 3 of 'tiny-medgemma' has d_model=64"):
+        check_sae(tiny_medgemma, wide)
+    far = load_sae(_gemma_scope_folder(tmp_path / "c", _random_params(), layer=17), device="cpu")
+    with pytest.raises(interp.InterpError, match="layer 17 is out of range"):
+        check_sae(tiny_medgemma, far)
+    mlp = {"width": 96, "hf_hook_point_in": "model.layers.3.post_feedforward_layernorm.output"}
+    mlp_sae = load_sae(_gemma_scope_folder(tmp_path / "d", _random_params(), config=mlp), device="cpu")
+    assert mlp_sae.cfg.metadata.hook_name == "blocks.3.hook_mlp_out"
+    with pytest.raises(interp.InterpError, match="residual-stream SAEs"):
+        check_sae(tiny_medgemma, mlp_sae)
+    with pytest.raises(interp.InterpError, match="d_model=64"):
+        transfer_report(tiny_medgemma, wide, {"medical": ["Is there effusion?"]}, progress=False)
+
+
+# ---- R^2 and friends ----------------------------------------------------------------------------
+def test_r2_l0_dead_match_numpy_sae_lens_and_statsmodels(tmp_path, tiny_medgemma, corpora, medical_acts):
+    from sae_lens.evals import ExplainedVarianceCalculator
+    from statsmodels.stats.weightstats import DescrStatsW
+
+    x_t = medical_acts[LAYER]
+    params = _random_params(mean=x_t.mean(0))
+    sae = load_sae(_gemma_scope_folder(tmp_path, params), device="cpu")
+    rep = transfer_report(tiny_medgemma, sae, {"medical": corpora["medical"]}, threshold=0.5, ce=False,
+                          n_boot=300, progress=False)
+    got = rep["medical"]
+
+    # independent numpy: JumpReLU from the raw params, the formula over tokens, per prompt by a loop
+    x, p = x_t.double().numpy(), {k: v.double().numpy() for k, v in params.items()}
+    pre = x @ p["w_enc"] + p["b_enc"]
+    assert np.abs(pre - p["threshold"]).min() > 1e-4
+    f = np.maximum(pre, 0) * (pre > p["threshold"])
+    x_hat = f @ p["w_dec"] + p["b_dec"]
+
+    def r2(a, b):
+        return 1 - ((a - b) ** 2).sum(1).mean() / ((a ** 2).sum(1).mean() - (a.mean(0) ** 2).sum())
+
+    assert got.n_tokens == len(x) and got.n_prompts == 6
+    assert got.r2 == pytest.approx(r2(x, x_hat), abs=1e-6)
+    idx = medical_acts.prompt_index.numpy()
+    per_prompt = [r2(x[idx == i], x_hat[idx == i]) for i in range(6)]
+    np.testing.assert_allclose(got.r2_prompt, per_prompt, atol=1e-6)
+    assert got.r2_prompt_mean == pytest.approx(np.mean(per_prompt), abs=1e-6)
+    assert got.l0 == pytest.approx((f != 0).sum(1).mean(), abs=1e-9)
+    assert got.dead_fraction == pytest.approx(((f != 0).sum(0) == 0).mean(), abs=1e-12)
+    cos = (x * x_hat).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(x_hat, axis=1)
+    assert got.cosine == pytest.approx(cos.mean(), abs=1e-6)
+
+    calc = ExplainedVarianceCalculator()  # sae-lens' own streaming explained variance
+    with torch.no_grad():
+        for chunk in torch.split(x_t, 64):
+            calc.add_batch(sae_output=sae.decode(sae.encode(chunk)), hidden_acts=chunk)
+    assert got.r2 == pytest.approx(calc.compute(), abs=1e-5)
+
+    t = DescrStatsW(np.array(per_prompt)).ttest_mean(0.5, alternative="larger")
+    assert got.p_ttest == pytest.approx(t[1], rel=1e-6)
+    assert got.r2_ci[0] <= got.r2 <= got.r2_ci[1]
+    # the bootstrap re-pools the rows of resampled prompts: a naive loop over the same resamples agrees
+    counts = np.random.default_rng(0).multinomial(6, np.full(6, 1 / 6), size=300)
+    boot = [r2(np.concatenate([x[idx == i] for i in range(6) for _ in range(c[i])]),
+               np.concatenate([x_hat[idx == i] for i in range(6) for _ in range(c[i])])) for c in counts]
+    np.testing.assert_allclose(got.r2_ci, np.percentile(boot, [2.5, 97.5]), atol=1e-6)
+    assert got.p_bootstrap == pytest.approx((1 + np.sum(np.array(boot) <= 0.5)) / 301)
+    strict = transfer_report(tiny_medgemma, sae, {"medical": corpora["medical"]}, threshold=0.999, ce=False,
+                             n_boot=300, progress=False)["medical"]
+    assert strict.p_bootstrap == pytest.approx(1.0, abs=0.01) and not strict.passed
+    assert rep.n_boot == 300 and "special" in rep.token_mask and "float64" in rep.r2_formula
+
+
+def test_perfect_reconstruction_gives_1_and_mean_gives_0_and_identity_splice_changes_nothing(
+        tmp_path, tiny_medgemma, corpora, medical_acts):
+    ident = load_sae(_gemma_scope_folder(tmp_path / "id", _identity_params()), device="cpu")
+    rep = transfer_report(tiny_medgemma, ident, corpora, n_boot=200, progress=False)
+    for c in rep.corpora:
+        assert c.r2 == 1.0 and all(v == 1.0 for v in c.r2_prompt) and c.cosine == pytest.approx(1.0)
+        assert c.kl == 0.0 and c.ce_sae == c.ce_orig and c.ce_score == 1.0
+        assert c.ce_zero != c.ce_orig and c.kl_zero > 0 and c.n_predicted > 0
+        assert c.p_bootstrap == pytest.approx(1 / 201) and c.p_ttest == 0.0 and c.passed
+    assert rep.passed
+
+    mean = medical_acts[LAYER].double().mean(0).float()
+    flat = {"w_enc": torch.zeros(64, 8), "w_dec": torch.randn(8, 64), "b_enc": torch.zeros(8), "b_dec": mean,
+            "threshold": torch.full((8,), 1e6)}
+    mean_sae = load_sae(_gemma_scope_folder(tmp_path / "mean", flat), device="cpu")
+    c = transfer_report(tiny_medgemma, mean_sae, {"medical": corpora["medical"]}, ce=False, n_boot=50,
+                        progress=False)["medical"]
+    assert c.r2 == pytest.approx(0.0, abs=1e-6) and c.l0 == 0 and c.dead_fraction == 1.0 and not c.passed
+
+
+def test_ce_orig_matches_a_per_prompt_forward(tmp_path, tiny_medgemma, corpora):
+    sae = load_sae(_gemma_scope_folder(tmp_path, _random_params()), device="cpu")
+    rep = transfer_report(tiny_medgemma, sae, {"general": corpora["general"]}, n_boot=20, batch_size=4,
+                          progress=False)["general"]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for prompt in corpora["general"]:
+            batch = tiny_medgemma.encode([prompt])
+            logp = torch.log_softmax(tiny_medgemma.hf(**batch.inputs).logits[0].double(), -1)
+            ids = batch.input_ids[0]
+            for t in range(len(ids) - 1):
+                if not batch.special_mask[0, t]:
+                    nll -= float(logp[t, ids[t + 1]])
+                    n += 1
+    assert rep.n_predicted == n
+    assert rep.ce_orig == pytest.approx(nll / n, rel=1e-5)
+    assert rep.kl > 0 and math.isfinite(rep.ce_score)
+
+
+def test_transfer_report_bad_input(tmp_path, tiny_medgemma):
+    sae = load_sae(_gemma_scope_folder(tmp_path, _random_params()), device="cpu")
+    with pytest.raises(interp.InterpError, match="corpus 'medical' is empty"):
+        transfer_report(tiny_medgemma, sae, {"medical": [], "general": ["Hello there."]}, progress=False)
+    with pytest.raises(interp.InterpError, match="corpora is empty"):
+        transfer_report(tiny_medgemma, sae, {}, progress=False)
+    with pytest.raises(interp.InterpError, match="threshold"):
+        transfer_report(tiny_medgemma, sae, ["Is there effusion?"], threshold=95, progress=False)
+
+    def poison(_module, _inputs, output):
+        return output * float("nan")
+
+    handle = tiny_medgemma.layers[1].register_forward_hook(poison)
+    try:
+        with pytest.raises(interp.InterpError, match="corpus 'x'.*NaN"):
+            transfer_report(tiny_medgemma, sae, {"x": ["Is the heart enlarged?"]}, ce=False, progress=False)
+    finally:
+        handle.remove()
+
+
+def test_report_serialises_prints_and_plots(tmp_path, tiny_medgemma, corpora):
+    sae = load_sae(_gemma_scope_folder(tmp_path, _random_params()), device="cpu")
+    rep = transfer_report(tiny_medgemma, sae, corpora, ce=False, n_boot=50, progress=False)
+    d = json.loads(rep.to_json(tmp_path / "report.json"))
+    assert [c["name"] for c in d["corpora"]] == ["medical", "general"] and d["passed"] is False
+    assert len(d["corpora"][0]["r2_prompt"]) == 6
+    text = repr(rep)
+    assert "1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)" in text and "excluded" in text and "medical" in text
+    fig = rep.figure()
+    assert [t.type for t in fig.data] == ["box", "box", "scatter"]
+    assert list(fig.data[0].y) == [v for v in rep["medical"].r2_prompt if math.isfinite(v)]
+    assert any(s.y0 == rep.threshold for s in fig.layout.shapes)
+    with pytest.raises(KeyError):
+        rep["radiology"]
+
+
+# ---- training -----------------------------------------------------------------------------------
+def test_train_sae_lowers_reconstruction_error_and_is_seeded(tiny_medgemma, train_acts, medical_acts):
+    from interp.saes import _r2, _recon_stats
+
+    def r2(sae, acts):
+        s = _recon_stats(sae, acts[LAYER], acts.prompt_index, acts.n_prompts)
+        return float(_r2(s.n.sum(), s.sum_x.sum(0), s.sq_norm.sum(), s.sq_resid.sum()))
+
+    start = train_sae(train_acts, d_sae=128, steps=1, device="cpu", progress=False)
+    sae = train_sae(train_acts, d_sae=128, steps=150, device="cpu", progress=False)
+    assert sae.cfg.metadata.hook_name == f"blocks.{LAYER}.hook_resid_post"
+    assert sae.cfg.metadata.model_name == "tiny-medgemma" and type(sae).__name__ == "JumpReLUSAE"
+    check_sae(tiny_medgemma, sae)
+    before, after = r2(start, train_acts), r2(sae, train_acts)
+    assert after > before + 0.3 and after > 0.6
+    assert r2(sae, medical_acts) > 0.3  # held-out prompts from another corpus
+
+    again = train_sae(train_acts[LAYER], layer=LAYER, d_sae=128, steps=150, device="cpu", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(), again.state_dict().values(), strict=True))
+    other = train_sae(train_acts, d_sae=128, steps=5, seed=1, device="cpu", progress=False)
+    assert not torch.equal(other.W_enc, start.W_enc)
+
+    # inputs are normalised while training and the scale folded back: 100x activations train the same SAE
+    rows, idx = train_acts[LAYER], train_acts.prompt_index
+    small = train_sae(rows, layer=LAYER, d_sae=64, steps=40, device="cpu", progress=False)
+    big = train_sae(100 * rows, layer=LAYER, d_sae=64, steps=40, device="cpu", progress=False)
+    s1, s2 = _recon_stats(small, rows, idx, train_acts.n_prompts), _recon_stats(big, 100 * rows, idx, train_acts.n_prompts)
+    assert float(_r2(s2.n.sum(), s2.sum_x.sum(0), s2.sq_norm.sum(), s2.sq_resid.sum())) == pytest.approx(
+        float(_r2(s1.n.sum(), s1.sum_x.sum(0), s1.sq_norm.sum(), s1.sq_resid.sum())), abs=1e-3)
+
+    topk = train_sae(train_acts, d_sae=128, architecture="topk", k=8, steps=60, device="cpu", progress=False)
+    with torch.no_grad():
+        assert (topk.encode(medical_acts[LAYER]) != 0).sum(-1).max() <= 8
+    assert r2(topk, train_acts) > before
+
+
+def test_train_sae_bad_input(train_acts):
+    with pytest.raises(interp.InterpError, match="pass layer="):
+        train_sae(train_acts[LAYER], d_sae=16)
+    with pytest.raises(interp.InterpError, match="k= is for architecture='topk'"):
+        train_sae(train_acts, d_sae=16, k=4)
+    with pytest.raises(interp.InterpError, match="NaN"):
+        train_sae(torch.full((64, 8), float("nan")), layer=0, d_sae=16)
+    with pytest.raises(interp.InterpError, match="only 3 activation rows"):
+        train_sae(torch.randn(3, 8), layer=0, d_sae=16)
+    with pytest.raises(interp.InterpError, match="architecture="):
+        train_sae(train_acts, d_sae=16, architecture="gated")
+
+
+# ---- the real Gemma 3 270M ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_gemma270m_small_sae_trained_on_general_text_reports_transfer_to_medical(gemma270m):
+    layer = 6
+    general = interp.prompts.general()
+    acts = interp.capture(gemma270m, general[:30], layers=[layer], positions="all", exclude=EXCLUDE, progress=False)
+    sae = train_sae(acts, d_sae=256, steps=80, device="cpu", progress=False)
+    rep = transfer_report(gemma270m, sae, {"medical": interp.prompts.medical()[:4], "general": general[30:34]},
+                          n_boot=200, batch_size=4, progress=False)
+    assert rep.layer == layer and rep.module_path == f"model.layers.{layer}"
+    for c in rep.corpora:
+        assert 0 < c.r2 <= 1 and c.r2_ci[0] <= c.r2 <= c.r2_ci[1]
+        assert all(math.isfinite(v) and v <= 1 for v in c.r2_prompt)
+        assert 0 < c.l0 < 256 and 0 <= c.dead_fraction < 1
+        assert c.ce_zero > c.ce_orig > 0 and math.isfinite(c.ce_score) and c.ce_score <= 1.05
+        assert c.kl > 0 and c.kl_zero > c.kl
