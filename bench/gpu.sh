@@ -8,7 +8,9 @@ if [ -d .whl ]; then
   rm -rf /tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$out/pip.log" 2>&1 || { tail -5 "$out/pip.log"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
+  # sae-lens imports wandb at module load but never uses it here: an empty module stands in
+  mkdir -p /tmp/stub/wandb && : > /tmp/stub/wandb/__init__.py
+  export PYTHONPATH=/tmp/site:$PWD:/tmp/stub
 fi
 export INTERP_HOME=${INTERP_HOME:-/tmp/interp_home} PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
