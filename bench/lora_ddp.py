@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", help="JSON results (rank 0)")
     args = ap.parse_args(argv)
 
-    rank, world = L._distributed()
+    rank, world = L.rank_and_world()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = "cpu" if args.smoke or not torch.cuda.is_available() else f"cuda:{local}"
     if device != "cpu":

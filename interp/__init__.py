@@ -9,7 +9,7 @@ from interp._errors import InterpError
 from interp.capture import Activations, capture, load_activations
 from interp.consistency import ConsistencyComparison, ConsistencyReport, evaluate
 from interp.data import ParaphraseGroup, ParaphrasePair, load_pairs
-from interp.export import Recorder, export
+from interp.export import Recorder, export, notebook_setup
 from interp.features import FeatureTable, ablate_feature, feature_card, register_features
 from interp.layers import LayerProfile, LayerSelection, find_layers, layer_profile
 from interp.lora import (
@@ -22,7 +22,7 @@ from interp.lora import (
                          train_lora,
 )
 from interp.models import Model, Prompt, load
-from interp.saes import TransferReport, check_sae, load_sae, train_sae, transfer_report
+from interp.saes import TransferReport, check_sae, load_sae, sae_for, train_sae, transfer_report
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "load_sae",  # a Gemma Scope 2 / sae-lens SAE from the registry or a local folder
     "train_sae",  # train a JumpReLU or TopK SAE with sae-lens on captured activations
     "check_sae",  # does this SAE fit this model's layer?
+    "sae_for",  # a published SAE checked against the model, or one trained here
     "transfer_report",  # R^2, CIs, test vs threshold, L0, dead features, CE/KL splice -> TransferReport
     "TransferReport",
     "ParaphrasePair",  # two phrasings of one yes/no question
@@ -62,6 +63,7 @@ __all__ = [
     "AblationReport",
     "Recorder",  # write figures, tables and metrics for a paper
     "export",  # execute the notebooks headless and export everything
+    "notebook_setup",  # a notebook's first cell: seeds, renderer, Recorder, model
     "InterpError",
     "data",
     "layers",

@@ -41,8 +41,7 @@ class Result:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
-            target = Path(path)
-            tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_text(text)
-            tmp.replace(target)
+            from interp._io import atomic_write_text
+
+            atomic_write_text(path, text)
         return text

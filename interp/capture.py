@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp._errors import InterpError
+from interp._io import atomic_write_text, file_sha256
 from interp.models import Batch, Model, Prompt, _as_prompt
 
 FORMAT = "interp.activations/1"
@@ -133,11 +134,11 @@ class _Stop(Exception):
     """Raised by the hook on the last requested layer: nothing above it is computed."""
 
 
-def _layer_output(out: Any) -> Tensor:
+def layer_output(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _position_masks(model: Model, batch: Batch, positions: Positions, exclude: Sequence[str]) -> Tensor:
+def position_mask(model: Model, batch: Batch, positions: Positions, exclude: Sequence[str]) -> Tensor:
     """Boolean ``[batch, pos]`` selection of the token positions to keep."""
     real = ~batch.pad_mask.cpu()
     if positions == "last":
@@ -192,7 +193,7 @@ def run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
 
     def make_hook(k: int, i: int):
         def hook(_module, _inputs, output):
-            resid = _layer_output(output)  # [batch, pos, d_model]
+            resid = layer_output(output)  # [batch, pos, d_model]
             rows = resid.reshape(-1, resid.shape[-1]).index_select(0, flat)
             buffer[k].copy_(rows)
             kept[i] = buffer[k]
@@ -248,17 +249,7 @@ def _versions() -> dict[str, str]:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _slug(name: str) -> str:
@@ -342,7 +333,7 @@ def _prepare_batch(model: Model, items: list[Prompt], lo: int, hi: int, position
                    exclude: Sequence[str], pin: bool) -> tuple[Batch, Tensor, dict[str, Tensor]]:
     """Tokenise prompts ``lo:hi`` on the host: (batch, selection, row metadata)."""
     batch = model.encode(items[lo:hi], device="cpu")
-    sel = _position_masks(model, batch, positions, exclude)
+    sel = position_mask(model, batch, positions, exclude)
     rows, pos = sel.nonzero(as_tuple=True)  # row-major: prompt order, then position order
     meta = {"prompt_index": rows + lo, "position": pos, "token_id": batch.input_ids[rows, pos]}
     return (batch.to("cpu", pin=True) if pin else batch), sel, meta
@@ -474,7 +465,7 @@ def _write_shard(folder: Path, manifest: dict, span: tuple[int, int], tensors: d
     name = f"shard_{span[0]:08d}_{span[1]:08d}.safetensors"
     tmp = folder / f".{name}.tmp{os.getpid()}"
     save_file(tensors, str(tmp))
-    digest = _sha256(tmp)
+    digest = file_sha256(tmp)
     os.replace(tmp, folder / name)
     manifest["shards"].append({"file": name, "prompts": list(span), "rows": int(tensors["prompt_index"].numel()),
                                "sha256": digest})
@@ -486,7 +477,7 @@ def _read_shard(folder: Path, entry: dict) -> dict[str, Tensor]:
     path = folder / entry["file"]
     if not path.is_file():
         raise CacheError(f"cache shard '{path}' is missing; delete '{folder}' or pass recompute=True")
-    if _sha256(path) != entry["sha256"]:
+    if file_sha256(path) != entry["sha256"]:
         raise CacheError(f"cache shard '{path}' is corrupt (sha256 mismatch); delete it and rerun to "
                          "recompute it, or pass recompute=True")
     try:

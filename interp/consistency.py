@@ -29,7 +29,7 @@ from interp.data import ParaphraseGroup, ParaphrasePair, check_image_files
 from interp.models import Batch, Model, Prompt, _as_prompt, _open_image
 
 
-def _body_and_head(model: Model):
+def body_and_head(model: Model):
     hf = model.hf
     if hasattr(hf, "get_base_model"):  # PEFT: LoRA layers are injected in place, the base holds them
         hf = hf.get_base_model()
@@ -43,7 +43,7 @@ def _body_and_head(model: Model):
 
 def last_hidden(model: Model, batch: Batch) -> Tensor:
     """Final-norm hidden state at each row's last real token: ``[batch, d_model]`` (differentiable)."""
-    body, _ = _body_and_head(model)
+    body, _ = body_and_head(model)
     out = body(**batch.inputs, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -52,7 +52,7 @@ def last_hidden(model: Model, batch: Batch) -> Tensor:
 
 def project(model: Model, hidden: Tensor, token_ids: Sequence[int] | None = None) -> Tensor:
     """Unembed ``[..., d_model]`` hidden states (optionally only some vocabulary rows), with softcapping."""
-    _, head = _body_and_head(model)
+    _, head = body_and_head(model)
     weight = head.weight if token_ids is None else head.weight[list(token_ids)]
     logits = hidden.to(weight.dtype) @ weight.T
     if getattr(head, "bias", None) is not None:
@@ -148,7 +148,7 @@ class _FastScorer:
 
     def __init__(self, model: Model, batch_size: int | None):
         self.model = model
-        self.body, _ = _body_and_head(model)
+        self.body, _ = body_and_head(model)
         if not hasattr(self.body, "get_input_embeddings"):
             raise _FastUnsupported("the decoder body has no get_input_embeddings()")
         params = inspect.signature(self.body.forward).parameters

@@ -18,17 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from interp._errors import InterpError
+from interp._io import atomic_write_text
 from interp._results import Result, jsonable
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOK_ORDER = ("01_capture", "02_sae_transfer", "03_register_features", "04_find_layers",
                   "05_targeted_lora", "06_layer_ablation")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def static_export_available() -> bool:
@@ -64,16 +59,16 @@ class Recorder:
     def table(self, name: str, df: Any, *, caption: str = "") -> Path:
         """Save a pandas table as CSV and as a LaTeX tabular."""
         csv = self.folder / "tables" / f"{name}.csv"
-        _atomic_write(csv, df.to_csv(index=False))
+        atomic_write_text(csv, df.to_csv(index=False))
         latex = df.to_latex(index=False, float_format=lambda v: f"{v:.4g}", caption=caption or None,
                             label=f"tab:{name}", escape=True)
-        _atomic_write(self.folder / "tables" / f"{name}.tex", latex)
+        atomic_write_text(self.folder / "tables" / f"{name}.tex", latex)
         return csv
 
     def metric(self, key: str, value: Any) -> None:
         """Record one metric (a number, or a JSON-able value) under a dotted key."""
         self.metrics[key] = jsonable(value)
-        _atomic_write(self.folder / "metrics.json", json.dumps(self.metrics, indent=1, sort_keys=True))
+        atomic_write_text(self.folder / "metrics.json", json.dumps(self.metrics, indent=1, sort_keys=True))
 
     def metrics_from(self, prefix: str, values: dict[str, Any]) -> None:
         for k, v in values.items():
@@ -81,12 +76,23 @@ class Recorder:
                 self.metric(f"{prefix}.{k}", v)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def notebook_setup(model_name: str, *, output_dir: str | os.PathLike, seed: int = 0, device: Any = None,
+                   dtype: Any = None) -> tuple[Any, Recorder]:
+    """The first cell of every notebook: seed everything, render figures for JupyterLab and HTML, open a
+    `Recorder` on ``output_dir`` and load the model. Returns ``(model, recorder)``."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from interp import viz
+    from interp.models import load
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    viz.use_notebook_renderer()
+    return load(model_name, device=device, dtype=dtype), Recorder(output_dir)
 
 
 def run_manifest(*, model: Any = None, sae: Any = None, data: Any = None, seed: int | None = None,
@@ -179,7 +185,7 @@ def export(out: str | os.PathLike = "exports/run", *, parameters: dict[str, Any]
             executed.append(target)
             body, _ = HTMLExporter().from_notebook_node(nbformat.read(target, as_version=4))
             page = folder / f"{name}.html"
-            _atomic_write(page, body)
+            atomic_write_text(page, body)
             pages.append(page)
     finally:
         if env_before is None:
@@ -189,5 +195,5 @@ def export(out: str | os.PathLike = "exports/run", *, parameters: dict[str, Any]
     metrics_path = folder / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     manifest = run_manifest(seed=seed, extra={"parameters": params, "notebooks": names})
-    _atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1))
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
     return ExportResult(folder, tuple(executed), tuple(pages), metrics, time.perf_counter() - t0)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from interp._errors import InterpError
 from interp._results import Result
-from interp.capture import Activations, _layer_output, _position_masks, capture
+from interp.capture import Activations, capture, layer_output, position_mask
 from interp.consistency import last_hidden, project
 from interp.data import ParaphrasePair
 from interp.models import Model, Prompt, _as_prompt
@@ -393,7 +393,7 @@ def _splice_hook(sae: Any, feature: int, sel: Tensor, target: float | None):
     dev, dt = sae.W_dec.device, sae.W_dec.dtype
 
     def hook(_module, _inputs, output):
-        resid = _layer_output(output)  # [batch, pos, d_model]
+        resid = layer_output(output)  # [batch, pos, d_model]
         mask = sel.to(resid.device)
         x = resid[mask].to(dev, dt)
         f = sae.encode(x)
@@ -423,7 +423,7 @@ def _answer_margins(model: Model, prompts: Sequence[Prompt], *, layer: int, hook
         batch = model.encode([prompts[i] for i in idx])
         handle = None
         if hook_for is not None:
-            sel = _position_masks(model, batch, positions, exclude)
+            sel = position_mask(model, batch, positions, exclude)
             handle = model.layers[layer].register_forward_hook(hook_for(sel))
         try:
             out[idx] = _margin(model, last_hidden(model, batch))

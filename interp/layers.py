@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from interp._errors import InterpError
 from interp._results import Result, jsonable
-from interp.capture import _layer_output, _position_masks, capture, run_hooked
-from interp.consistency import _body_and_head, last_hidden
+from interp.capture import capture, layer_output, position_mask, run_hooked
+from interp.consistency import body_and_head, last_hidden
 from interp.data import ParaphrasePair
 from interp.features import _check_pairs, _margin, _pair_prompts, paired_stats, pooled_features, sae_layer
 from interp.models import Batch, Model, Prompt
@@ -309,7 +309,7 @@ def _pooled_resid(model: Model, prompts: Sequence[Prompt], positions: str, batch
                       leave=False):
             idx = order[s:s + batch_size]
             batch = model.encode([prompts[i] for i in idx])
-            sel = _position_masks(model, batch, positions, ())
+            sel = position_mask(model, batch, positions, ())
             counts = sel.sum(1)
             if (counts == 0).any():
                 raise InterpError(f"prompt {idx[int((counts == 0).nonzero()[0])]} has no {positions} tokens; "
@@ -406,7 +406,7 @@ def _capture_source(model: Model, batch: Batch, k: int) -> tuple[Tensor, Tensor]
 
     def make_hook(i: int):
         def hook(_module, _inputs, output):
-            src[i] = _layer_output(output)[rows, pos].clone()
+            src[i] = layer_output(output)[rows, pos].clone()
 
         return hook
 
@@ -424,7 +424,7 @@ def _patch_hooks(model: Model, groups: Sequence[int | None], rows: int, src: Ten
 
     def make_hook(lo: int, value: Tensor):
         def hook(_module, _inputs, output):
-            resid = _layer_output(output)  # [copies * rows, pos, d_model]
+            resid = layer_output(output)  # [copies * rows, pos, d_model]
             if pos is None:  # a cached step: the batch holds exactly the patched tokens
                 resid[lo:lo + rows] = value.to(resid.dtype)
             else:
@@ -533,7 +533,7 @@ def _patch_full(model: Model, _body: Any, batch: Batch, src: Tensor, k: int) -> 
 
 def _patching_profile(model: Model, items: list[ParaphrasePair], positions: str, batch_size: int, strategy: str,
                       progress: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    body, _ = _body_and_head(model)
+    body, _ = body_and_head(model)
     k = 1 if positions == "last" else _shared_tail(model, items, batch_size)
     n, n_layers = len(items), model.n_layers
     m_a, m_b, m_patched = torch.empty(n), torch.empty(n), torch.empty(n, n_layers)

@@ -46,10 +46,9 @@ class SAESection:
     sae_id: str | None = None  # e.g. "layer_17_width_16k_l0_medium" (with a registry release)
     layer: int | None = None  # decoder layer; default: the middle layer
     d_sae: int = 2048  # width of an SAE trained here
-    architecture: Literal["jumprelu", "topk"] = "topk"
     k: int = 32  # active features per token (topk)
     steps: int = 600  # training steps for an SAE trained here
-    train_prompts: int = 120  # general-text prompts whose tokens train it (transfer then tests medical text)
+    train_prompts: int = 80  # general prompts that train it; the rest of the general corpus is held out for transfer
 
 
 @dataclass
@@ -137,8 +136,8 @@ class LoopConfig:
         cfg = cls(output="reports/demo")
         cfg.data.limit = 48 if quick else 120
         cfg.sae.steps = 150 if quick else 600
-        cfg.sae.train_prompts = 40 if quick else 120
-        cfg.transfer.n_prompts = 24 if quick else 100
+        cfg.sae.train_prompts = 40 if quick else 80
+        cfg.transfer.n_prompts = 24 if quick else 40  # per corpus; general ones are held out from SAE training
         cfg.transfer.n_boot = 200 if quick else 1000
         cfg.lora.epochs = 1
         cfg.lora.grad_accum = 4
@@ -260,24 +259,19 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     step(f"2 · capture and SAE at layer {layer}")
     medical, general = interp.prompts.medical(), interp.prompts.general()
     n = config.transfer.n_prompts
-    if config.sae.release:
-        sae = interp.load_sae(config.sae.release, config.sae.sae_id, device=model.device, layer=layer)
-        transfer_general = general[:n]
-    else:
-        # train on general text only, then test on held-out general text and on medical text
-        train_text = general[: config.sae.train_prompts]
-        acts = interp.capture(model, train_text, layers=[layer], positions="all", exclude=("special", "image"),
-                              cache=True, progress=progress)
-        console.print(acts)
-        sae = interp.train_sae(acts, layer=layer, d_sae=config.sae.d_sae, architecture=config.sae.architecture,
-                               k=config.sae.k if config.sae.architecture == "topk" else None,
-                               steps=config.sae.steps, seed=config.seed, device=model.device, progress=progress,
-                               model_name=model.name)
-        held = general[config.sae.train_prompts:] or general[:n]
-        transfer_general = held[:n]
+    # an SAE trained here learns from general text only; transfer is then tested on held-out general
+    # text and on medical text
+    train_text = general[: config.sae.train_prompts]
+    held_general = general[config.sae.train_prompts:][:n] if not config.sae.release else general[:n]
+    if not held_general:
+        raise InterpError(f"sae.train_prompts={config.sae.train_prompts} uses all {len(general)} general prompts; "
+                          "lower it so that some general text is held out for the transfer test")
+    sae = interp.sae_for(model, config.sae.release, config.sae.sae_id, layer=layer, train_prompts=train_text,
+                         d_sae=config.sae.d_sae, k=config.sae.k, steps=config.sae.steps, seed=config.seed,
+                         progress=progress)
 
     step("3 · SAE transfer: medical vs general text")
-    transfer = interp.transfer_report(model, sae, {"medical": medical[:n], "general": transfer_general}, layer=layer,
+    transfer = interp.transfer_report(model, sae, {"medical": medical[:n], "general": held_general}, layer=layer,
                                       threshold=config.transfer.threshold, n_boot=config.transfer.n_boot,
                                       seed=config.seed, ce=config.transfer.ce, progress=progress)
     console.print(transfer)
@@ -341,6 +335,7 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     console.print(comparison)
     rec.figure("consistency_before", before.figure())
     rec.figure("consistency_after", after.figure())
+    rec.figure("consistency_compare", comparison.figure())
     rec.table("consistency", comparison.table, caption="Paraphrase consistency before and after targeted LoRA")
     for name, rep in (("before", before), ("after", after)):
         rec.metrics_from(f"consistency.{name}", {"flip_rate": rep.flip_rate, "mean_margin_diff": rep.mean_margin_diff,

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from interp._errors import InterpError
+from interp._io import atomic_write_text
 from interp._results import Result, jsonable
 from interp.consistency import last_hidden, project
 from interp.data import ParaphrasePair
@@ -581,9 +582,7 @@ def _atomic_dir(target: Path):
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(jsonable(obj), indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=1))
 
 
 def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -655,7 +654,7 @@ def _load_checkpoint(folder: Path, peft_model: nn.Module, optimizer: torch.optim
 
 
 # ==== distributed (accelerate / torch.distributed) ====================================================
-def _distributed() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     """(rank, world size); starts the process group through accelerate under ``accelerate launch``."""
     import torch.distributed as dist
 
@@ -897,7 +896,7 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
         train, held = split_holdout(pairs, eval_pairs, seed)
     else:
         train, held = pairs, ([] if eval_pairs is None else _check_pairs(eval_pairs, "eval_pairs"))
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     if grad_accum % world:
         raise InterpError(f"grad_accum={grad_accum} must be a multiple of the {world} processes so that every "
                           "optimizer step sees the same examples as on one GPU")

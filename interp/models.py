@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from interp._errors import InterpError
+from interp._io import file_sha256
 
 BUILTINS = ("gemma3-270m", "tiny-medgemma", "tiny-llava")
 RESOURCES = Path(__file__).parent / "resources"
@@ -522,18 +523,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load_gguf(path: Path, dtype: torch.dtype) -> Model:
     if not path.is_file():
         raise InterpError(f"GGUF file not found: '{path}'")
-    digest = _file_digest(path)[:16]
+    digest = file_sha256(path)[:16]
     folder = cache_home() / "models" / f"gguf-{digest}"
     if not (folder / "model.safetensors").is_file():
         _convert_gguf(path, folder)

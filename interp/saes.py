@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from interp._errors import InterpError
 from interp._results import Result
-from interp.capture import Activations, _position_masks, capture
+from interp.capture import Activations, capture, layer_output, position_mask
 from interp.models import Model, Prompt, _as_prompt
 
 if TYPE_CHECKING:  # sae-lens takes ~10 s to import: only functions that need it import it
@@ -496,10 +496,6 @@ def _bootstrap(stats: _Stats, n_boot: int, seed: int) -> np.ndarray:
     return np.where(var > 0, out, np.nan)
 
 
-def _layer_output(out: Any) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _replace_output(out: Any, resid: Tensor) -> Any:
     return (resid, *out[1:]) if isinstance(out, tuple) else resid
 
@@ -521,7 +517,7 @@ def _splice_losses(model: Model, sae: SAE, layer: int, items: list[Prompt], excl
     def hook(_module, _inputs, output):
         if mode["kind"] is None:
             return None
-        resid = _layer_output(output)  # [batch, pos, d_model]
+        resid = layer_output(output)  # [batch, pos, d_model]
         sel = mode["sel"]
         new = resid.clone()
         if mode["kind"] == "zero":
@@ -535,7 +531,7 @@ def _splice_losses(model: Model, sae: SAE, layer: int, items: list[Prompt], excl
     try:
         for b in range(0, len(order), batch_size):
             batch = model.encode([items[i] for i in order[b:b + batch_size]])
-            sel = _position_masks(model, batch, "all", exclude)
+            sel = position_mask(model, batch, "all", exclude)
             pos = torch.arange(sel.shape[1])
             pred = sel & (pos[None, :] + 1 < batch.lengths[:, None])  # positions whose next token exists
             if pred.any():
@@ -813,3 +809,22 @@ def _corpus_result(name: str, stats: _Stats, losses: dict[str, float] | None, th
 
 __all__ = ["CorpusTransfer", "SAESite", "TransferReport", "check_sae", "load_sae", "train_sae",
            "transfer_report", "R2_FORMULA"]
+
+
+def sae_for(model: Model, release: str | os.PathLike | None = None, sae_id: str | None = None, *, layer: int,
+            train_prompts: Sequence[Prompt | str] | None = None, d_sae: int = 2048, k: int = 32, steps: int = 600,
+            seed: int = 0, progress: bool = True) -> SAE:
+    """A published SAE (``release``: a sae-lens release or a local folder) checked against ``model``, or,
+    with ``release=None``, a TopK SAE trained here on ``train_prompts`` (default: the general corpus)."""
+    from interp import prompts
+
+    if release is not None:
+        sae = load_sae(release, sae_id, device=model.device, layer=layer)
+    else:
+        text = list(train_prompts) if train_prompts is not None else prompts.general()
+        acts = capture(model, text, layers=[layer], positions="all", exclude=("special", "image"), cache=True,
+                       progress=progress)
+        sae = train_sae(acts, layer=layer, d_sae=d_sae, architecture="topk", k=k, steps=steps, seed=seed,
+                        device=model.device, model_name=model.name, progress=progress)
+    check_sae(model, sae, layer)
+    return sae

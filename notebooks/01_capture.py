@@ -26,15 +26,9 @@ device = None
 seed = 0
 
 # %%
-import torch
-
 import interp
-from interp.export import Recorder
 
-torch.manual_seed(seed)
-interp.viz.use_notebook_renderer()
-rec = Recorder(output_dir)
-model = interp.load(model_name, device=device)
+model, rec = interp.notebook_setup(model_name, output_dir=output_dir, seed=seed, device=device)
 model
 
 # %%

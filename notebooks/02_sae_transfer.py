@@ -33,28 +33,16 @@ device = None
 seed = 0
 
 # %%
-import torch
-
 import interp
-from interp.export import Recorder
 
-torch.manual_seed(seed)
-interp.viz.use_notebook_renderer()
-rec = Recorder(output_dir)
-model = interp.load(model_name, device=device)
+model, rec = interp.notebook_setup(model_name, output_dir=output_dir, seed=seed, device=device)
 medical, general = interp.prompts.medical(), interp.prompts.general()
 
 # %%
-if sae_release is None:
-    train_text = general[:n_prompts]
-    acts = interp.capture(model, train_text, layers=[layer], positions="all", exclude=("special", "image"), cache=True)
-    sae = interp.train_sae(acts, layer=layer, d_sae=d_sae, architecture="topk", k=32, steps=sae_steps, seed=seed,
-                           model_name=model.name)
-    test_general = general[n_prompts:2 * n_prompts]
-else:
-    sae = interp.load_sae(sae_release, sae_id, layer=layer)
-    test_general = general[:n_prompts]
-interp.check_sae(model, sae, layer)
+# a trained-here SAE sees the first n_prompts general prompts; transfer is tested on the next ones
+sae = interp.sae_for(model, sae_release, sae_id, layer=layer, train_prompts=general[:n_prompts], d_sae=d_sae,
+                     steps=sae_steps, seed=seed)
+test_general = general[n_prompts:2 * n_prompts] if sae_release is None else general[:n_prompts]
 
 # %%
 report = interp.transfer_report(model, sae, {"medical": medical[:n_prompts], "general": test_general},

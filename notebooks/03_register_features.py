@@ -31,23 +31,11 @@ device = None
 seed = 0
 
 # %%
-import torch
-
 import interp
-from interp.export import Recorder
 
-torch.manual_seed(seed)
-interp.viz.use_notebook_renderer()
-rec = Recorder(output_dir)
-model = interp.load(model_name, device=device)
+model, rec = interp.notebook_setup(model_name, output_dir=output_dir, seed=seed, device=device)
 pairs = interp.data.builtin("register")[:n_pairs]
-if sae_release is None:
-    acts = interp.capture(model, interp.prompts.general(), layers=[layer], positions="all",
-                          exclude=("special", "image"), cache=True)
-    sae = interp.train_sae(acts, layer=layer, d_sae=d_sae, architecture="topk", k=32, steps=sae_steps, seed=seed,
-                           model_name=model.name)
-else:
-    sae = interp.load_sae(sae_release, sae_id, layer=layer)
+sae = interp.sae_for(model, sae_release, sae_id, layer=layer, d_sae=d_sae, steps=sae_steps, seed=seed)
 
 # %%
 features = interp.register_features(model, sae, pairs, layer=layer)

@@ -389,7 +389,7 @@ def test_distributed_training_matches_one_process(tmp_path):
         from interp.data import builtin
         pairs = [p for p in builtin("register") if p.answer is not None][:8]
         L.train_lora(interp.load("tiny-medgemma"), pairs, eval_pairs=pairs[:2], output_dir=sys.argv[1], **{settings!r})
-        rank, world = L._distributed()
+        rank, world = L.rank_and_world()
         open(sys.argv[1] + f"/world-{{rank}}.txt", "w").write(str(world))
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
