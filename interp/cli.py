@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("lab", help="open JupyterLab on the notebooks")
-    p.add_argument("extra", nargs=argparse.REMAINDER)
+    p.add_argument("extra", nargs="*", help="options passed on to jupyter lab")
     p.set_defaults(fn=cmd_lab)
     return ap
 
@@ -283,7 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from interp._errors import InterpError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "lab":  # everything else is JupyterLab's (e.g. --port 8889, --version)
+        args.extra = unknown + args.extra
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.fn(args)
     except InterpError as e:

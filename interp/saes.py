@@ -66,8 +66,9 @@ def load_sae(release_or_path: str | os.PathLike, sae_id: str | None = None, *, d
              dtype: Any = None, layer: int | None = None) -> SAE:
     """Load an SAE: a sae-lens release + id, a local Gemma Scope 2 folder, or a folder sae-lens saved.
 
-    ``layer`` declares the decoder layer when the files do not name it (or overrides what they say); the
-    SAE's hook is then ``blocks.{layer}.<site>``. Local folders never touch the hub.
+    ``layer`` declares the decoder layer when the files do not name it (the SAE's hook is then
+    ``blocks.{layer}.<site>``); when they do and it differs, that is an error, not a silent relabel.
+    Local folders never touch the hub.
     """
     src = str(release_or_path)
     dev, dt = _default_device(device), _dtype_name(dtype)
@@ -83,6 +84,11 @@ def load_sae(release_or_path: str | os.PathLike, sae_id: str | None = None, *, d
     else:
         sae = _load_registry(src, sae_id, dev, dt or "float32")
     if layer is not None:
+        hook = sae.cfg.metadata.hook_name
+        m = _HOOK_RE.match(hook) if hook else None
+        if m and int(m.group(1)) != int(layer):
+            raise InterpError(f"the SAE in '{src}' reads {hook} (layer {m.group(1)}) but layer={layer} was asked "
+                              f"for; pass layer={m.group(1)} or load the SAE trained for layer {layer}")
         _set_layer(sae, int(layer))
     return sae.eval()
 
@@ -137,6 +143,9 @@ def _gemma_scope_config(path: Path, raw: dict[str, Any], shapes: dict[str, tuple
     if layer is None and file_layer is None:
         raise InterpError(f"cannot tell which layer the SAE in '{path}' reads: config.json has no "
                           "hf_hook_point_in and the folder is not named layer_<L>_...; pass layer=<L>")
+    if layer is not None and file_layer is not None and int(layer) != file_layer:
+        raise InterpError(f"the SAE in '{path}' reads layer {file_layer} but layer={layer} was asked for; pass "
+                          f"layer={file_layer} or load the SAE trained for layer {layer}")
     hook_name = site.format(layer if layer is not None else file_layer)
 
     d_in, d_sae = shapes["w_enc"]

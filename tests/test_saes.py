@@ -102,13 +102,15 @@ def test_gemma_scope_folder_loads_offline_and_encodes_as_jumprelu(tmp_path, tiny
     assert tiny_medgemma.layers[site.layer] is tiny_medgemma.hf.get_submodule(site.module_path)
 
 
-def test_gemma_scope_layer_from_folder_name_or_override(tmp_path):
+def test_gemma_scope_layer_from_folder_name_or_declared(tmp_path):
     folder = _gemma_scope_folder(tmp_path, _random_params(), name="layer_5_width_96_l0_big",
                                  config={"width": 96, "architecture": "jump_relu", "model_name": "gemma-v3-1b-it"})
     sae = load_sae(folder, device="cpu")
     assert sae.cfg.metadata.hook_name == "blocks.5.hook_resid_post"
     assert sae.cfg.metadata.model_name == "google/gemma-3-1b-it"
-    assert load_sae(folder, device="cpu", layer=2).cfg.metadata.hook_name == "blocks.2.hook_resid_post"
+    assert load_sae(folder, device="cpu", layer=5).cfg.metadata.hook_name == "blocks.5.hook_resid_post"
+    with pytest.raises(interp.InterpError, match="reads layer 5 but layer=2 was asked for"):
+        load_sae(folder, device="cpu", layer=2)  # never a silent relabel
     odd = _gemma_scope_folder(tmp_path / "x", _random_params(), name="my_sae", config={"width": 96})
     with pytest.raises(interp.InterpError, match="pass layer="):
         load_sae(odd)
