@@ -43,3 +43,31 @@ def xray_images(tmp_path_factory) -> list[str]:
         Image.fromarray(np.stack([img] * 3, -1)).save(path)
         paths.append(str(path))
     return paths
+
+
+def planted_jumprelu_sae(d_in: int, layer: int, *, seed: int, threshold: float, avoid: list, feature: int | None = None,
+                         reads=None, writes=None, feature_threshold: float = 0.0, d_sae: int = 32):
+    """A random JumpReLU SAE (unit-norm tied features, zero biases) whose features are all orthogonal to the
+    directions in ``avoid``, except ``feature``, which reads ``reads`` (above ``feature_threshold``) and
+    decodes to ``writes``: a planted feature the tests know the answer for."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae,
+                                        metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")))
+    w = torch.randn(d_in, d_sae, generator=torch.Generator().manual_seed(seed))
+    if avoid:
+        basis = torch.linalg.qr(torch.stack(list(avoid), 1)).Q  # [d_in, k]
+        w -= basis @ (basis.T @ w)
+    w /= w.norm(dim=0)
+    with torch.no_grad():
+        sae.W_enc.copy_(w)
+        sae.W_dec.copy_(w.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.threshold.fill_(threshold)
+        if feature is not None:
+            sae.W_enc[:, feature] = reads
+            sae.W_dec[feature] = writes
+            sae.threshold[feature] = feature_threshold
+    return sae

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.sae import SAEMetadata
+from conftest import planted_jumprelu_sae
+from sae_lens import JumpReLUSAE
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
@@ -28,25 +28,10 @@ def _sae(model, reads: torch.Tensor, writes: torch.Tensor, *, layer: int = K, d_
     """Random JumpReLU features orthogonal to ``reads`` and ``writes``, plus feature PLANTED that reads the
     unit vector ``reads`` (firing above ``threshold``) and decodes to ``writes``."""
     d = d_in or model.d_model
-    cfg = JumpReLUSAEConfig(d_in=d, d_sae=32, metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"))
-    sae = JumpReLUSAE(cfg)
-    w = torch.randn(d, 32, generator=torch.Generator().manual_seed(1))
-    planted = d == model.d_model
-    if planted:
-        basis = torch.linalg.qr(torch.stack([reads, writes], 1)).Q  # [d, 2]
-        w -= basis @ (basis.T @ w)
-    w /= w.norm(dim=0)
-    with torch.no_grad():
-        sae.W_enc.copy_(w)
-        sae.W_dec.copy_(w.T)
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-        sae.threshold.fill_(0.2)
-        if planted:
-            sae.W_enc[:, PLANTED] = reads
-            sae.W_dec[PLANTED] = writes
-            sae.threshold[PLANTED] = threshold
-    return sae
+    if d != model.d_model:  # an SAE for another width: nothing planted
+        return planted_jumprelu_sae(d, layer, seed=1, threshold=0.2, avoid=[])
+    return planted_jumprelu_sae(d, layer, seed=1, threshold=0.2, avoid=[reads, writes], feature=PLANTED,
+                                reads=reads, writes=writes, feature_threshold=threshold)
 
 
 @pytest.fixture(scope="module")

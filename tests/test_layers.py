@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.sae import SAEMetadata
+from conftest import planted_jumprelu_sae
+from sae_lens import JumpReLUSAE
 
 import interp
 from interp import layers as layers_mod
@@ -83,22 +83,8 @@ def _lay_pairs(n: int):
 def _sae(layer: int, *, seed: int, orthogonal_to: torch.Tensor, planted: int | None = None) -> JumpReLUSAE:
     """A random JumpReLU SAE reading layer ``layer``; none of its features reads the planted direction,
     except feature ``planted`` (which reads only it)."""
-    cfg = JumpReLUSAEConfig(d_in=64, d_sae=32, metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"))
-    sae = JumpReLUSAE(cfg)
-    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(seed))
-    w -= orthogonal_to[:, None] * (orthogonal_to @ w)[None]
-    w /= w.norm(dim=0)
-    with torch.no_grad():
-        sae.W_enc.copy_(w)
-        sae.W_dec.copy_(w.T)
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-        sae.threshold.fill_(0.5)
-        if planted is not None:
-            sae.W_enc[:, planted] = orthogonal_to
-            sae.W_dec[planted] = orthogonal_to
-            sae.threshold[planted] = 50.0
-    return sae
+    return planted_jumprelu_sae(64, layer, seed=seed, threshold=0.5, avoid=[orthogonal_to], feature=planted,
+                                reads=orthogonal_to, writes=orthogonal_to, feature_threshold=50.0)
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +242,7 @@ def test_bad_input_gets_a_clear_error(planted, tiny_medgemma):
 
 
 def _wide_sae(layer: int) -> JumpReLUSAE:
-    cfg = JumpReLUSAEConfig(d_in=640, d_sae=16, metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"))
-    return JumpReLUSAE(cfg)
+    return planted_jumprelu_sae(640, layer, seed=0, threshold=0.5, avoid=[], d_sae=16)
 
 
 def test_a_lone_sae_layer_gets_the_window_centred_on_it():
