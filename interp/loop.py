@@ -363,9 +363,65 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
 
     seconds = time.perf_counter() - t0
     summary["seconds"] = seconds
+    summary["transfer_detail"] = {c.name: {"r2": c.r2, "ci": list(c.r2_ci), "passed": c.passed}
+                                  for c in transfer.corpora}
+    summary["compare"] = {"p_z": comparison.p_z, "p_mcnemar": comparison.p_mcnemar,
+                          "p_wilcoxon": comparison.p_wilcoxon, "margin_diff_relative": comparison.margin_diff_relative}
     manifest = run_manifest(model=model, sae=sae, data=[p.to_dict() for p in pairs], seed=config.seed,
                             extra={"config": config.to_dict()})
     (out / "manifest.json").write_text(json.dumps(jsonable(manifest), indent=1))
     (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1))
-    console.rule(f"[bold green]done in {seconds:.0f} s[/bold green]: report in {out}")
+    report = _report_markdown(model.name, layer, summary, sorted(p.name for p in (out / "figures").glob("*.html")))
+    from interp._io import atomic_write_text
+
+    atomic_write_text(out / "report.md", report)
+    console.print(_summary_table(summary, layer))
+    console.rule(f"[bold green]done in {seconds:.0f} s[/bold green]: report in {out / 'report.md'}")
     return LoopReport(out, summary, seconds)
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.1%}" if pct else f"{v:.3g}"
+
+
+def _summary_rows(summary: dict[str, Any], layer: int) -> list[tuple[str, str]]:
+    b, a, c = summary["consistency_before"], summary["consistency_after"], summary["compare"]
+    rows = [(f"SAE R² at layer {layer}, {name}", f"{d['r2']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}] "
+             f"{'pass' if d['passed'] else 'FAIL'}") for name, d in summary["transfer_detail"].items()]
+    rows += [
+        ("register-sensitive features (q < 0.05)", str(summary["features"]["n_significant"])),
+        ("selected layers", f"{summary['selected_layers'][0]}-{summary['selected_layers'][-1]}"),
+        ("flip rate, before -> after", f"{_fmt(b['flip_rate'], True)} -> {_fmt(a['flip_rate'], True)} "
+                                       f"(z-test p={_fmt(c['p_z'])}, McNemar p={_fmt(c['p_mcnemar'])})"),
+        ("mean |margin diff|, before -> after", f"{_fmt(b['mean_margin_diff'])} -> {_fmt(a['mean_margin_diff'])} "
+                                                f"({_fmt(c['margin_diff_relative'], True)}, Wilcoxon p={_fmt(c['p_wilcoxon'])})"),
+        ("accuracy, before -> after", f"{_fmt(b['accuracy'], True)} -> {_fmt(a['accuracy'], True)}"),
+    ]
+    return rows
+
+
+def _summary_table(summary: dict[str, Any], layer: int):
+    from rich.table import Table
+
+    table = Table(title="interp: summary", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in _summary_rows(summary, layer):
+        table.add_row(k, v)
+    return table
+
+
+def _report_markdown(model_name: str, layer: int, summary: dict[str, Any], figures: list[str]) -> str:
+    n = summary["data"]
+    lines = [f"# interp report: {model_name}", "",
+             f"{n['n_pairs']} paraphrase pairs ({n['n_train']} for training, {n['n_eval']} held out for "
+             f"evaluation); {summary['seconds']:.0f} s.", "", "| result | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |".replace("|margin", "\\|margin").replace("diff|", "diff\\|")
+              for k, v in _summary_rows(summary, layer)]
+    lines += ["", f"R² formula: {summary['transfer']['formula']}.", "", "## Figures", ""]
+    lines += [f"- [{f[:-5]}](figures/{f})" for f in figures]
+    lines += ["", "Tables (CSV and LaTeX) are in `tables/`, every number in `metrics.json`, and what is needed to "
+              "regenerate the run in `manifest.json`.", ""]
+    return "\n".join(lines)

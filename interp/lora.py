@@ -581,6 +581,14 @@ def _atomic_dir(target: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def _quiet_peft():
+    """PEFT reads transformers' deprecated ``is_gradient_checkpointing``; users cannot act on that warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(jsonable(obj), indent=1))
 
@@ -705,7 +713,8 @@ def _peft_wrap(model: Model, layers: list[int], *, r: int, alpha: int, dropout: 
                       dropout=dropout, target_modules=target_modules)
     with torch.random.fork_rng(devices=_rng_devices(model)):
         torch.manual_seed(seed)  # LoRA A matrices start from the same draw on every run and every GPU
-        peft = get_peft_model(model.hf, cfg)
+        with _quiet_peft():
+            peft = get_peft_model(model.hf, cfg)
     peft.eval()  # new LoRA dropout modules start in training mode; training switches them on itself
     wrapped = _rewrap(model, peft)
     report = adapter_report(wrapped)
@@ -1172,7 +1181,9 @@ def load_adapter(model: Model, path_or_hub_id: str | os.PathLike, *, adapter_nam
         raise InterpError(f"adapter '{src}' targets layer {max(wanted)} but '{model.name}' has {model.n_layers} "
                           "layers: it was trained for another base model")
     try:
-        peft = PeftModel.from_pretrained(model.hf, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+        with _quiet_peft():
+            peft = PeftModel.from_pretrained(model.hf, str(folder), adapter_name=adapter_name,
+                                             is_trainable=is_trainable)
     except ValueError as e:
         raise InterpError(f"adapter '{src}' does not fit '{model.name}': {e}") from e
     peft.eval()

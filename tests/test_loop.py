@@ -47,6 +47,8 @@ def test_demo_runs_end_to_end_on_a_reduced_setting(tmp_path):
     assert "transfer.medical.r2" in metrics and "consistency.compare.p_z" in metrics
     assert (tmp_path / "figures" / "consistency_after.html").is_file()
     assert (tmp_path / "adapter").is_dir()
+    report = (tmp_path / "report.md").read_text()
+    assert "flip rate, before -> after" in report and "figures/consistency_compare.html" in report
 
 
 def test_stage_commands_run_on_a_tiny_model(tmp_path):
