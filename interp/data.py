@@ -552,15 +552,30 @@ def _from_long_rows(rows, cols: _Columns, where, image_of) -> list[ParaphrasePai
     return pairs
 
 
+def check_pairs(pairs: Iterable[Any], *, name: str = "pairs", minimum: int = 1) -> list[ParaphrasePair]:
+    """``pairs`` as a list, with a clear error when there are too few or they are not ParaphrasePairs."""
+    items = list(pairs)
+    if len(items) < minimum:
+        what = "is empty" if not items else f"has {len(items)} pair(s)"
+        need = "at least one pair" if minimum == 1 else f"at least {minimum} pairs"
+        raise InterpError(f"{name} {what}; pass {need} (e.g. interp.data.builtin('register'))")
+    bad = [type(p).__name__ for p in items if not isinstance(p, ParaphrasePair)]
+    if bad:
+        raise InterpError(f"{name} must hold ParaphrasePair objects, got a {bad[0]}; load them with "
+                          "interp.data.load_pairs(path) or interp.data.builtin('register')")
+    return items
+
+
 def split(pairs: Sequence[ParaphrasePair], eval_fraction: float = 0.3, *, seed: int = 0
           ) -> tuple[list[ParaphrasePair], list[ParaphrasePair]]:
-    """A seeded (train, held-out) split that keeps every phrasing of a group on the same side."""
+    """A seeded (train, held-out) split that keeps every phrasing of a group on the same side; both sides
+    are non-empty."""
     if not 0 < eval_fraction < 1:
         raise InterpError(f"eval_fraction={eval_fraction} must be between 0 and 1")
     keys = list(dict.fromkeys(p.group or p.id for p in pairs))
-    random.Random(seed).shuffle(keys)
-    n_eval = max(1, round(len(keys) * eval_fraction))
-    held = set(keys[:n_eval])
     if len(keys) < 2:
-        raise InterpError(f"cannot split {len(pairs)} pair(s) into train and held-out sets; pass more pairs")
+        raise InterpError(f"cannot split {len(keys)} question group(s) into train and held-out sets; pass more "
+                          "pairs or explicit eval_pairs")
+    random.Random(seed).shuffle(keys)
+    held = set(keys[:min(len(keys) - 1, max(1, round(len(keys) * eval_fraction)))])
     return [p for p in pairs if (p.group or p.id) not in held], [p for p in pairs if (p.group or p.id) in held]

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from interp._errors import InterpError
 from interp._results import Result
 from interp.capture import Activations, capture, layer_output, position_mask
-from interp.consistency import last_hidden, project
-from interp.data import ParaphrasePair
+from interp.consistency import ConsistencyReport, last_hidden, project
+from interp.data import ParaphrasePair, check_pairs
 from interp.models import Model, Prompt, _as_prompt
 
 Pool = Literal["question", "last"]
@@ -62,19 +62,6 @@ def sae_layer(model: Model, sae: Any, layer: int | None = None) -> int:
         raise InterpError(f"SAE d_in={cfg.d_in} but layer {layer} of '{model.name}' has d_model={model.d_model}: "
                           "this SAE belongs to another model; load the SAE trained on this model's residual stream")
     return layer
-
-
-def _check_pairs(pairs: Sequence[ParaphrasePair], minimum: int = 1) -> list[ParaphrasePair]:
-    items = list(pairs)
-    if len(items) < minimum:
-        need = "at least one pair" if minimum == 1 else f"at least {minimum} pairs"
-        raise InterpError(f"pairs has {len(items)} item(s); pass {need} "
-                          "(e.g. interp.data.builtin('register'))")
-    bad = [type(p).__name__ for p in items if not isinstance(p, ParaphrasePair)]
-    if bad:
-        raise InterpError(f"pairs must be ParaphrasePair objects, got a {bad[0]}; "
-                          "load them with interp.data.load_pairs(path) or interp.data.builtin('register')")
-    return items
 
 
 def _pair_prompts(pairs: Sequence[ParaphrasePair]) -> list[Prompt]:
@@ -253,7 +240,7 @@ def register_features(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *
     ``pool``: ``"question"`` (mean over the question's tokens) and/or ``"last"`` (the answer position).
     ``layer`` defaults to the one in the SAE's ``hook_name``.
     """
-    items = _check_pairs(pairs, minimum=2)
+    items = check_pairs(pairs, minimum=2)
     layer = sae_layer(model, sae, layer)
     pools = (pool,) if isinstance(pool, str) else tuple(pool)
     if not pools or set(pools) - {"question", "last"}:
@@ -503,7 +490,7 @@ def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, f
     from scipy import stats
     from statsmodels.stats.contingency_tables import mcnemar
 
-    items = _check_pairs(pairs)
+    items = check_pairs(pairs)
     layer = sae_layer(model, sae, layer)
     feature = int(feature)
     if not 0 <= feature < int(sae.cfg.d_sae):
@@ -541,12 +528,12 @@ def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, f
     t = pd.DataFrame({"id": [p.id for p in items],
                       "margin_a_before": before_a.numpy(), "margin_b_before": (before_b * sign).numpy(),
                       "margin_a_after": after_a.numpy(), "margin_b_after": (after_b * sign).numpy()})
-    for when in ("before", "after"):
-        a, b = t[f"margin_a_{when}"], t[f"margin_b_{when}"]
-        t[f"flip_{when}"] = np.sign(a) != np.sign(b)
-        t[f"diff_{when}"] = (a - b).abs()
-    acc = {w: _accuracy(items, t[f"margin_a_{w}"].to_numpy(), t[f"margin_b_{w}"].to_numpy())
-           for w in ("before", "after")}
+    acc = {}
+    for when, (ma, mb) in (("before", (before_a, before_b)), ("after", (after_a, after_b))):
+        rep = ConsistencyReport.from_margins(items, ma.numpy(), mb.numpy(), n_boot=0)  # the study's definitions
+        t[f"flip_{when}"] = rep.table["flip"].to_numpy()
+        t[f"diff_{when}"] = rep.table["margin_diff"].to_numpy()
+        acc[when] = rep.accuracy
     table = pd.crosstab(t["flip_before"], t["flip_after"]).reindex(index=[False, True], columns=[False, True],
                                                                   fill_value=0)
     p_flip = float(mcnemar(table.to_numpy(), exact=True).pvalue)
@@ -559,11 +546,3 @@ def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, f
                            margin_diff_after=float(t["diff_after"].mean()),
                            accuracy_before=acc["before"], accuracy_after=acc["after"], p_flip=p_flip,
                            p_margin_diff=p_diff, pairs=t, clamp_values=clamp, model_name=model.name)
-
-
-def _accuracy(pairs: Sequence[ParaphrasePair], margin_a: np.ndarray, margin_b: np.ndarray) -> float | None:
-    """Fraction of phrasings with a gold answer whose margin sign matches it (b's margin is polarity-corrected,
-    so it is compared with the gold answer of a)."""
-    hits = [(m > 0) == (p.answer == "yes") for p, ma, mb in zip(pairs, margin_a, margin_b, strict=True)
-            if p.answer is not None for m in (ma, mb)]
-    return float(np.mean(hits)) if hits else None

@@ -24,8 +24,8 @@ from interp._errors import InterpError
 from interp._results import Result, jsonable
 from interp.capture import capture, layer_output, position_mask, run_hooked
 from interp.consistency import body_and_head, last_hidden
-from interp.data import ParaphrasePair
-from interp.features import _check_pairs, _margin, _pair_prompts, paired_stats, pooled_features, sae_layer
+from interp.data import ParaphrasePair, check_pairs
+from interp.features import _margin, _pair_prompts, paired_stats, pooled_features, sae_layer
 from interp.models import Batch, Model, Prompt
 
 # The study's modules: attention q/k/v/o and MLP gate/up/down projections.
@@ -251,7 +251,7 @@ def layer_profile(model: Model, pairs: Sequence[ParaphrasePair], *, method: Meth
     The scores used to pick layers are each layer's gain on the patching and residual curves (where the
     difference arises, not where it persists) and the SAE share itself; see `LayerProfile`.
     """
-    items = _check_pairs(pairs, minimum=2)
+    items = check_pairs(pairs, minimum=2)
     if method not in METHODS:
         raise InterpError(f"method={method!r}: use one of {', '.join(METHODS)}")
     positions = positions or _POSITIONS[method][0]

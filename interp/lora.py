@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 from interp._errors import InterpError
 from interp._io import atomic_write_text
 from interp._results import Result, jsonable
-from interp.consistency import last_hidden, project
-from interp.data import ParaphrasePair
+from interp.consistency import ConsistencyReport, last_hidden, project
+from interp.data import ParaphrasePair, check_pairs, split
 from interp.layers import DEFAULT_TARGET_MODULES, LayerSelection, layers_pattern_of, lora_config
 from interp.models import Model, Prompt, _find_layers
 
@@ -110,16 +110,12 @@ def _targets(pairs: Sequence[ParaphrasePair], answer_ids: tuple[int, int]) -> tu
 
 
 def pair_metrics(margins_a: Tensor, margins_b: Tensor, pairs: Sequence[ParaphrasePair]) -> dict[str, float]:
-    """Flip rate, mean |margin difference| (polarity-corrected) and accuracy from per-phrasing margins."""
-    ma, mb = margins_a.double().cpu(), margins_b.double().cpu()
-    same = torch.tensor([p.same_polarity for p in pairs])
-    mb = torch.where(same, mb, -mb)
-    flips = ((ma > 0) != (mb > 0)).double()
-    gold = [(m, p.answer) for m, p in zip(margins_a.tolist(), pairs, strict=True)]
-    gold += [(m, p.answer_b) for m, p in zip(margins_b.tolist(), pairs, strict=True)]
-    scored = [(m > 0) == (g == "yes") for m, g in gold if g is not None]
-    return {"flip_rate": float(flips.mean()), "mean_margin_diff": float((ma - mb).abs().mean()),
-            "accuracy": float(np.mean(scored)) if scored else float("nan"), "n_eval": len(pairs)}
+    """Flip rate, mean |margin difference| (polarity-corrected) and accuracy from per-phrasing margins,
+    with the definitions of `ConsistencyReport` (no bootstrap)."""
+    rep = ConsistencyReport.from_margins(pairs, margins_a.double().cpu().numpy(), margins_b.double().cpu().numpy(),
+                                         n_boot=0)
+    return {"flip_rate": rep.flip_rate, "mean_margin_diff": rep.mean_margin_diff,
+            "accuracy": float("nan") if rep.accuracy is None else rep.accuracy, "n_eval": rep.n}
 
 
 # ==== dropout that depends on the example, not on the batch ========================================
@@ -528,30 +524,6 @@ def _span(layers: Sequence[int]) -> str:
 
 
 # ==== data ============================================================================================
-def _check_pairs(pairs: Any, name: str = "pairs") -> list[ParaphrasePair]:
-    pairs = list(pairs)
-    if not pairs:
-        raise InterpError(f"{name} is empty: pass at least one ParaphrasePair (e.g. interp.data.builtin('register'))")
-    bad = [type(p).__name__ for p in pairs if not isinstance(p, ParaphrasePair)]
-    if bad:
-        raise InterpError(f"{name} must hold ParaphrasePair objects, got {bad[0]}; see interp.data.load_pairs")
-    return pairs
-
-
-def split_holdout(pairs: Sequence[ParaphrasePair], fraction: float, seed: int = 0
-                  ) -> tuple[list[ParaphrasePair], list[ParaphrasePair]]:
-    """(train, held-out): a seeded split by question group, so no question sits on both sides."""
-    if not 0 < fraction < 1:
-        raise InterpError(f"holdout fraction {fraction} must be between 0 and 1 (e.g. 0.1)")
-    groups = sorted({p.group or p.id for p in pairs})
-    if len(groups) < 2:
-        raise InterpError(f"cannot hold out a fraction of {len(groups)} question group; pass eval_pairs explicitly")
-    order = np.random.default_rng(seed).permutation(len(groups))
-    n_eval = min(len(groups) - 1, max(1, round(fraction * len(groups))))
-    held = {groups[i] for i in order[:n_eval]}
-    return [p for p in pairs if (p.group or p.id) not in held], [p for p in pairs if (p.group or p.id) in held]
-
-
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -892,7 +864,7 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
     Under ``accelerate launch`` (or torchrun) each process takes its share of every accumulation group and
     the LoRA gradients are summed across processes (DDP): same result as one GPU up to reduction order.
     """
-    pairs = _check_pairs(pairs)
+    pairs = check_pairs(pairs)
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum), ("r", r)):
         if int(value) < 1:
             raise InterpError(f"{name}={value} must be a positive integer")
@@ -902,9 +874,9 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
         raise InterpError(f"kl_space={kl_space!r}; use 'yes_no' or 'vocab'")
     layer_list = _resolve_layers(model, layers)
     if isinstance(eval_pairs, float):
-        train, held = split_holdout(pairs, eval_pairs, seed)
+        train, held = split(pairs, eval_pairs, seed=seed)
     else:
-        train, held = pairs, ([] if eval_pairs is None else _check_pairs(eval_pairs, "eval_pairs"))
+        train, held = pairs, ([] if eval_pairs is None else check_pairs(eval_pairs, name="eval_pairs"))
     rank, world = rank_and_world()
     if grad_accum % world:
         raise InterpError(f"grad_accum={grad_accum} must be a multiple of the {world} processes so that every "
@@ -1319,13 +1291,13 @@ def ablate_layers(model: Model, pairs: Sequence[ParaphrasePair], ranges: Mapping
     (`ConsistencyReport.compare`: two-proportion z-test on flips, McNemar, Wilcoxon on margin differences)."""
     from interp.consistency import evaluate
 
-    pairs = _check_pairs(pairs)
+    pairs = check_pairs(pairs)
     if not ranges:
         raise InterpError("ranges is empty: pass e.g. {'early': range(0, 5), 'selected': selection, 'all': 'all'}")
     if isinstance(eval_pairs, float):
-        train, held = split_holdout(pairs, eval_pairs, seed)
+        train, held = split(pairs, eval_pairs, seed=seed)
     else:
-        train, held = pairs, _check_pairs(eval_pairs, "eval_pairs")
+        train, held = pairs, check_pairs(eval_pairs, name="eval_pairs")
     arms = {str(name): _resolve_layers(model, spec) for name, spec in ranges.items()}  # fail before training
     baseline = evaluate(model, held, progress=progress)
     rows = [{"arm": "baseline", "layers": "", "n_layers": 0, "trainable_params": 0, **_report_metrics(baseline)}]
