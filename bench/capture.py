@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import medgemma_shape  # noqa: E402
 
 import interp  # noqa: E402
-from interp.capture import _Stop  # noqa: E402
+from interp.capture import StopForward  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -79,14 +79,14 @@ def main() -> None:
     @torch.inference_mode()
     def stopped():
         def stop(*_):
-            raise _Stop
+            raise StopForward
 
         h = model.layer(L).register_forward_hook(stop)
         try:
             for b in batches:
                 try:
                     model.hf(**b.inputs, use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
         finally:
             h.remove()

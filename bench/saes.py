@@ -40,6 +40,7 @@ import medgemma_shape  # noqa: E402
 
 import interp  # noqa: E402
 import interp.prompts  # noqa: E402
+from interp.capture import StopForward  # noqa: E402
 from interp.saes import _corpus_result, _recon_stats, load_sae, transfer_report  # noqa: E402
 
 EXCLUDE = ("special", "image")
@@ -101,10 +102,6 @@ def random_gemma_scope_sae(model: interp.Model, prompts: list[str], layer: int, 
 
 
 # ---- sae-lens' evaluation path on the same Hugging Face model ------------------------------------
-class _Stop(Exception):
-    pass
-
-
 class HFForSaeLens:
     """What sae_lens.evals calls on a TransformerLens model, served by the Hugging Face model."""
 
@@ -119,14 +116,14 @@ class HFForSaeLens:
             resid = out[0] if isinstance(out, tuple) else out
             if stop:
                 kept["resid"] = resid
-                raise _Stop
+                raise StopForward
             new = hook_fn(resid, hook=None)
             return (new, *out[1:]) if isinstance(out, tuple) else new
 
         handle = self.model.layers[self.layer].register_forward_hook(hook) if (hook_fn or stop) else None
         try:
             out = self.model.hf(input_ids=tokens, attention_mask=(tokens != self.pad_id).long(), use_cache=False)
-        except _Stop:
+        except StopForward:
             return kept["resid"]
         finally:
             if handle is not None:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from interp._errors import InterpError
 from interp._io import atomic_write_text, file_sha256
-from interp.models import Batch, Model, Prompt, _as_prompt
+from interp.models import Batch, Model, Prompt, _as_prompt, as_dtype
 
 FORMAT = "interp.activations/1"
 DEFAULT_CACHE_ROOT = Path("sae_cache")
@@ -130,7 +130,7 @@ class Activations:
                 f"{self.n_prompts} prompts, positions={self.positions!r}, d_model={self.d_model}, {dtype}{where})")
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by the hook on the last requested layer: nothing above it is computed."""
 
 
@@ -198,14 +198,14 @@ def run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
             buffer[k].copy_(rows)
             kept[i] = buffer[k]
             if i == last:
-                raise _Stop
+                raise StopForward
 
         return hook
 
     handles = [model.layers[i].register_forward_hook(make_hook(k, i)) for k, i in enumerate(layers)]
     try:
         model.hf(**batch.inputs, use_cache=False)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         for h in handles:
@@ -275,7 +275,7 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
     bad = set(exclude) - {"special", "image"}
     if bad:
         raise InterpError(f"exclude={sorted(bad)}: only 'special' and 'image' can be excluded")
-    out_dtype = _as_dtype(dtype) if dtype is not None else model.dtype
+    out_dtype = as_dtype(dtype) if dtype is not None else model.dtype
     if batch_size is None:
         batch_size = 16 if model.device.type == "cuda" else 8
     if batch_size < 1 or shard_size < 1:
@@ -318,15 +318,6 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
                        position=join("position"), token_id=join("token_id"), n_prompts=len(items),
                        positions=label, model_name=model.name, path=folder,
                        meta={"layers": layer_list, "exclude": sorted(exclude), "dtype": str(out_dtype)})
-
-
-def _as_dtype(dtype: Any) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return getattr(torch, str(dtype))
-    except AttributeError:
-        raise InterpError(f"dtype={dtype!r} is not a torch dtype") from None
 
 
 def _prepare_batch(model: Model, items: list[Prompt], lo: int, hi: int, positions: Positions,

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from interp._errors import InterpError
 from interp._io import atomic_write_text
 from interp._results import Result, jsonable
+from interp.capture import StopForward
 from interp.consistency import ConsistencyReport, last_hidden, project
 from interp.data import ParaphrasePair, check_pairs, split
 from interp.layers import DEFAULT_TARGET_MODULES, LayerSelection, layers_pattern_of, lora_config
@@ -198,10 +199,6 @@ def _prefetch(fn: Callable[[Any], Any], items: Sequence[Any], depth: int) -> Ite
 
 
 # ==== the fast path ===================================================================================
-class _Stop(Exception):
-    """Raised by the pre-hook on the lowest adapted layer: nothing above it runs in the cached pass."""
-
-
 def _base_of(hf: nn.Module) -> nn.Module:
     return hf.get_base_model() if hasattr(hf, "get_base_model") else hf
 
@@ -307,13 +304,13 @@ class _Runner:
 
         def grab(_module, args, kwargs):
             captured["resid"] = args[0] if args else kwargs["hidden_states"]
-            raise _Stop
+            raise StopForward
 
         handle = self.layers[self.lo].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             with torch.no_grad():
                 self.body(**self._lower_inputs(inputs), use_cache=False)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             handle.remove()

@@ -432,16 +432,21 @@ def _default_answer_words(tok_or_proc: Any, chat: bool) -> tuple[str, str]:
 
 
 # ---- loading ------------------------------------------------------------------------------------
+def as_dtype(dtype: Any) -> torch.dtype:
+    """A torch dtype from a dtype or its name ('bfloat16', 'torch.float32'); a clear error otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise InterpError(f"dtype={dtype!r} is not a torch dtype; use 'float32', 'bfloat16' or 'float16'")
+    return found
+
+
 def _resolve_device_dtype(device: Any, dtype: Any) -> tuple[torch.device, torch.dtype]:
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(dtype, str):
-        try:
-            dtype = getattr(torch, dtype)
-        except AttributeError:
-            raise InterpError(f"dtype={dtype!r} is not a torch dtype; use 'float32', 'bfloat16' or 'float16'") from None
     if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, dtype
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, as_dtype(dtype)
 
 
 def load(source: str | os.PathLike = "gemma3-270m", *, device: Any = None, dtype: Any = None,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from interp._errors import InterpError
 from interp._results import Result
 from interp.capture import Activations, capture, layer_output, position_mask
-from interp.models import Model, Prompt, _as_prompt
+from interp.models import Model, Prompt, _as_prompt, as_dtype
 
 if TYPE_CHECKING:  # sae-lens takes ~10 s to import: only functions that need it import it
     from sae_lens import SAE
@@ -48,12 +48,8 @@ _GEMMA_SCOPE_KEYS = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
 
 # ---- loading ------------------------------------------------------------------------------------
 def _dtype_name(dtype: Any) -> str | None:
-    if dtype is None:
-        return None
-    name = str(dtype).removeprefix("torch.")
-    if not isinstance(getattr(torch, name, None), torch.dtype):
-        raise InterpError(f"dtype={dtype!r} is not a torch dtype; use 'float32', 'bfloat16' or 'float16'")
-    return name
+    """sae-lens takes dtypes by name."""
+    return None if dtype is None else str(as_dtype(dtype)).removeprefix("torch.")
 
 
 def _default_device(device: Any) -> str:
