@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 from interp._errors import InterpError
 from interp._results import Result
 from interp.capture import Activations, capture, layer_output, position_mask
-from interp.consistency import ConsistencyReport, last_hidden, project
+from interp.consistency import ConsistencyReport
 from interp.data import ParaphrasePair, check_pairs
 from interp.models import Model, Prompt, _as_prompt
+from interp.scoring import last_hidden, project
 
 Pool = Literal["question", "last"]
 PairedTest = Literal["wilcoxon", "ttest"]

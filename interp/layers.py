@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from interp._errors import InterpError
 from interp._results import Result, jsonable
 from interp.capture import capture, layer_output, position_mask, run_hooked
-from interp.consistency import body_and_head, last_hidden
 from interp.data import ParaphrasePair, check_pairs
 from interp.features import _margin, _pair_prompts, paired_stats, pooled_features, sae_layer
 from interp.models import Batch, Model, Prompt
+from interp.scoring import body_and_head, last_hidden
 
 # The study's modules: attention q/k/v/o and MLP gate/up/down projections.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -38,10 +38,11 @@ from interp._errors import InterpError
 from interp._io import atomic_write_text
 from interp._results import Result, jsonable
 from interp.capture import StopForward
-from interp.consistency import ConsistencyReport, last_hidden, project
+from interp.consistency import ConsistencyReport
 from interp.data import ParaphrasePair, check_pairs, split
 from interp.layers import DEFAULT_TARGET_MODULES, LayerSelection, layers_pattern_of, lora_config
 from interp.models import Model, Prompt, _find_layers
+from interp.scoring import last_hidden, project
 
 CHECKPOINT_FORMAT = "interp.lora-checkpoint/1"
 KlSpace = Literal["yes_no", "vocab"]

@@ -1,0 +1,538 @@
+"""The scoring engine: first-answer-token logits of prompts, plain or fast.
+
+`answer_logits` runs one plain forward per prompt (the reference) or, with ``fast=True``, the
+`_FastScorer`: each distinct phrasing and image once, shared prompt prefixes through the KV cache, and
+only the yes/no logits at the answer position. Everything it needs from transformers beyond public
+forwards goes through `interp.hf`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+import weakref
+from collections.abc import Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from interp._errors import InterpError
+from interp.models import Batch, Model, Prompt, _as_prompt, _open_image
+
+
+def body_and_head(model: Model):
+    hf = model.hf
+    if hasattr(hf, "get_base_model"):  # PEFT: LoRA layers are injected in place, the base holds them
+        hf = hf.get_base_model()
+    head = hf.get_output_embeddings()
+    body = getattr(hf, "model", None)
+    if body is None or head is None:
+        raise InterpError(f"{type(hf).__name__} has no '.model' body and output embeddings; wrap a standard "
+                          "Hugging Face *ForCausalLM or *ForConditionalGeneration model")
+    return body, head
+
+
+def last_hidden(model: Model, batch: Batch) -> Tensor:
+    """Final-norm hidden state at each row's last real token: ``[batch, d_model]`` (differentiable)."""
+    body, _ = body_and_head(model)
+    out = body(**batch.inputs, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, batch.last_index.to(hidden.device)]
+
+
+def project(model: Model, hidden: Tensor, token_ids: Sequence[int] | None = None) -> Tensor:
+    """Unembed ``[..., d_model]`` hidden states (optionally only some vocabulary rows), with softcapping."""
+    _, head = body_and_head(model)
+    weight = head.weight if token_ids is None else head.weight[list(token_ids)]
+    logits = hidden.to(weight.dtype) @ weight.T
+    if getattr(head, "bias", None) is not None:
+        logits = logits + (head.bias if token_ids is None else head.bias[list(token_ids)])
+    cap = getattr(model.text_config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def answer_logits(model: Model, prompts: Sequence[Prompt | str], *, batch_size: int | None = None,
+                  full_vocab: bool = False, progress: bool = False, fast: bool = False) -> Tensor:
+    """First-answer-token logits: ``[n, 2]`` (yes, no), or ``[n, vocab]`` with ``full_vocab=True``.
+
+    ``fast=True`` scores each distinct prompt once, encodes each image once and shares prompt prefixes
+    through the KV cache (same numbers to float tolerance); ``fast=False`` is one plain forward per prompt.
+    """
+    items = [_as_prompt(p) for p in prompts]
+    if not items:
+        raise InterpError("prompts is empty: pass at least one prompt")
+    ids = None if full_vocab else list(model.answer_ids)
+    if fast:
+        try:
+            return _FastScorer(model, batch_size).logits(items, ids, progress=progress)
+        except _FastUnsupported as e:
+            warnings.warn(f"fast scoring is not available for '{model.name}' ({e}); using one forward per "
+                          "prompt", stacklevel=2)
+    if batch_size is None:
+        batch_size = 16 if model.device.type == "cuda" else 8
+    order = sorted(range(len(items)), key=lambda i: len(items[i].question) + len(items[i].context or ""))
+    out: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
+    with torch.inference_mode():
+        for b in tqdm(range(0, len(order), batch_size), desc="score", disable=not progress, leave=False):
+            idx = order[b:b + batch_size]
+            batch = model.encode([items[i] for i in idx])
+            logits = project(model, last_hidden(model, batch), ids).float().cpu()
+            for j, i in enumerate(idx):
+                out[i] = logits[j]
+    return torch.stack(out)
+
+
+def margins(model: Model, prompts: Sequence[Prompt | str], **kw) -> Tensor:
+    """``logit(yes) - logit(no)`` at the first answer token, one per prompt: ``[n]``."""
+    logits = answer_logits(model, prompts, **kw)
+    return logits[:, 0] - logits[:, 1]
+
+
+# ---- fast scoring -----------------------------------------------------------------------------------
+# Exactness rests on three facts about causal decoders (checked against transformers 5.23's Gemma 3,
+# LLaMA and LLaVA code): (1) a token's keys/values depend only on tokens at or before it, so the keys and
+# values of a shared prefix are the same for every phrasing; Gemma 3's bidirectional image block lies wholly
+# inside the prefix, and its tokens never see later text. (2) Masks (causal, sliding window, padding) are
+# built on cache indices, so each row's real tokens are kept contiguous there: prefixes are left-padded and
+# suffixes right-padded, and explicit position_ids carry each row's true positions for RoPE. (3) The
+# decoder only sees image features, which are computed once per image and scattered into the embeddings.
+
+class _FastUnsupported(Exception):
+    """This model or processor cannot take the fast path (the caller falls back to naive scoring)."""
+
+
+@dataclass
+class _Seq:
+    """One distinct prompt, tokenised exactly as ``Model.encode`` tokenises it."""
+
+    ids: list[int]
+    token_types: list[int] | None  # Gemma 3: 1 on image soft tokens (a bidirectional attention block)
+    image: Hashable | None  # key of its image
+
+
+@dataclass
+class _Block:
+    """A slice of the work, tokenised (in a background thread) and ready for the device."""
+
+    seqs: dict[int, _Seq]  # prompt index -> tokens
+    pixels: dict[Hashable, Tensor]  # image key -> processor pixel_values (one or more crops)
+    groups: list[list[int]]  # prompt indices that share image and context (candidates for a shared prefix)
+
+
+def _image_key(image: Any) -> Hashable | None:
+    if image is None:
+        return None
+    if isinstance(image, (str, os.PathLike)):
+        return os.path.abspath(os.fspath(image))
+    return ("object", id(image))
+
+
+# processor -> (split reproduces its call, images kwargs, returns token types); see _FastScorer._check_split
+_SPLIT_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _FastScorer:
+    """Scores prompts with image reuse, shared-prefix KV caching and yes/no-only logits."""
+
+    def __init__(self, model: Model, batch_size: int | None):
+        self.model = model
+        self.body, _ = body_and_head(model)
+        if not hasattr(self.body, "get_input_embeddings"):
+            raise _FastUnsupported("the decoder body has no get_input_embeddings()")
+        params = inspect.signature(self.body.forward).parameters
+        if not {"inputs_embeds", "past_key_values", "position_ids"} <= set(params):
+            raise _FastUnsupported("the decoder forward takes no inputs_embeds/past_key_values/position_ids")
+        cfg = model.hf.config
+        self.image_token_id = getattr(cfg, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = getattr(cfg, "image_token_index", None)
+        self.share_prefix, self.why_not = self._can_share_prefix()
+        self.device = model.device
+        self.max_rows, self.max_tokens, self.max_images = self._limits(batch_size)
+        self._split: bool | None = None  # processor call split into image + text parts (checked on first use)
+        self._has_types = False
+        self._images_kwargs: dict[str, Any] = {}
+
+    # ---- policy -------------------------------------------------------------------------------------
+    def _can_share_prefix(self) -> tuple[bool, str]:
+        tc = self.model.text_config
+        impl = getattr(tc, "_attn_implementation", None) or getattr(self.model.hf.config, "_attn_implementation", None)
+        if impl not in ("sdpa", "eager"):
+            return False, f"attention implementation {impl!r} (prefix sharing is verified for sdpa and eager)"
+        if getattr(tc, "use_bidirectional_attention", False) or not getattr(tc, "is_causal", True):
+            return False, "the text decoder attends bidirectionally"
+        return True, ""
+
+    @property
+    def method(self) -> str:
+        if self.share_prefix:
+            return "fast: each phrasing and image once, shared prompt prefix via KV cache, yes/no logits only"
+        return f"fast: each phrasing and image once, yes/no logits only (no prefix sharing: {self.why_not})"
+
+    def _limits(self, batch_size: int | None) -> tuple[int, int, int]:
+        """(rows per forward, tokens per forward, images per vision batch), sized to the device."""
+        if batch_size is not None:
+            if batch_size < 1:
+                raise InterpError(f"batch_size={batch_size}; use a positive number of sequences per forward")
+            return batch_size, 1 << 30, batch_size
+        if self.device.type != "cuda":
+            return 32, 8192, 8
+        tc = self.model.text_config
+        elt = torch.finfo(self.model.dtype).bits // 8
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+        kv = 2 * self.model.n_layers * kv_heads * head_dim * elt  # cache bytes per token
+        act = elt * (8 * tc.hidden_size + 3 * getattr(tc, "intermediate_size", 4 * tc.hidden_size))
+        free, _ = torch.cuda.mem_get_info(self.device)
+        tokens = int(min(max(0.3 * free / (2 * kv + act), 1024), 131072))
+        return 128, tokens, 32
+
+    # ---- tokenisation (CPU, background thread) ---------------------------------------------------------
+    # The processor's own call (resize and normalise the image, expand its placeholder, tokenise) is split
+    # in two so that each image is processed once, on several threads, and each phrasing only tokenised.
+    # The split is checked once per run against a full processor call; if it differs, every prompt goes
+    # through the full call instead (slower on the CPU, same numbers).
+    def _process_image(self, image: Any) -> tuple[Tensor, str]:
+        """pixel_values and the placeholder expansion of one image (thread-safe: no tokenizer)."""
+        proc = self.model.processor
+        processed, replacements = proc._process_images([[_open_image(image)]], **self._images_kwargs)
+        extra = set(processed) - {"pixel_values", "num_crops"}
+        if extra:
+            raise _FastUnsupported(f"the image processor returns {sorted(extra)}, which the fast path does not "
+                                   "pass on")
+        return processed["pixel_values"], replacements[0]
+
+    def _expand(self, text: str, replacement: str) -> tuple[list[int], list[int] | None]:
+        """Token ids (and token types) of a prompt whose image placeholder expands to ``replacement``."""
+        proc = self.model.processor
+        expanded = proc.get_text_with_replacements([text], [replacement])[0][0]
+        ids = self.model.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+        return ids, (list(proc.create_mm_token_type_ids([ids])[0]) if self._has_types else None)
+
+    def _full_encode(self, text: str, image: Any) -> dict[str, Any]:
+        """The processor's own call, as ``Model.encode`` makes it."""
+        enc = dict(self.model.processor(text=[text], images=[[_open_image(image)]], return_tensors="pt",
+                                        add_special_tokens=False))
+        extra = set(enc) - {"input_ids", "attention_mask", "pixel_values", "token_type_ids"}
+        if extra:
+            raise _FastUnsupported(f"the processor returns {sorted(extra)}, which the fast path does not pass on")
+        return enc
+
+    def _check_split(self, text: str, image: Any) -> tuple[Tensor, str] | None:
+        """Set ``self._split``: does the split reproduce the processor's call? Returns the image's outputs."""
+        proc = self.model.processor
+        if proc in _SPLIT_CHECKED:  # checked before for this processor: same answer
+            self._split, self._images_kwargs, self._has_types = _SPLIT_CHECKED[proc]
+            return None
+        full = self._full_encode(text, image)
+        self._has_types = "token_type_ids" in full
+        try:
+            merged = proc._merge_kwargs(tokenizer_init_kwargs=proc.tokenizer.init_kwargs, return_tensors="pt",
+                                        add_special_tokens=False)
+            self._images_kwargs = dict(merged["images_kwargs"])
+            pixels, replacement = self._process_image(image)
+            ids, types = self._expand(text, replacement)
+            self._split = (ids == full["input_ids"][0].tolist() and torch.equal(pixels, full["pixel_values"])
+                           and (types is None or types == full["token_type_ids"][0].tolist()))
+        except _FastUnsupported:
+            raise
+        except Exception:  # noqa: BLE001 - a processor without these hooks takes the full call
+            self._split = False
+        try:
+            _SPLIT_CHECKED[proc] = (self._split, self._images_kwargs, self._has_types)
+        except TypeError:  # not weak-referenceable: check again next time
+            pass
+        return (pixels, replacement) if self._split else None
+
+    def _tokenise(self, items: Sequence[Prompt], groups: list[list[int]]) -> _Block:
+        model, tok = self.model, self.model.tokenizer
+        block = _Block(seqs={}, pixels={}, groups=groups)
+        texts = {i: model.format(items[i].question, context=items[i].context, image=items[i].image is not None)
+                 for g in groups for i in g}
+        first: dict[Hashable, int] = {}  # image key -> its first prompt
+        for g in groups:
+            for i in g:
+                if items[i].image is not None:
+                    first.setdefault(_image_key(items[i].image), i)
+        replacement: dict[Hashable, str] = {}
+        if first and self._split is None:
+            key, i = next(iter(first.items()))
+            checked = self._check_split(texts[i], items[i].image)
+            if checked is not None:
+                block.pixels[key], replacement[key] = checked
+        if first and self._split:
+            keys = [k for k in first if k not in block.pixels]
+            for key, (pixels, rep) in zip(keys, self._pool.map(self._process_image,
+                                                               [items[first[k]].image for k in keys]), strict=True):
+                block.pixels[key], replacement[key] = pixels, rep
+        for g in groups:
+            for i in g:
+                p = items[i]
+                if p.image is None:
+                    block.seqs[i] = _Seq(tok(texts[i], add_special_tokens=False)["input_ids"], None, None)
+                    continue
+                key = _image_key(p.image)
+                if self._split:
+                    ids, types = self._expand(texts[i], replacement[key])
+                else:
+                    enc = self._full_encode(texts[i], p.image)
+                    block.pixels.setdefault(key, enc["pixel_values"])
+                    ids = enc["input_ids"][0].tolist()
+                    types = enc["token_type_ids"][0].tolist() if "token_type_ids" in enc else None
+                block.seqs[i] = _Seq(ids, types, key)
+        return block
+
+    # ---- device passes -----------------------------------------------------------------------------
+    def _image_features(self, pixels: dict[Hashable, Tensor]) -> dict[Hashable, Tensor]:
+        """Run the vision tower + projector once per image: key -> ``[n_image_tokens, d_model]``."""
+        if not pixels:
+            return {}
+        if not hasattr(self.body, "get_image_features"):
+            raise _FastUnsupported("the model has no get_image_features()")
+        keys = list(pixels)
+        feats: dict[Hashable, Tensor] = {}
+        for b in range(0, len(keys), self.max_images):
+            chunk = keys[b:b + self.max_images]
+            pv = torch.cat([pixels[k] for k in chunk]).to(self.device, self.model.dtype)
+            out = self.body.get_image_features(pixel_values=pv)
+            per_row = out.pooler_output if hasattr(out, "pooler_output") else out
+            if isinstance(per_row, Tensor):
+                per_row = list(per_row)
+            r = 0
+            for k in chunk:
+                n = pixels[k].shape[0]
+                feats[k] = torch.cat([f.reshape(-1, f.shape[-1]) for f in per_row[r:r + n]])
+                r += n
+        return feats
+
+    def _embed(self, ids: Tensor, slots: list[tuple[int, list[int], Hashable]], feats: dict) -> Tensor:
+        """Token embeddings ``[rows, pos, d_model]`` with image features in the image-token slots."""
+        safe = ids.clone()
+        if self.image_token_id is not None:
+            safe[safe == self.image_token_id] = 0  # overwritten below; 0 keeps out-of-vocab ids out
+        emb = self.body.get_input_embeddings()(safe.to(self.device))
+        if slots:
+            rows = [r for r, pos, _ in slots for _ in pos]
+            cols = [c for _, pos, _ in slots for c in pos]
+            values = []
+            for _, pos, key in slots:
+                f = feats[key]
+                if f.shape[0] != len(pos):
+                    raise InterpError(f"{len(pos)} image tokens in the prompt but the vision tower gives "
+                                      f"{f.shape[0]} feature rows; check that the processor matches the model")
+                values.append(f)
+            emb[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)] = \
+                torch.cat(values).to(emb.dtype)
+        return emb
+
+    def _image_slots(self, seq: _Seq, start: int, stop: int, offset: int) -> list[int]:
+        if seq.image is None or self.image_token_id is None:
+            return []
+        return [j - start + offset for j in range(start, stop) if seq.ids[j] == self.image_token_id]
+
+    def _run(self, emb: Tensor, attn: Tensor, *, position_ids: Tensor | None = None, cache: Any = None,
+             token_types: Tensor | None = None) -> Tensor:
+        kw: dict[str, Any] = dict(inputs_embeds=emb, attention_mask=attn.to(self.device),
+                                  use_cache=cache is not None)
+        if position_ids is not None:
+            kw["position_ids"] = position_ids.to(self.device)
+        if cache is not None:
+            kw["past_key_values"] = cache
+        if token_types is not None:
+            kw["token_type_ids"] = token_types.to(self.device)
+        out = self.body(**kw)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def _full_pass(self, rows: list[int], block: _Block, feats: dict) -> Tensor:
+        """Whole prompts, right-padded (no shared prefix); returns last-token hidden states."""
+        seqs = [block.seqs[i] for i in rows]
+        lengths = [len(s.ids) for s in seqs]
+        width = max(lengths)
+        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        types = torch.zeros((len(rows), width), dtype=torch.long) if any(s.token_types for s in seqs) else None
+        slots = []
+        for r, s in enumerate(seqs):
+            ids[r, :len(s.ids)] = torch.tensor(s.ids)
+            attn[r, :len(s.ids)] = 1
+            if types is not None and s.token_types:
+                types[r, :len(s.ids)] = torch.tensor(s.token_types)
+            pos = self._image_slots(s, 0, len(s.ids), 0)
+            if pos:
+                slots.append((r, pos, s.image))
+        hidden = self._run(self._embed(ids, slots, feats), attn, token_types=types)
+        return hidden[torch.arange(len(rows), device=hidden.device), torch.tensor(lengths, device=hidden.device) - 1]
+
+    def _prefix_pass(self, groups: list[tuple[list[int], int]], block: _Block, feats: dict):
+        """Left-padded shared prefixes of several groups; returns (per-layer K/V, prefix mask, width)."""
+        from transformers import DynamicCache
+
+        width = max(p for _, p in groups)
+        n = len(groups)
+        ids = torch.full((n, width), self._pad_id, dtype=torch.long)
+        attn = torch.zeros((n, width), dtype=torch.long)
+        pos = torch.zeros((n, width), dtype=torch.long)
+        ref = [block.seqs[g[0]] for g, _ in groups]
+        types = torch.zeros((n, width), dtype=torch.long) if any(s.token_types for s in ref) else None
+        slots = []
+        for r, ((_, p), s) in enumerate(zip(groups, ref, strict=True)):
+            start = width - p
+            ids[r, start:] = torch.tensor(s.ids[:p])
+            attn[r, start:] = 1
+            pos[r, start:] = torch.arange(p)
+            if types is not None and s.token_types:
+                types[r, start:] = torch.tensor(s.token_types[:p])
+            img = self._image_slots(s, 0, p, start)
+            if img:
+                slots.append((r, img, s.image))
+        cache = DynamicCache()  # no config: every layer keeps all keys (sliding windows are masked, not cut)
+        self._run(self._embed(ids, slots, feats), attn, position_ids=pos, cache=cache, token_types=types)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return kv, attn, width
+
+    def _suffix_pass(self, rows: list[tuple[int, int, int]], block: _Block, kv, prefix_attn: Tensor) -> Tensor:
+        """Suffixes (right-padded) against copies of their group's prefix K/V; rows: (prompt, group row, P)."""
+        from transformers import DynamicCache
+
+        width = max(len(block.seqs[i].ids) - p for i, _, p in rows)
+        n = len(rows)
+        ids = torch.full((n, width), self._pad_id, dtype=torch.long)
+        attn = torch.zeros((n, width), dtype=torch.long)
+        pos = torch.zeros((n, width), dtype=torch.long)
+        lengths = []
+        for r, (i, _, p) in enumerate(rows):
+            suffix = block.seqs[i].ids[p:]
+            ids[r, :len(suffix)] = torch.tensor(suffix)
+            attn[r, :len(suffix)] = 1
+            pos[r] = torch.arange(p, p + width)
+            lengths.append(len(suffix))
+        g = torch.tensor([gr for _, gr, _ in rows], device=kv[0][0].device)
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(kv):
+            cache.update(k.index_select(0, g), v.index_select(0, g), layer)
+        full_attn = torch.cat([prefix_attn.index_select(0, g.cpu()), attn], dim=1)
+        hidden = self._run(self._embed(ids, [], {}), full_attn, position_ids=pos, cache=cache)
+        return hidden[torch.arange(n, device=hidden.device), torch.tensor(lengths, device=hidden.device) - 1]
+
+    # ---- planning --------------------------------------------------------------------------------------
+    def _plan(self, block: _Block) -> tuple[list[tuple[list[int], int]], list[int]]:
+        """Split a block into prefix groups ``(members, P)`` and prompts run whole."""
+        shared, whole = [], []
+        for g in block.groups:
+            if not self.share_prefix or len(g) < 2:
+                whole.extend(g)
+                continue
+            seqs = [block.seqs[i] for i in g]
+            p = min(len(s.ids) for s in seqs) - 1  # every suffix keeps at least its last token
+            ref = seqs[0].ids
+            for s in seqs[1:]:
+                k = 0
+                while k < p and s.ids[k] == ref[k]:
+                    k += 1
+                p = k
+            # The image block must lie wholly in the prefix: image tokens attend to each other both ways.
+            if self.image_token_id is not None and any(self.image_token_id in s.ids[p:] for s in seqs):
+                p = 0
+            if p < 1:
+                whole.extend(g)
+            else:
+                shared.append((g, p))
+        return shared, whole
+
+    def _batches(self, lengths: list[int], extra: int = 0) -> list[list[int]]:
+        """Runs of consecutive indices with at most max_rows rows and max_tokens (padded) tokens each."""
+        out, cur, longest = [], [], 0
+        for j, n in enumerate(lengths):
+            need = max(longest, n + extra)
+            if cur and (len(cur) >= self.max_rows or (len(cur) + 1) * need > self.max_tokens):
+                out.append(cur)
+                cur, need = [], n + extra
+            cur.append(j)
+            longest = need
+        if cur:
+            out.append(cur)
+        return out
+
+    def _score_block(self, block: _Block, ids: list[int] | None, out: Tensor, bar) -> None:
+        feats = self._image_features(block.pixels)
+        shared, whole = self._plan(block)
+
+        shared.sort(key=lambda gp: gp[1])
+        for chunk in self._batches([p for _, p in shared]):
+            groups = [shared[j] for j in chunk]
+            kv, prefix_attn, width = self._prefix_pass(groups, block, feats)
+            rows = [(i, r, p) for r, (g, p) in enumerate(groups) for i in g]
+            rows.sort(key=lambda row: len(block.seqs[row[0]].ids) - row[2])
+            for sub in self._batches([len(block.seqs[i].ids) - p for i, _, p in rows], extra=width):
+                part = [rows[j] for j in sub]
+                logits = project(self.model, self._suffix_pass(part, block, kv, prefix_attn), ids)
+                out[torch.tensor([i for i, _, _ in part], device=out.device)] = logits.to(out.dtype)
+                bar.update(len(part))
+            del kv
+
+        whole.sort(key=lambda i: len(block.seqs[i].ids))
+        for sub in self._batches([len(block.seqs[i].ids) for i in whole]):
+            part = [whole[j] for j in sub]
+            logits = project(self.model, self._full_pass(part, block, feats), ids)
+            out[torch.tensor(part, device=out.device)] = logits.to(out.dtype)
+            bar.update(len(part))
+
+    def logits(self, items: Sequence[Prompt], ids: list[int] | None, *, progress: bool = False) -> Tensor:
+        """``[n, len(ids)]`` (or full-vocabulary) first-answer-token logits for ``items``."""
+        model = self.model
+        if any(p.image is not None for p in items) and not model.is_multimodal:
+            raise InterpError(f"some prompts have an image, but '{model.name}' is a text-only model. Drop the "
+                              "images or load a vision-language model such as 'tiny-medgemma'.")
+        tok = model.tokenizer
+        self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # Distinct prompts, grouped by what they share before the question: image and context.
+        distinct: dict[tuple, int] = {}
+        index = []
+        for p in items:
+            key = (p.question.strip(), _image_key(p.image), p.context or "")
+            index.append(distinct.setdefault(key, len(distinct)))
+        firsts: dict[int, Prompt] = {}
+        for p, j in zip(items, index, strict=True):
+            firsts.setdefault(j, p)
+        uniq = [firsts[j] for j in range(len(distinct))]
+        by_prefix: dict[tuple, list[int]] = {}
+        for j, p in enumerate(uniq):
+            by_prefix.setdefault((str(_image_key(p.image) or ""), p.context or ""), []).append(j)
+        groups = [by_prefix[k] for k in sorted(by_prefix)]
+        # Blocks bound host memory (pixel values); each is tokenised while the previous one runs. A boundary
+        # never splits the groups of one image (each image is encoded once); the first block is small so
+        # that the device starts early.
+        blocks, cur, images, n_prompts = [], [], set(), 0
+        for g in groups:
+            key = _image_key(uniq[g[0]].image)
+            cap = 32 if blocks else 8
+            if cur and key not in images and (n_prompts + len(g) > 512 or len(images) + (key is not None) > cap):
+                blocks.append(cur)
+                cur, images, n_prompts = [], set(), 0
+            cur.append(g)
+            if key is not None:
+                images.add(key)
+            n_prompts += len(g)
+        blocks.append(cur)
+
+        n_out = model.hf.get_output_embeddings().weight.shape[0] if ids is None else len(ids)
+        out = torch.zeros((len(uniq), n_out), device=self.device, dtype=torch.float32)
+        workers = max(1, min(8, os.cpu_count() or 1))
+        with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as pool, \
+                ThreadPoolExecutor(max_workers=workers) as self._pool, \
+                tqdm(total=len(uniq), desc="evaluate", disable=not progress, leave=False) as bar:
+            future = pool.submit(self._tokenise, uniq, blocks[0])
+            for b in range(len(blocks)):
+                block = future.result()
+                if b + 1 < len(blocks):
+                    future = pool.submit(self._tokenise, uniq, blocks[b + 1])
+                self._score_block(block, ids, out, bar)
+        return out.cpu()[torch.tensor(index)]
