@@ -179,9 +179,14 @@ def run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
     """One forward pass that keeps the selected rows of each requested layer's output and stops early.
 
     Returns ``{layer: Tensor[n_selected, d_model]}`` on the model's device; rows are in (batch, pos) order.
-    All layers' rows are views of one ``[n_layers, n_selected, d_model]`` buffer, so a caller can move
-    them to the host in a single copy (``stacked(kept)``).
     """
+    return _run_hooked(model, batch, layers, sel, out_dtype)[1]
+
+
+def _run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
+                out_dtype: torch.dtype | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+    """`run_hooked`, also returning the ``[n_layers, n_selected, d_model]`` buffer whose rows the hooks
+    fill (``buffer[k]`` is ``layers[k]``), so that a caller can move every layer to the host in one copy."""
     # Flat row indices computed on the host: boolean-mask indexing on the device would force a sync
     # in every hook and stall the kernel queue.
     flat = sel.reshape(-1).nonzero().squeeze(1)
@@ -210,7 +215,10 @@ def run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
     finally:
         for h in handles:
             h.remove()
-    return kept
+    missing = [i for i in layers if i not in kept]
+    if missing:
+        raise InterpError(f"layers {missing} of '{model.name}' were never called in the forward pass")
+    return buffer, kept
 
 
 def _prompt_digest(prompts: Sequence[Prompt]) -> str:
@@ -349,27 +357,36 @@ class _ShardBuffer:
         out |= {f"layer_{i}": torch.empty(self.starts[-1], self.d_model, dtype=self.dtype) for i in self.layers}
         return out
 
-    def copy(self, j: int, kept: dict[int, Tensor], ready: Any, stream: Any) -> None:
-        """Copy batch ``j``'s rows from the device into this shard's host tensors."""
+    def copy(self, j: int, rows: Tensor, done: Any = None) -> None:
+        """Copy batch ``j``'s rows ``[n_layers, n_rows, d_model]`` into this shard's host tensors.
+
+        On a GPU, ``rows`` is a page-locked staging tensor that a side stream is filling; ``done`` is the
+        event recorded after that copy, and is waited on here before the rows are read."""
         if self.out is None:
             self.out = self._allocate()
+        if done is not None:
+            done.synchronize()
         lo, hi = self.starts[j], self.starts[j + 1]
-        if stream is None:
-            for i, rows in kept.items():
-                self.out[f"layer_{i}"][lo:hi] = rows
-            return
-        # Device -> page-locked staging buffers (fast DMA, off the compute stream), then a host memcpy
-        # into the shard; copying straight into pageable memory runs at a fraction of the bus speed.
-        views = list(kept.values())  # hooks fire in layer order: views[k] is buffer[k] of run_hooked
-        stacked = views[0]._base
-        if stacked is None or stacked.shape[0] != len(views):
-            stacked = torch.stack(views)
-        with torch.cuda.stream(stream):
-            stream.wait_event(ready)
-            staged = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True).copy_(stacked, non_blocking=True)
-            stream.synchronize()
-        for k, i in enumerate(kept):
-            self.out[f"layer_{i}"][lo:hi].copy_(staged[k])
+        for k, i in enumerate(self.layers):
+            self.out[f"layer_{i}"][lo:hi].copy_(rows[k])
+
+
+def _stage(buffer: Tensor, stream: torch.cuda.Stream) -> tuple[Tensor, torch.cuda.Event]:
+    """Start copying a device ``buffer`` to page-locked host memory on ``stream``, ordered after the work
+    queued so far on the current (compute) stream. Returns the staging tensor and the event that marks
+    the copy done. Every stream operation is issued here, on the thread that runs the forward pass, so the
+    ordering does not depend on which thread gets there first."""
+    compute = torch.cuda.current_stream(buffer.device)
+    stream.wait_stream(compute)  # the forward that fills ``buffer`` comes first
+    with torch.cuda.stream(stream):
+        staged = torch.empty(buffer.shape, dtype=buffer.dtype, pin_memory=True)
+        staged.copy_(buffer, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    # ``buffer`` was allocated on the compute stream: without this, its memory could be handed to the
+    # next batch's forward while the side stream still reads it.
+    buffer.record_stream(stream)
+    return staged, done
 
 
 def _finish_shard(copies: list[Future], shard: _ShardBuffer, folder: Path | None, manifest: dict | None,
@@ -408,13 +425,12 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
             with torch.inference_mode():
                 for j, prepared in enumerate(batches):
                     batch, sel, _meta = prepared.result()
-                    kept = run_hooked(model, batch.to(model.device), layers, sel, out_dtype)
+                    buffer, _ = _run_hooked(model, batch.to(model.device), layers, sel, out_dtype)
                     if cuda:
-                        ready = torch.cuda.Event()
-                        ready.record()
-                        copies.append(copier.submit(shard.copy, j, kept, ready, stream))
+                        staged, done = _stage(buffer, stream)
+                        copies.append(copier.submit(shard.copy, j, staged, done))
                     else:
-                        shard.copy(j, kept, None, None)
+                        shard.copy(j, buffer)
                     bar.update(int(batch.lengths.numel()))
             finished[span] = writer.submit(_finish_shard, copies, shard, folder, manifest, span)
             for f in [f for f in finished.values() if f.done()]:

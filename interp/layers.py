@@ -8,7 +8,6 @@ as a `LayerSelection`: the hand-off to training, mapped to other depths by relat
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp import hf
 from interp._errors import InterpError
 from interp._results import Result, jsonable
 from interp.capture import capture, layer_output, position_mask, run_hooked
@@ -436,15 +436,6 @@ def _patch_hooks(model: Model, groups: Sequence[int | None], rows: int, src: Ten
             for j, layer in enumerate(groups) if layer is not None]
 
 
-def _cache_bytes_per_row(cache: Any, rows: int) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, Tensor):
-                total += t.numel() * t.element_size()
-    return max(1, total // rows)
-
-
 _FULL_TOKENS_PER_FORWARD = {"cuda": 16384, "cpu": 4096}  # strategy="full": batch copies up to this many tokens
 
 
@@ -475,25 +466,25 @@ def _patch_cached(model: Model, body: Any, batch: Batch, src: Tensor, k: int) ->
         elif key not in prefix:
             prefix[key] = value  # pixel values: one per image, in row order
     try:
-        cache = body(**prefix, use_cache=True).past_key_values
-    except TypeError as e:
-        raise InterpError(f"{type(body).__name__} does not take position_ids/past_key_values ({e}); "
-                          "pass strategy='full'") from e
+        hf.check_forward(body, "position_ids", "cache")
+    except hf.Unsupported as e:
+        raise InterpError(f"{e}: KV-cached patching cannot run; pass strategy='full'") from e
+    cache = hf.output_cache(body(**prefix, use_cache=True))
     tail_pos = (prefix_len[:, None] + torch.arange(k)).to(dev)  # [rows, k] true positions of the patched tokens
     tail_ids = batch.input_ids.gather(1, tail_pos)
     mask = torch.cat([prefix["attention_mask"], torch.ones(rows, k, dtype=torch.long, device=dev)], 1)
     groups: list[int | None] = [None, *range(model.n_layers)]  # None: b's clean run
-    per_forward = max(1, min(len(groups), _memory_budget(dev) // (rows * _cache_bytes_per_row(cache, rows))))
+    per_row = max(1, hf.cache_nbytes(cache) // rows)
+    per_forward = max(1, min(len(groups), _memory_budget(dev) // (rows * per_row)))
     margins = []
     for g in range(0, len(groups), per_forward):
         chunk = groups[g:g + per_forward]
         copies = len(chunk)
-        step = copy.deepcopy(cache)
-        step.batch_select_indices(torch.arange(rows, device=dev).repeat(copies))  # copy j = rows j*rows...
+        step = hf.tile_cache(cache, copies)  # copy j = rows j*rows...
         handles = _patch_hooks(model, chunk, rows, src, None)
         try:
             out = body(input_ids=tail_ids.repeat(copies, 1), attention_mask=mask.repeat(copies, 1),
-                       position_ids=tail_pos.repeat(copies, 1), past_key_values=step, use_cache=True)
+                       position_ids=tail_pos.repeat(copies, 1), use_cache=True, **hf.cache_kwargs(body, step))
         finally:
             for h in handles:
                 h.remove()
@@ -534,6 +525,14 @@ def _patch_full(model: Model, _body: Any, batch: Batch, src: Tensor, k: int) -> 
 def _patching_profile(model: Model, items: list[ParaphrasePair], positions: str, batch_size: int, strategy: str,
                       progress: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     body, _ = body_and_head(model)
+    # Patching copies phrasing a's state into b, so a full transfer moves b to a's *raw* margin. For a pair
+    # of opposite polarity that is the inconsistent answer, not the consistent one: such pairs carry no
+    # "restored consistency" signal and are left out (the profile says how many).
+    inverted = [p.id for p in items if not p.same_polarity]
+    items = [p for p in items if p.same_polarity]
+    if not items:
+        raise InterpError(f"all {len(inverted)} pairs have opposite polarity; the patching profile needs pairs "
+                          "whose two phrasings ask the same thing (same_polarity=True)")
     k = 1 if positions == "last" else _shared_tail(model, items, batch_size)
     n, n_layers = len(items), model.n_layers
     m_a, m_b, m_patched = torch.empty(n), torch.empty(n), torch.empty(n, n_layers)
@@ -554,6 +553,7 @@ def _patching_profile(model: Model, items: list[ParaphrasePair], positions: str,
     # Least-squares slope of (patched - b) on (a - b): pairs with a large margin difference count most.
     values = ((m_patched.double() - m_b[:, None].double()) * gap[:, None]).sum(0).numpy() / denom
     meta = {"patched_tokens": k, "strategy": strategy, "margin_a": m_a.tolist(), "margin_b": m_b.tolist(),
-            "margin_patched": m_patched.tolist(), "mean_abs_gap": float(gap.abs().mean())}
+            "margin_patched": m_patched.tolist(), "mean_abs_gap": float(gap.abs().mean()),
+            "pair_ids": [p.id for p in items], "excluded_opposite_polarity": inverted}
     # Before layer 0 the patched tokens are the same token ids in both phrasings: nothing is carried.
     return values, _gains(values), meta

@@ -9,7 +9,6 @@ once per example and cached, and only the answer position is unembedded.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from interp import hf
 from interp._errors import InterpError
 from interp._io import atomic_write_text
 from interp._results import Result, jsonable
@@ -204,16 +204,20 @@ def _base_of(hf: nn.Module) -> nn.Module:
     return hf.get_base_model() if hasattr(hf, "get_base_model") else hf
 
 
-def _arch_kind(text_model: nn.Module) -> str:
-    """Which decoder forward we reproduce: 'gemma3', 'llama', or 'generic' (plain forward)."""
-    name, cfg = type(text_model).__name__, getattr(text_model, "config", None)
-    if not hasattr(text_model, "rotary_emb") or not hasattr(text_model, "norm"):
+def _arch_kind(base: nn.Module, body: nn.Module) -> str:
+    """Which fast path runs: 'gemma3' or 'llama' (verified layouts), 'unverified' (another decoder whose
+    forward takes ``inputs_embeds``; checked against the plain forward before training), or 'generic'."""
+    try:
+        hf.check_run_from_layer(body)
+    except hf.Unsupported:
         return "generic"
-    if name == "Gemma3TextModel" and not getattr(cfg, "use_bidirectional_attention", False):
+    name = type(base).__name__
+    if name.startswith("Gemma3") and not getattr(base.config.get_text_config(), "use_bidirectional_attention",
+                                                 False):
         return "gemma3"
-    if name == "LlamaModel":
+    if name in ("LlamaForCausalLM", "LlavaForConditionalGeneration", "LlavaLlamaForCausalLM"):
         return "llama"
-    return "generic"
+    return "unverified"
 
 
 class _Runner:
@@ -221,9 +225,10 @@ class _Runner:
 
     ``lower`` runs the model's own forward (embeddings, vision tower, layers below ``lo``) without gradients
     and stops at the pre-hook of layer ``lo``; its output is cached per phrasing, memory permitting.
-    ``upper`` runs layers ``lo..end`` directly with the masks and rotary embeddings the model's forward
-    would build, then the final norm on the last real token only. Unknown architectures ('generic') run
-    the plain forward of the body instead (still no logits but the answer position's).
+    ``upper`` runs the model's own forward again with the cached residual as ``inputs_embeds`` and the
+    layers below ``lo`` skipped (`interp.hf.run_from_layer`), so the model builds its masks and rotary
+    embeddings itself. Architectures without that forward ('generic') run the plain forward of the body
+    instead (still no logits but the answer position's).
     """
 
     def __init__(self, model: Model, lo: int, *, fast: bool = True, cache: bool | str = "auto",
@@ -232,12 +237,9 @@ class _Runner:
         self.dropout_rows = dropout_rows or _DropoutRows()
         self.base = _base_of(model.hf)
         self.body = self.base.model if hasattr(self.base, "model") else self.base
-        path, self.layers = _find_layers(self.base)
-        self.text_model = self.base.get_submodule(path.rsplit(".", 1)[0]) if "." in path else self.base
-        self.kind = _arch_kind(self.text_model) if fast else "generic"
-        self.vlm = self.body is not self.text_model
-        self.dedupe_images = ("mm_encoder_outputs" in inspect.signature(self.body.forward).parameters
-                              and hasattr(self.body, "get_image_features"))
+        _path, self.layers = _find_layers(self.base)
+        self.kind = _arch_kind(self.base, self.body) if fast else "generic"
+        self.dedupe_images = hf.takes_image_features(self.body)
         self.store: dict[Any, tuple[Tensor, Tensor | None]] = {}
         self.used: dict[torch.device, float] = {}
         self.budgets = self._budgets(cache) if self.kind != "generic" else []
@@ -291,13 +293,9 @@ class _Runner:
             inverse.append(j)
         if len(uniq) == flat.shape[0]:
             return inputs
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        feats = self.body.get_image_features(pv[uniq], return_dict=True).pooler_output
+        feats = hf.image_features(self.body, pv[uniq])
         per_row = feats[inverse] if isinstance(feats, Tensor) else [feats[j] for j in inverse]
-        out = {k: v for k, v in inputs.items() if k != "pixel_values"}
-        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
-        return out
+        return hf.with_image_features(self.body, inputs, per_row)
 
     def lower(self, inputs: dict[str, Tensor]) -> Tensor:
         """Residual stream entering layer ``lo``: ``[batch, pos, d_model]`` (no gradient)."""
@@ -319,52 +317,14 @@ class _Runner:
             raise InterpError(f"layer {self.lo} of {type(self.base).__name__} was never called in the forward pass")
         return captured["resid"]
 
-    def _masks(self, resid: Tensor, attn: Tensor, token_type: Tensor | None, position_ids: Tensor) -> Any:
-        from transformers import masking_utils as mu
-
-        if self.kind == "llama":
-            return mu.create_causal_mask(config=self.text_model.config, inputs_embeds=resid, attention_mask=attn,
-                                         past_key_values=None, position_ids=position_ids)
-        if self.vlm:  # Gemma3Model.forward: position_ids stay None for the masks
-            from transformers.models.gemma3 import modeling_gemma3 as g3
-
-            kw = dict(config=self.base.config.get_text_config(), inputs_embeds=resid, attention_mask=attn,
-                      past_key_values=None, position_ids=None)
-            if token_type is not None:
-                blocks = g3.get_block_sequence_ids_for_mask(token_type, device=resid.device)
-                return g3.create_masks_for_vision_model(block_sequence_ids=blocks, **kw)
-            return mu.create_masks_for_generate(**kw)
-        kw = dict(config=self.text_model.config, inputs_embeds=resid, attention_mask=attn, past_key_values=None,
-                  position_ids=position_ids)  # Gemma3TextModel.forward (text-only Gemma 3)
-        return {"full_attention": mu.create_causal_mask(**kw),
-                "sliding_attention": mu.create_sliding_window_causal_mask(**kw)}
-
     def upper(self, resid: Tensor, lengths: Tensor, token_type: Tensor | None = None) -> Tensor:
         """Layers ``lo..end`` on right-padded ``resid [batch, pos, d]``; final-norm state at each last token."""
         batch, width = resid.shape[:2]
         dev = resid.device
         attn = (torch.arange(width, device=dev)[None, :] < lengths.to(dev)[:, None]).long()
-        position_ids = torch.arange(width, device=dev)[None, :]
-        masks = self._masks(resid, attn, token_type, position_ids)
-        tm, hidden = self.text_model, resid
-        if self.kind == "gemma3":
-            types = tm.config.layer_types
-            rope = {t: tm.rotary_emb(resid, position_ids, t) for t in set(types[self.lo:])}
-            kwargs = [dict(attention_mask=masks[types[i]], position_embeddings=rope[types[i]],
-                           position_ids=position_ids, past_key_values=None) for i in range(len(self.layers))]
-        else:
-            rope = tm.rotary_emb(resid, position_ids=position_ids)
-            kwargs = [dict(attention_mask=masks, position_embeddings=rope, position_ids=position_ids,
-                           past_key_values=None, use_cache=False)] * len(self.layers)
-        ckpt = self.checkpoint and torch.is_grad_enabled()
-        for i in range(self.lo, len(self.layers)):
-            if ckpt:  # keep only each layer's input; recompute the layer in the backward pass
-                hidden = torch.utils.checkpoint.checkpoint(self.layers[i], hidden, use_reentrant=False,
-                                                           preserve_rng_state=False, **kwargs[i])
-            else:
-                hidden = self.layers[i](hidden, **kwargs[i])
-        last = hidden[torch.arange(batch, device=dev), lengths.to(dev) - 1]
-        return tm.norm(last)
+        hidden = hf.run_from_layer(self.body, self.layers, self.lo, resid, attn, token_type_ids=token_type,
+                                   checkpoint=self.checkpoint and torch.is_grad_enabled())
+        return hidden[torch.arange(batch, device=dev), lengths.to(dev) - 1]
 
     # -- what training and evaluation call --
     def hidden(self, keys: Sequence[Any], prompts: Sequence[Prompt]) -> Tensor:
@@ -921,9 +881,14 @@ def _train(pm: Model, train: list[ParaphrasePair], held: list[ParaphrasePair], c
                 if err > (1e-3 if pm.dtype == torch.float32 else 5e-2) else None
         except Exception as e:  # noqa: BLE001 - any failure means: use the plain forward
             problem = f"failed ({type(e).__name__}: {e})"
+        if problem and hf.is_verified(pm.hf):
+            raise InterpError(f"the {trainer.runner.kind} fast path {problem} on '{pm.name}' "
+                              f"({hf.architecture(pm.hf)}, an architecture it is verified for). This is a bug in "
+                              "interp or an untested transformers release; pass fast=False to train with the "
+                              "plain forward")
         if problem:
-            warnings.warn(f"the {trainer.runner.kind} fast path {problem} on '{pm.name}'; training with the plain "
-                          "forward instead", stacklevel=3)
+            warnings.warn(f"the fast path {problem} on '{pm.name}' ({hf.architecture(pm.hf)}, not verified); "
+                          "training with the plain forward instead", stacklevel=3)
             trainer = _Trainer(pm, layers[0], cfg, fast=False, cache=False)
     # the residual stream entering layer lo: computed once per example, before any training
     items = [((("train", i), side), p.prompt_a() if side == "a" else p.prompt_b())

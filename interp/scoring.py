@@ -8,7 +8,6 @@ forwards goes through `interp.hf`.
 
 from __future__ import annotations
 
-import inspect
 import os
 import warnings
 import weakref
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp import hf
 from interp._errors import InterpError
 from interp.models import Batch, Model, Prompt, _as_prompt, _open_image
 
@@ -66,18 +66,38 @@ def answer_logits(model: Model, prompts: Sequence[Prompt | str], *, batch_size: 
     ``fast=True`` scores each distinct prompt once, encodes each image once and shares prompt prefixes
     through the KV cache (same numbers to float tolerance); ``fast=False`` is one plain forward per prompt.
     """
+    return score(model, prompts, batch_size=batch_size, full_vocab=full_vocab, progress=progress, fast=fast)[0]
+
+
+NAIVE = "naive: one forward per phrasing"
+
+
+def score(model: Model, prompts: Sequence[Prompt | str], *, batch_size: int | None = None,
+          full_vocab: bool = False, progress: bool = False, fast: bool = True) -> tuple[Tensor, str]:
+    """`answer_logits` and the name of the path that computed them (reports say which path ran).
+
+    For the architectures in `interp.hf.VERIFIED` a fast path that cannot run is an error; for others it
+    warns and falls back to the plain forward."""
     items = [_as_prompt(p) for p in prompts]
     if not items:
         raise InterpError("prompts is empty: pass at least one prompt")
     ids = None if full_vocab else list(model.answer_ids)
     if fast:
         try:
-            return _FastScorer(model, batch_size).logits(items, ids, progress=progress)
+            scorer = _FastScorer(model, batch_size)
+            return scorer.logits(items, ids, progress=progress), scorer.method
         except _FastUnsupported as e:
-            warnings.warn(f"fast scoring is not available for '{model.name}' ({e}); using one forward per "
-                          "prompt", stacklevel=2)
+            if hf.is_verified(model.hf):
+                raise InterpError(
+                    f"the fast scoring path cannot run on '{model.name}' ({hf.architecture(model.hf)}, an "
+                    f"architecture it is verified for): {e}. This is a bug in interp or an untested transformers "
+                    "release; pass fast=False to score with one plain forward per prompt") from e
+            warnings.warn(f"fast scoring is not verified for {hf.architecture(model.hf)} and cannot run on "
+                          f"'{model.name}' ({e}); using one plain forward per prompt", stacklevel=3)
     if batch_size is None:
         batch_size = 16 if model.device.type == "cuda" else 8
+    if batch_size < 1:
+        raise InterpError(f"batch_size={batch_size}; use a positive number of sequences per forward")
     order = sorted(range(len(items)), key=lambda i: len(items[i].question) + len(items[i].context or ""))
     out: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
     with torch.inference_mode():
@@ -87,7 +107,7 @@ def answer_logits(model: Model, prompts: Sequence[Prompt | str], *, batch_size: 
             logits = project(model, last_hidden(model, batch), ids).float().cpu()
             for j, i in enumerate(idx):
                 out[i] = logits[j]
-    return torch.stack(out)
+    return torch.stack(out), NAIVE
 
 
 def margins(model: Model, prompts: Sequence[Prompt | str], **kw) -> Tensor:
@@ -105,8 +125,7 @@ def margins(model: Model, prompts: Sequence[Prompt | str], **kw) -> Tensor:
 # suffixes right-padded, and explicit position_ids carry each row's true positions for RoPE. (3) The
 # decoder only sees image features, which are computed once per image and scattered into the embeddings.
 
-class _FastUnsupported(Exception):
-    """This model or processor cannot take the fast path (the caller falls back to naive scoring)."""
+_FastUnsupported = hf.Unsupported  # this model or processor cannot take the fast path
 
 
 @dataclass
@@ -147,9 +166,7 @@ class _FastScorer:
         self.body, _ = body_and_head(model)
         if not hasattr(self.body, "get_input_embeddings"):
             raise _FastUnsupported("the decoder body has no get_input_embeddings()")
-        params = inspect.signature(self.body.forward).parameters
-        if not {"inputs_embeds", "past_key_values", "position_ids"} <= set(params):
-            raise _FastUnsupported("the decoder forward takes no inputs_embeds/past_key_values/position_ids")
+        hf.check_forward(self.body, "inputs_embeds", "position_ids", "cache")
         cfg = model.hf.config
         self.image_token_id = getattr(cfg, "image_token_id", None)
         if self.image_token_id is None:
@@ -157,9 +174,9 @@ class _FastScorer:
         self.share_prefix, self.why_not = self._can_share_prefix()
         self.device = model.device
         self.max_rows, self.max_tokens, self.max_images = self._limits(batch_size)
-        self._split: bool | None = None  # processor call split into image + text parts (checked on first use)
+        self._split: hf.ProcessorSplit | None = None  # processor call split in two (checked on first use)
+        self._split_ok: bool | None = None
         self._has_types = False
-        self._images_kwargs: dict[str, Any] = {}
 
     # ---- policy -------------------------------------------------------------------------------------
     def _can_share_prefix(self) -> tuple[bool, str]:
@@ -202,20 +219,11 @@ class _FastScorer:
     # through the full call instead (slower on the CPU, same numbers).
     def _process_image(self, image: Any) -> tuple[Tensor, str]:
         """pixel_values and the placeholder expansion of one image (thread-safe: no tokenizer)."""
-        proc = self.model.processor
-        processed, replacements = proc._process_images([[_open_image(image)]], **self._images_kwargs)
-        extra = set(processed) - {"pixel_values", "num_crops"}
-        if extra:
-            raise _FastUnsupported(f"the image processor returns {sorted(extra)}, which the fast path does not "
-                                   "pass on")
-        return processed["pixel_values"], replacements[0]
+        return self._split.process_image(_open_image(image))
 
     def _expand(self, text: str, replacement: str) -> tuple[list[int], list[int] | None]:
         """Token ids (and token types) of a prompt whose image placeholder expands to ``replacement``."""
-        proc = self.model.processor
-        expanded = proc.get_text_with_replacements([text], [replacement])[0][0]
-        ids = self.model.tokenizer(expanded, add_special_tokens=False)["input_ids"]
-        return ids, (list(proc.create_mm_token_type_ids([ids])[0]) if self._has_types else None)
+        return self._split.expand(text, replacement, self._has_types)
 
     def _full_encode(self, text: str, image: Any) -> dict[str, Any]:
         """The processor's own call, as ``Model.encode`` makes it."""
@@ -227,30 +235,28 @@ class _FastScorer:
         return enc
 
     def _check_split(self, text: str, image: Any) -> tuple[Tensor, str] | None:
-        """Set ``self._split``: does the split reproduce the processor's call? Returns the image's outputs."""
+        """Set ``self._split_ok``: does the split reproduce the processor's call? Returns the image's outputs."""
         proc = self.model.processor
         if proc in _SPLIT_CHECKED:  # checked before for this processor: same answer
-            self._split, self._images_kwargs, self._has_types = _SPLIT_CHECKED[proc]
+            self._split_ok, self._split, self._has_types = _SPLIT_CHECKED[proc]
             return None
         full = self._full_encode(text, image)
         self._has_types = "token_type_ids" in full
         try:
-            merged = proc._merge_kwargs(tokenizer_init_kwargs=proc.tokenizer.init_kwargs, return_tensors="pt",
-                                        add_special_tokens=False)
-            self._images_kwargs = dict(merged["images_kwargs"])
+            self._split = hf.ProcessorSplit(proc, self.model.tokenizer)
             pixels, replacement = self._process_image(image)
             ids, types = self._expand(text, replacement)
-            self._split = (ids == full["input_ids"][0].tolist() and torch.equal(pixels, full["pixel_values"])
-                           and (types is None or types == full["token_type_ids"][0].tolist()))
+            self._split_ok = (ids == full["input_ids"][0].tolist() and torch.equal(pixels, full["pixel_values"])
+                              and (types is None or types == full["token_type_ids"][0].tolist()))
         except _FastUnsupported:
             raise
         except Exception:  # noqa: BLE001 - a processor without these hooks takes the full call
-            self._split = False
+            self._split_ok = False
         try:
-            _SPLIT_CHECKED[proc] = (self._split, self._images_kwargs, self._has_types)
+            _SPLIT_CHECKED[proc] = (self._split_ok, self._split, self._has_types)
         except TypeError:  # not weak-referenceable: check again next time
             pass
-        return (pixels, replacement) if self._split else None
+        return (pixels, replacement) if self._split_ok else None
 
     def _tokenise(self, items: Sequence[Prompt], groups: list[list[int]]) -> _Block:
         model, tok = self.model, self.model.tokenizer
@@ -263,12 +269,12 @@ class _FastScorer:
                 if items[i].image is not None:
                     first.setdefault(_image_key(items[i].image), i)
         replacement: dict[Hashable, str] = {}
-        if first and self._split is None:
+        if first and self._split_ok is None:
             key, i = next(iter(first.items()))
             checked = self._check_split(texts[i], items[i].image)
             if checked is not None:
                 block.pixels[key], replacement[key] = checked
-        if first and self._split:
+        if first and self._split_ok:
             keys = [k for k in first if k not in block.pixels]
             for key, (pixels, rep) in zip(keys, self._pool.map(self._process_image,
                                                                [items[first[k]].image for k in keys]), strict=True):
@@ -280,7 +286,7 @@ class _FastScorer:
                     block.seqs[i] = _Seq(tok(texts[i], add_special_tokens=False)["input_ids"], None, None)
                     continue
                 key = _image_key(p.image)
-                if self._split:
+                if self._split_ok:
                     ids, types = self._expand(texts[i], replacement[key])
                 else:
                     enc = self._full_encode(texts[i], p.image)
@@ -295,15 +301,12 @@ class _FastScorer:
         """Run the vision tower + projector once per image: key -> ``[n_image_tokens, d_model]``."""
         if not pixels:
             return {}
-        if not hasattr(self.body, "get_image_features"):
-            raise _FastUnsupported("the model has no get_image_features()")
         keys = list(pixels)
         feats: dict[Hashable, Tensor] = {}
         for b in range(0, len(keys), self.max_images):
             chunk = keys[b:b + self.max_images]
             pv = torch.cat([pixels[k] for k in chunk]).to(self.device, self.model.dtype)
-            out = self.body.get_image_features(pixel_values=pv)
-            per_row = out.pooler_output if hasattr(out, "pooler_output") else out
+            per_row = hf.image_features(self.body, pv)
             if isinstance(per_row, Tensor):
                 per_row = list(per_row)
             r = 0
@@ -345,7 +348,7 @@ class _FastScorer:
         if position_ids is not None:
             kw["position_ids"] = position_ids.to(self.device)
         if cache is not None:
-            kw["past_key_values"] = cache
+            kw |= hf.cache_kwargs(self.body, cache)
         if token_types is not None:
             kw["token_type_ids"] = token_types.to(self.device)
         out = self.body(**kw)
@@ -373,8 +376,6 @@ class _FastScorer:
 
     def _prefix_pass(self, groups: list[tuple[list[int], int]], block: _Block, feats: dict):
         """Left-padded shared prefixes of several groups; returns (per-layer K/V, prefix mask, width)."""
-        from transformers import DynamicCache
-
         width = max(p for _, p in groups)
         n = len(groups)
         ids = torch.full((n, width), self._pad_id, dtype=torch.long)
@@ -393,15 +394,12 @@ class _FastScorer:
             img = self._image_slots(s, 0, p, start)
             if img:
                 slots.append((r, img, s.image))
-        cache = DynamicCache()  # no config: every layer keeps all keys (sliding windows are masked, not cut)
+        cache = hf.new_cache()
         self._run(self._embed(ids, slots, feats), attn, position_ids=pos, cache=cache, token_types=types)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return kv, attn, width
+        return hf.cache_kv(cache), attn, width
 
     def _suffix_pass(self, rows: list[tuple[int, int, int]], block: _Block, kv, prefix_attn: Tensor) -> Tensor:
         """Suffixes (right-padded) against copies of their group's prefix K/V; rows: (prompt, group row, P)."""
-        from transformers import DynamicCache
-
         width = max(len(block.seqs[i].ids) - p for i, _, p in rows)
         n = len(rows)
         ids = torch.full((n, width), self._pad_id, dtype=torch.long)
@@ -415,9 +413,7 @@ class _FastScorer:
             pos[r] = torch.arange(p, p + width)
             lengths.append(len(suffix))
         g = torch.tensor([gr for _, gr, _ in rows], device=kv[0][0].device)
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(kv):
-            cache.update(k.index_select(0, g), v.index_select(0, g), layer)
+        cache = hf.cache_from_kv(kv, g)
         full_attn = torch.cat([prefix_attn.index_select(0, g.cpu()), attn], dim=1)
         hidden = self._run(self._embed(ids, [], {}), full_attn, position_ids=pos, cache=cache)
         return hidden[torch.arange(n, device=hidden.device), torch.tensor(lengths, device=hidden.device) - 1]

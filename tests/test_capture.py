@@ -133,13 +133,13 @@ def test_output_dtype(tiny_llava):
 
 def _count_forwards(monkeypatch):
     calls = []
-    real = capture_mod.run_hooked
+    real = capture_mod._run_hooked
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(capture_mod, "run_hooked", counting)
+    monkeypatch.setattr(capture_mod, "_run_hooked", counting)
     return calls
 
 
@@ -159,7 +159,7 @@ def test_cache_is_reused(tiny_medgemma, tmp_path, monkeypatch):
 
 
 def test_interrupted_capture_resumes_without_recomputing(tiny_medgemma, tmp_path, monkeypatch):
-    real = capture_mod.run_hooked
+    real = capture_mod._run_hooked
     calls = []
 
     def dies_on_third(*a, **k):
@@ -168,7 +168,7 @@ def test_interrupted_capture_resumes_without_recomputing(tiny_medgemma, tmp_path
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(capture_mod, "run_hooked", dies_on_third)
+    monkeypatch.setattr(capture_mod, "_run_hooked", dies_on_third)
     with pytest.raises(KeyboardInterrupt):  # batch_size 1, shard_size 2: dies inside the second shard
         interp.capture(tiny_medgemma, QUESTIONS, layers=[2], cache=tmp_path, shard_size=2, batch_size=1,
                        progress=False)
@@ -179,7 +179,7 @@ def test_interrupted_capture_resumes_without_recomputing(tiny_medgemma, tmp_path
     with pytest.raises(CacheError, match="incomplete"):
         load_activations(folder)
     calls.clear()
-    monkeypatch.setattr(capture_mod, "run_hooked", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(capture_mod, "_run_hooked", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     resumed = interp.capture(tiny_medgemma, QUESTIONS, layers=[2], cache=tmp_path, shard_size=2, batch_size=1,
                              progress=False)
     assert len(calls) == 3  # prompts 2..4 only

@@ -1,0 +1,246 @@
+"""The one door to transformers' internals: everything version-specific that the fast paths rely on.
+
+Stage modules call this module and the models' public forwards, nothing else of transformers' private or
+version-specific API, so that a transformers release changes this file and no other. Tested with
+transformers 5.17.0 and 5.24.0 (MedGemma's Gemma 3 VLM, text-only Gemma 3, LLaMA and LLaVA layouts).
+What it relies on:
+
+- **The cache argument.** Decoder forwards take the KV cache as ``past_key_values`` up to 5.23 and as
+  ``cache`` from 5.24 (the old name warns, and goes in 5.40); outputs carry it under the same name.
+  `cache_kwargs` and `output_cache` read the name off the forward's signature.
+- **Cache objects.** ``DynamicCache()`` (no config: every layer keeps all keys, sliding windows are
+  masked, not cut), its ``.layers[i].keys`` / ``.values``, ``.update(k, v, layer_idx)`` and
+  ``.batch_select_indices``.
+- **Decoder layers** are called as ``layer(hidden_states, **kwargs)`` and return the hidden-states tensor,
+  and a body's forward takes ``inputs_embeds`` as the input of layer 0 (Gemma's embedding scale lives in
+  its embedding module). So a layer can be skipped by making it the identity (`run_from_layer`): the
+  model's own forward then builds the masks (causal, sliding window, Gemma 3's bidirectional image block
+  from ``token_type_ids``) and rotary embeddings, and no mask or RoPE code is re-implemented here.
+- **Vision-language bodies** (``Gemma3Model``, ``LlavaModel``): ``get_image_features(pixel_values)``, and
+  from 5.2x the ``mm_encoder_outputs`` argument that takes image features computed once per image.
+- **Processors** (Gemma 3, LLaVA): ``_merge_kwargs``, ``_process_images``, ``get_text_with_replacements``
+  and ``create_mm_token_type_ids``, so that a processor call can be split into image and text parts
+  (`ProcessorSplit`; the split is checked against the full call before it is used).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# Architectures whose fast paths (capture, the shared-prefix scorer, the upper-layer LoRA runner and
+# KV-cached patching) are checked against the plain forward in tests/ (CPU) and tests/gpu/ (H200, bf16):
+# for these a fast path that cannot run is an error, never a silent fallback.
+VERIFIED = frozenset({
+    "Gemma3ForConditionalGeneration",  # MedGemma-4B, MedGemma-1.5-4B, tiny-medgemma
+    "Gemma3ForCausalLM",  # text-only Gemma 3 (gemma3-270m)
+    "LlamaForCausalLM",
+    "LlavaForConditionalGeneration",  # transformers' LLaVA (tiny-llava)
+    "LlavaLlamaForCausalLM",  # LLaVA-Rad / LLaVA-1.5 code base (decoder at model.layers)
+})
+
+
+class Unsupported(Exception):
+    """This model cannot take a fast path (the caller falls back, or raises for a verified architecture)."""
+
+
+def architecture(hf: nn.Module) -> str:
+    """Class name of the model under any PEFT wrapping."""
+    base = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
+    return type(base).__name__
+
+
+def is_verified(hf: nn.Module) -> bool:
+    return architecture(hf) in VERIFIED
+
+
+# ---- the KV cache ------------------------------------------------------------------------------------
+def cache_name(module: nn.Module) -> str:
+    """The name under which ``module.forward`` takes the KV cache: ``cache`` (5.24+) or ``past_key_values``."""
+    params = inspect.signature(module.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise Unsupported(f"{type(module).__name__}.forward takes no KV cache argument")
+
+
+def check_forward(module: nn.Module, *needed: str) -> None:
+    """Raise `Unsupported` unless ``module.forward`` takes each of ``needed`` (and a cache, if 'cache')."""
+    params = set(inspect.signature(module.forward).parameters)
+    missing = [n for n in needed if n != "cache" and n not in params]
+    if "cache" in needed:
+        try:
+            cache_name(module)
+        except Unsupported:
+            missing.append("cache/past_key_values")
+    if missing:
+        raise Unsupported(f"{type(module).__name__}.forward takes no {'/'.join(missing)}")
+
+
+def cache_kwargs(module: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for ``module.forward``, whichever name this transformers release uses."""
+    return {cache_name(module): cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned (``out.cache`` from 5.24, ``out.past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def new_cache() -> Any:
+    """An empty cache that keeps every key of every layer (sliding windows are masked, not cut)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def cache_kv(cache: Any) -> list[tuple[Tensor, Tensor]]:
+    """Per layer ``(keys, values)``, each ``[batch, kv_heads, pos, head_dim]``."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_from_kv(kv: Sequence[tuple[Tensor, Tensor]], rows: Tensor | None = None) -> Any:
+    """A new cache holding ``kv`` (only batch ``rows`` of it, in that order, if given)."""
+    cache = new_cache()
+    for layer, (k, v) in enumerate(kv):
+        if rows is not None:
+            k, v = k.index_select(0, rows), v.index_select(0, rows)
+        cache.update(k, v, layer)
+    return cache
+
+
+def tile_cache(cache: Any, copies: int) -> Any:
+    """A copy of ``cache`` with its batch repeated ``copies`` times (copy j holds rows j*B .. j*B+B-1)."""
+    rows = next(iter(cache_kv(cache)))[0].shape[0]
+    step = copy.deepcopy(cache)
+    step.batch_select_indices(torch.arange(rows, device=next(iter(cache_kv(cache)))[0].device).repeat(copies))
+    return step
+
+
+def cache_nbytes(cache: Any) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ---- running part of the decoder ----------------------------------------------------------------------
+def _identity(hidden_states: Tensor, *_args: Any, **_kwargs: Any) -> Tensor:
+    return hidden_states
+
+
+@contextmanager
+def _forwards(layers: nn.ModuleList, replace: dict[int, Any]) -> Iterator[None]:
+    """Temporarily replace ``layers[i].forward`` (an instance attribute shadows the class method; one that
+    was there already, such as accelerate's dispatch hook, is put back afterwards)."""
+    _absent = object()
+    saved: list[tuple[int, Any]] = []
+    try:
+        for i, fwd in replace.items():
+            saved.append((i, vars(layers[i]).get("forward", _absent)))
+            layers[i].forward = fwd
+        yield
+    finally:
+        for i, old in saved:
+            if old is _absent:
+                del layers[i].forward
+            else:
+                layers[i].forward = old
+
+
+def _checkpointed(layer: nn.Module):
+    inner = layer.forward
+
+    def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not torch.is_grad_enabled():
+            return inner(hidden_states, *args, **kwargs)
+        # keep only the layer's input; recompute the layer in the backward pass. Dropout masks come from
+        # the caller's per-row generators (lora._RowDropout), so recomputation draws the same masks.
+        return torch.utils.checkpoint.checkpoint(inner, hidden_states, *args, use_reentrant=False,
+                                                 preserve_rng_state=False, **kwargs)
+
+    return forward
+
+
+def run_from_layer(body: nn.Module, layers: nn.ModuleList, lo: int, resid: Tensor, attention_mask: Tensor,
+                   *, token_type_ids: Tensor | None = None, checkpoint: bool = False) -> Tensor:
+    """The body's own forward from layer ``lo`` on: ``resid [batch, pos, d]`` is the residual stream
+    entering layer ``lo``; layers below it are skipped (identity). Returns the final-norm hidden states
+    ``[batch, pos, d]``. The model builds its masks and rotary embeddings as in any forward."""
+    replace: dict[int, Any] = {i: _identity for i in range(lo)}
+    if checkpoint:
+        replace |= {i: _checkpointed(layers[i]) for i in range(lo, len(layers))}
+    kw: dict[str, Any] = dict(inputs_embeds=resid, attention_mask=attention_mask, use_cache=False)
+    if token_type_ids is not None:
+        kw["token_type_ids"] = token_type_ids
+    with _forwards(layers, replace):
+        out = body(**kw)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def check_run_from_layer(body: nn.Module) -> None:
+    check_forward(body, "inputs_embeds", "attention_mask")
+
+
+# ---- images ------------------------------------------------------------------------------------------
+def takes_image_features(body: nn.Module) -> bool:
+    """Does the body's forward take image features computed beforehand (``mm_encoder_outputs``, 5.2x)?"""
+    return ("mm_encoder_outputs" in inspect.signature(body.forward).parameters
+            and hasattr(body, "get_image_features"))
+
+
+def image_features(body: nn.Module, pixel_values: Tensor) -> list[Tensor] | Tensor:
+    """Vision tower + projector: per image, ``[n_image_tokens, d_model]`` (a tensor or list of them)."""
+    if not hasattr(body, "get_image_features"):
+        raise Unsupported(f"{type(body).__name__} has no get_image_features()")
+    out = body.get_image_features(pixel_values=pixel_values)
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+def with_image_features(body: nn.Module, inputs: dict[str, Tensor], per_row: list[Tensor] | Tensor) -> dict:
+    """``inputs`` with ``pixel_values`` replaced by image features already computed (one entry per row)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    out = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
+    return out
+
+
+class ProcessorSplit:
+    """A multimodal processor's call split in two: each image processed once (thread-safe, no tokenizer),
+    each phrasing only expanded and tokenised. Callers check it against the full call before use."""
+
+    def __init__(self, processor: Any, tokenizer: Any):
+        self.processor, self.tokenizer = processor, tokenizer
+        merged = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs,
+                                         return_tensors="pt", add_special_tokens=False)
+        self.images_kwargs = dict(merged["images_kwargs"])
+
+    def process_image(self, image: Any) -> tuple[Tensor, str]:
+        """``pixel_values`` and the placeholder expansion of one opened image."""
+        processed, replacements = self.processor._process_images([[image]], **self.images_kwargs)
+        extra = set(processed) - {"pixel_values", "num_crops"}
+        if extra:
+            raise Unsupported(f"the image processor returns {sorted(extra)}, which the fast path does not pass on")
+        return processed["pixel_values"], replacements[0]
+
+    def expand(self, text: str, replacement: str, token_types: bool) -> tuple[list[int], list[int] | None]:
+        """Token ids (and token types) of a prompt whose image placeholder expands to ``replacement``."""
+        expanded = self.processor.get_text_with_replacements([text], [replacement])[0][0]
+        ids = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+        return ids, (list(self.processor.create_mm_token_type_ids([ids])[0]) if token_types else None)
+
+
+__all__ = ["VERIFIED", "ProcessorSplit", "Unsupported", "architecture", "cache_from_kv", "cache_kv",
+           "cache_kwargs", "cache_name", "cache_nbytes", "check_forward", "image_features", "is_verified",
+           "new_cache", "output_cache", "run_from_layer", "takes_image_features", "tile_cache",
+           "with_image_features"]

@@ -1,0 +1,223 @@
+"""Every fast path equals its plain reference on the GPU (MedGemma-4B shape, bf16, many batches).
+
+References are computed independently of the code under test: each prompt run alone through the plain
+Hugging Face forward with hooks on the decoder layers; `evaluate(fast=False)`; a one-patch-per-forward
+loop; a plain PEFT forward; numpy. The capture cases run several times each, to stress stream ordering.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import interp
+from interp import lora as L
+from interp.data import ParaphraseGroup, ParaphrasePair
+from interp.layers import DEFAULT_TARGET_MODULES
+
+REL_TOL = 0.05  # per-row ||capture - alone|| / ||alone|| in bf16; a wrong row is ~1 (and fails the identity check)
+REPEATS = 3
+
+
+def _mid(model) -> int:
+    """Layer 17 of MedGemma's 34 (the study's layer); the middle layer of the toy model on the CPU."""
+    return 17 if model.n_layers == 34 else model.n_layers // 2
+
+
+def _alone(model, prompts, layers) -> list[dict[int, torch.Tensor]]:
+    """Per prompt, ``{layer: [pos, d]}`` from the plain forward of that prompt alone (no early stop)."""
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            batch = model.encode([p])
+            kept: dict[int, torch.Tensor] = {}
+            hooks = [model.layer(i).register_forward_hook(
+                lambda _m, _a, o, i=i, kept=kept: kept.__setitem__(i, (o[0] if isinstance(o, tuple) else o)[0].clone()))
+                for i in layers]
+            try:
+                model.hf(**batch.inputs, use_cache=False, logits_to_keep=1)
+            finally:
+                for h in hooks:
+                    h.remove()
+            out.append(kept)
+    return out
+
+
+def _compare(acts, ref, layers) -> dict:
+    """Worst per-row relative error, rows beyond tolerance, and rows closer to another prompt's reference
+    row at the same position than to their own (the signature of a race that returns the wrong batch)."""
+    worst, wrong, misplaced, n_rows = 0.0, set(), 0, 0
+    pidx, pos = acts.prompt_index.tolist(), acts.position.tolist()
+    for layer in layers:
+        rows = acts[layer].to(ref[0][layer].device, torch.float32)
+        want = torch.stack([ref[i][layer][p] for i, p in zip(pidx, pos, strict=True)]).float()
+        err = (rows - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-6)
+        worst = max(worst, float(err.max()))
+        wrong |= {pidx[j] for j in torch.nonzero(err > REL_TOL).flatten().tolist()}
+        n_rows += len(pidx)
+        # identity: among reference rows at the same position of every prompt long enough, its own is nearest
+        for j in range(0, len(pidx), max(1, len(pidx) * len(layers) // 64)):
+            cands = [i for i in range(len(ref)) if layer in ref[i] and ref[i][layer].shape[0] > pos[j]]
+            d = torch.stack([(ref[i][layer][pos[j]].float() - rows[j]).norm() for i in cands])
+            own = d[cands.index(pidx[j])]
+            # ties are fine: prompts share their first tokens (BOS, the turn header), so their rows agree there
+            misplaced += int(own > d.min() * 1.001 + 1e-6 * float(rows[j].norm()))
+    return {"max_rel_err": worst, "wrong_prompts": sorted(wrong), "n_wrong_prompts": len(wrong),
+            "misplaced_rows": misplaced, "rows": n_rows}
+
+
+@pytest.fixture(scope="module")
+def ref17(medgemma, ragged_prompts):
+    return _alone(medgemma, ragged_prompts, [_mid(medgemma)])
+
+
+@pytest.mark.parametrize("positions,batch_size,cache", [
+    ("last", 16, False), ("last", 16, True), ("all", 16, False), ("all", 16, True), ("question", 16, False),
+    ("last", 1, False), ("last", 4, False), ("all", 4, True), ("last", 32, False), ("all", 32, False)])
+def test_capture_one_layer_equals_each_prompt_alone(medgemma, ragged_prompts, ref17, record, tmp_path,
+                                                    positions, batch_size, cache):
+    for k in range(REPEATS):
+        acts = interp.capture(medgemma, ragged_prompts, layers=[_mid(medgemma)], positions=positions,
+                              batch_size=batch_size, cache=tmp_path if cache else None, recompute=True,
+                              progress=False)
+        res = _compare(acts, ref17, [_mid(medgemma)])
+        record(f"capture layer {_mid(medgemma)} positions={positions} batch={batch_size} cache={cache} run={k}", **res)
+        assert res["n_wrong_prompts"] == 0 and res["misplaced_rows"] == 0, res
+        if positions == "last":
+            assert acts.prompt_index.tolist() == list(range(len(ragged_prompts)))
+
+
+def test_capture_all_layers_equals_each_prompt_alone(medgemma, ragged_prompts, record, tmp_path):
+    layers = list(range(medgemma.n_layers))
+    short = [p for p in ragged_prompts if len(p) < 1500][:48]
+    ref = _alone(medgemma, short, layers)
+    for positions, cache in (("last", True), ("all", False), ("last", False)):
+        for k in range(REPEATS):
+            acts = interp.capture(medgemma, short, layers=layers, positions=positions, batch_size=16,
+                                  cache=tmp_path if cache else None, recompute=True, progress=False)
+            res = _compare(acts, ref, layers)
+            record(f"capture all {len(layers)} layers positions={positions} cache={cache} run={k}", **res)
+            assert res["n_wrong_prompts"] == 0 and res["misplaced_rows"] == 0, res
+
+
+def test_capture_with_images_equals_each_prompt_alone(medgemma, cxr_images, record):
+    from interp.models import Prompt
+
+    questions = ["Is there a pleural effusion?", "Is the cardiac silhouette enlarged on this radiograph?",
+                 "Any pneumothorax?", "Is there evidence of consolidation in the right lower lobe?"]
+    prompts = [Prompt(questions[k % 4], image=img) for k, img in enumerate(cxr_images)]
+    layers = [5, 17] if medgemma.n_layers == 34 else [1, _mid(medgemma)]
+    ref = _alone(medgemma, prompts, layers)
+    for positions, bs in (("question", 4), ("all", 16), ("last", 8)):
+        for k in range(REPEATS):
+            acts = interp.capture(medgemma, prompts, layers=layers, positions=positions, batch_size=bs,
+                                  progress=False)
+            res = _compare(acts, ref, layers)
+            record(f"capture with images layers {layers} positions={positions} batch={bs} run={k}", **res)
+            assert res["n_wrong_prompts"] == 0 and res["misplaced_rows"] == 0, res
+
+
+def _image_pairs(images: list[str], n: int) -> list[ParaphrasePair]:
+    qs = [("Is there a pleural effusion?", "Is fluid collecting around the lungs?"),
+          ("Is the heart enlarged?", "Does the cardiac silhouette appear enlarged?"),
+          ("Is there a pneumothorax?", "Can a collapsed lung be seen?")]
+    return [ParaphrasePair(f"p{k}", *qs[k % 3], answer="yes" if k % 2 else "no", image=images[k % len(images)])
+            for k in range(n)]
+
+
+def _margin_check(fast, naive) -> dict:
+    a = fast.table[["margin_a", "margin_b"]].to_numpy()
+    b = naive.table[["margin_a", "margin_b"]].to_numpy()
+    scale = float(np.abs(b).max())
+    diff = float(np.abs(a - b).max())
+    return {"max_abs_margin_diff": diff, "margin_scale": scale, "rel": diff / max(scale, 1e-9),
+            "method": fast.method, "sign_disagreements": int((np.sign(a) != np.sign(b))[np.abs(b) > 0.05 * scale].sum())}
+
+
+def test_evaluate_fast_equals_naive_on_image_pairs_and_groups(medgemma, cxr_images, record):
+    pairs = _image_pairs(cxr_images, 48)
+    fast = interp.evaluate(medgemma, pairs, n_boot=0, progress=False)
+    naive = interp.evaluate(medgemma, pairs, fast=False, n_boot=0, progress=False)
+    res = _margin_check(fast, naive)
+    record("evaluate 48 image pairs: fast vs fast=False", **res)
+    assert "KV cache" in fast.method and res["rel"] < 0.05 and res["sign_disagreements"] == 0, res
+    base = ("Is there a pleural effusion?", "Is fluid collecting around the lungs?", "Any effusion?")
+    groups = [ParaphraseGroup(f"g{k}", base + ("Is a pleural effusion present?",) * (k % 2), answer="yes",
+                              image=cxr_images[k % len(cxr_images)]) for k in range(16)]
+    fast = interp.evaluate(medgemma, groups, n_boot=0, progress=False)
+    naive = interp.evaluate(medgemma, groups, fast=False, n_boot=0, progress=False)
+    res = _margin_check(fast, naive)
+    record("evaluate 16 image groups of 3-4 phrasings: fast vs fast=False", **res)
+    assert "KV cache" in fast.method and res["rel"] < 0.05 and res["sign_disagreements"] == 0, res
+
+
+def test_patching_strategies_equal_the_one_patch_per_forward_loop(medgemma, cxr_images, record):
+    pairs = _image_pairs(cxr_images, 6)
+    ids = list(medgemma.answer_ids)
+    naive = np.zeros((len(pairs), medgemma.n_layers))
+    with torch.inference_mode():
+        for r, p in enumerate(pairs):
+            a, b = medgemma.encode([p.prompt_a()]), medgemma.encode([p.prompt_b()])
+            out = medgemma.hf(**a.inputs, output_hidden_states=True, use_cache=False)
+            # resid_post of each layer at the last token (hidden_states[-1] is after the final norm, so the
+            # last layer is left out of the comparison)
+            src = [h[0, -1].clone() for h in out.hidden_states[1:]]
+            for layer in range(medgemma.n_layers - 1):
+                def patch(_m, _a, o, layer=layer, src=src):
+                    (o[0] if isinstance(o, tuple) else o)[:, -1] = src[layer]
+                    return o
+
+                hook = medgemma.layer(layer).register_forward_hook(patch)
+                try:
+                    logits = medgemma.hf(**b.inputs, use_cache=False).logits[0, -1].float()
+                finally:
+                    hook.remove()
+                naive[r, layer] = float(logits[ids[0]] - logits[ids[1]])
+    for strategy in ("cache", "full"):
+        prof = interp.layer_profile(medgemma, pairs, method="patching", strategy=strategy, progress=False)
+        got = np.asarray(prof.meta["margin_patched"])[:, :-1]
+        want = naive[:, :-1]
+        scale = float(np.abs(want).max())
+        res = {"max_abs": float(np.abs(got - want).max()), "scale": scale,
+               "rel": float(np.abs(got - want).max()) / max(scale, 1e-9)}
+        record(f"layer_profile patching strategy={strategy} vs one patch per forward (6 image pairs x 33 layers)",
+               **res)
+        assert res["rel"] < 0.05, res
+
+
+def test_lora_fast_path_gives_the_plain_peft_loss_and_gradients(medgemma, cxr_images, record):
+    pairs = _image_pairs(cxr_images, 4) + [
+        ParaphrasePair(f"t{k}", "Is there cardiomegaly?", "Is the heart big?", answer="no") for k in range(4)]
+    lo = _mid(medgemma) - 2
+    pm = L._peft_wrap(medgemma, list(range(lo, lo + 5 if medgemma.n_layers == 34 else lo + 3)), r=16, alpha=32, dropout=0.0,
+                      target_modules=DEFAULT_TARGET_MODULES, seed=0)
+    try:
+        torch.manual_seed(0)
+        for name, prm in pm.hf.named_parameters():
+            if "lora_B" in name:
+                prm.data.normal_(0, 0.02)
+        cfg = dict(ce_weight=1.0, kl_weight=1.0, kl_space="yes_no")
+        results = []
+        for fast in (True, False):
+            # as train_lora runs on a GPU: activation checkpointing on, the lower-layer cache filled first
+            trainer = L._Trainer(pm, lo, cfg, fast=fast, cache=fast, checkpoint=fast)
+            keys = [f"k{i}" for i in range(len(pairs))]
+            if fast:
+                trainer.loss(pairs, keys)  # fills the cache; the measured pass reads it
+                trainer.model.hf.zero_grad(set_to_none=True)
+            assert trainer.runner.kind == ("gemma3" if fast else "generic")
+            loss = trainer.loss(pairs, keys)
+            loss.total.backward()
+            results.append((float(loss.total.detach()), [p.grad.float().clone() for p in trainer.params]))
+            for p in trainer.params:
+                p.grad = None
+        (lf, gf), (lp, gp) = results
+        cos = [float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+               for a, b in zip(gf, gp, strict=True) if b.abs().max() > 0]
+        res = {"loss_fast": lf, "loss_plain": lp, "loss_rel_diff": abs(lf - lp) / abs(lp),
+               "min_grad_cosine": min(cos), "n_grads": len(cos)}
+        record("train_lora first step: fast path vs plain PEFT (4 image + 4 text pairs, layers 15-19)", **res)
+        assert res["loss_rel_diff"] < 1e-2 and res["min_grad_cosine"] > 0.97, res
+    finally:
+        pm.hf.unload()
