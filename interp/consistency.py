@@ -2,13 +2,13 @@
 
 The margin of a phrasing is logit(yes) - logit(no) at the first answer token. `evaluate()` scores pairs
 through `interp.scoring` (fast by default; ``fast=False`` is the naive one-forward-per-phrasing reference)
-and turns the margins into a `ConsistencyReport` with the study's statistics.
+and turns the margins into a `ConsistencyReport`; `compare()` runs paired, cluster-aware tests (`interp.stats`,
+docs/STATISTICS.md) and keeps the study's unpaired z-tests, labelled as such.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,11 +17,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from interp import stats
 from interp._errors import InterpError
-from interp._results import Result
-from interp.data import ParaphraseGroup, ParaphrasePair, check_image_files
+from interp._results import Result, jsonable
+from interp.data import ParaphraseGroup, ParaphrasePair, check_image_files, polarity_suspects
+from interp.data import clusters as pair_clusters
 from interp.models import Model
-from interp.scoring import _FastScorer, _FastUnsupported, answer_logits, last_hidden, margins, project
+from interp.scoring import answer_logits, last_hidden, margins, project, score
 
 
 # ---- evaluation and its report ----------------------------------------------------------------------------
@@ -45,38 +47,81 @@ def _as_pairs(pairs: Iterable[ParaphrasePair | ParaphraseGroup]) -> list[Paraphr
     return out
 
 
-def _ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float] | None:
-    """Percentile bootstrap 95% CI of the mean (resampling pairs), or None when it is undefined."""
-    from scipy.stats import bootstrap
-
-    values = np.asarray(values, dtype=float)
-    if n_boot < 1 or len(values) < 2:
-        return None
-    if np.all(values == values[0]):
-        return (float(values[0]), float(values[0]))
-    res = bootstrap((values,), np.mean, n_resamples=n_boot, confidence_level=0.95, method="percentile",
-                    random_state=np.random.default_rng(seed), vectorized=True)
-    return (float(res.confidence_interval.low), float(res.confidence_interval.high))
+_NAN = float("nan")
 
 
-def _summary(t: pd.DataFrame) -> dict[str, Any]:
-    gold = t["correct_a"].notna()
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:.1%}"
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:.3g}"
+
+
+def _p(v: float | None) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:.2g}"
+
+
+def _measures(t: pd.DataFrame, n_boot: int, seed: int) -> dict[str, Any]:
+    """The report's quantities on a per-pair table ``t`` (one cluster label per row), with 95% intervals:
+    proportions by Clopper-Pearson (Korn-Graubard effective n when pairs cluster), means and ratios of
+    means by a cluster bootstrap (percentile)."""
+    n = len(t)
+    cl = t["cluster"].astype(str).to_numpy()
+    flip = t["flip"].to_numpy(bool).astype(float)
+    diff = t["margin_diff"].to_numpy(float)
+    absm = t["abs_margin"].to_numpy(float)
+    yes = np.concatenate([t["yes_a"].to_numpy(bool), t["yes_b"].to_numpy(bool)]).astype(float)
+    gold = t["correct_a"].notna().to_numpy()
     n_gold = int(gold.sum())
-    correct = (t.loc[gold, "correct_a"].astype(bool).sum() + t.loc[gold, "correct_b"].astype(bool).sum())
-    return dict(n=len(t), n_flips=int(t["flip"].sum()), flip_rate=float(t["flip"].mean()),
-                mean_margin_diff=float(t["margin_diff"].mean()),
-                accuracy=float(correct / (2 * n_gold)) if n_gold else None, n_gold=n_gold)
+    correct = np.concatenate([t.loc[gold, "correct_a"].astype(bool).to_numpy(),
+                              t.loc[gold, "correct_b"].astype(bool).to_numpy()]).astype(float)
+    boot = stats.cluster_bootstrap(np.stack([np.ones(n), diff, absm], 1), cl, {
+        "mean_margin_diff": lambda s: s[:, 1] / s[:, 0], "mean_abs_margin": lambda s: s[:, 2] / s[:, 0],
+        "relative_margin_diff": lambda s: s[:, 1] / s[:, 2]}, n_boot=n_boot, seed=seed) if n >= 2 else {}
+    mean_absm = float(absm.mean()) if n else _NAN
+    ci = {"flip_rate": stats.proportion_ci(flip, cl),
+          "mean_margin_diff": boot.get("mean_margin_diff"),
+          "accuracy": stats.proportion_ci(correct, np.concatenate([cl[gold], cl[gold]])) if n_gold else None,
+          "relative_margin_diff": boot.get("relative_margin_diff"),
+          "mean_abs_margin": boot.get("mean_abs_margin"),
+          "yes_rate": stats.proportion_ci(yes, np.concatenate([cl, cl]))}
+    g = int(len(set(cl)))
+    boot_method = (f"cluster bootstrap percentile 95% ({n_boot} resamples of {g} clusters)" if ci["mean_margin_diff"]
+                   else "none (n_boot=0 or fewer than two clusters)")
+    methods = {"flip_rate": stats.proportion_ci_method(cl, n), "mean_margin_diff": boot_method,
+               "relative_margin_diff": boot_method, "mean_abs_margin": boot_method,
+               "yes_rate": stats.proportion_ci_method(np.concatenate([cl, cl]), 2 * n),
+               "accuracy": stats.proportion_ci_method(np.concatenate([cl[gold], cl[gold]]), 2 * n_gold)
+               if n_gold else "none (no gold answers)"}
+    return dict(n=n, n_flips=int(flip.sum()), flip_rate=float(flip.mean()) if n else _NAN,
+                mean_margin_diff=float(diff.mean()) if n else _NAN,
+                accuracy=float(correct.mean()) if n_gold else None, n_gold=n_gold,
+                relative_margin_diff=float(diff.mean() / mean_absm) if n and mean_absm > 0 else _NAN,
+                mean_abs_margin=mean_absm, yes_rate=float(yes.mean()) if n else _NAN,
+                n_clusters=g, ci=ci, methods=methods)
 
 
-def _fmt_ci(ci: tuple[float, float] | None, pct: bool) -> str:
-    if ci is None:
-        return ""
-    return f" [{ci[0]:.1%}, {ci[1]:.1%}]" if pct else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+# quantity -> (unit, definition); docs/STATISTICS.md says the same at more length
+_DEFINITIONS: dict[str, tuple[str, str]] = {
+    "flip_rate": ("share of pairs", "pairs whose decision (margin > 0 means yes) differs between phrasing A and "
+                  "polarity-corrected phrasing B"),
+    "mean_margin_diff": ("logits", "mean over pairs of |m_a - m_b'|; m = logit(yes) - logit(no) at the first "
+                         "answer token, m_b' = m_b, or -m_b when B inverts the answer"),
+    "relative_margin_diff": ("ratio (scale-free)", "mean |m_a - m_b'| / mean |m| over all phrasings; unchanged "
+                             "when every margin is scaled by the same factor"),
+    "mean_abs_margin": ("logits", "mean |m| over all 2n phrasings (confidence; shrinks when margins shrink)"),
+    "yes_rate": ("share of phrasings", "phrasings decided yes (raw m > 0, no polarity correction); near 0 or 1 "
+                 "means a collapse toward one answer"),
+    "accuracy": ("share of phrasings", "phrasings of pairs with a gold answer whose decision matches it (B "
+                 "against its own, polarity-flipped gold answer)"),
+}
 
 
 @dataclass(frozen=True, eq=False)
 class ConsistencyReport(Result):
-    """Paraphrase consistency of one model on a set of pairs (flip rate, margin difference, accuracy)."""
+    """Paraphrase consistency of one model on a set of pairs (flip rate, margin difference, accuracy), with
+    scale-free and collapse measures beside them and a 95% interval on each (see docs/STATISTICS.md)."""
 
     model: str
     n: int  # pairs
@@ -85,24 +130,35 @@ class ConsistencyReport(Result):
     mean_margin_diff: float  # mean |margin_a - corrected margin_b| (logits)
     accuracy: float | None  # share of phrasings with a gold answer decided correctly; None without gold
     n_gold: int  # pairs with a gold answer (each contributes two phrasings to accuracy)
-    ci: dict[str, tuple[float, float] | None]  # bootstrap 95% CIs (percentile, pairs resampled)
-    by_kind: dict[str, dict[str, Any]]  # kind -> n, n_flips, flip_rate, mean_margin_diff, accuracy, n_gold
+    ci: dict[str, tuple[float, float] | None]  # 95% intervals; the method of each in ``ci_method``
+    by_kind: dict[str, dict[str, Any]]  # kind -> the measures below (n, n_flips, flip_rate, ..., ci) on its pairs
     table: pd.DataFrame = field(repr=False)  # one row per pair
     n_boot: int = 1000
     seed: int = 0
     method: str = ""  # how margins were computed
     seconds: float = 0.0  # wall time of the scoring
+    relative_margin_diff: float = _NAN  # mean |margin diff| / mean |margin| (scale-free)
+    mean_abs_margin: float = _NAN  # mean |margin| over all phrasings (logits)
+    yes_rate: float = _NAN  # share of phrasings decided yes (raw margins)
+    n_clusters: int = 0  # clusters of dependent pairs (`interp.data.clusters`) the intervals resample
+    by_polarity: dict[str, dict[str, Any]] = field(default_factory=dict)  # "same" / "inverted" -> measures
+    ci_method: dict[str, str] = field(default_factory=dict)  # quantity -> how its interval was computed
+    polarity_suspects: tuple[str, ...] = ()  # same-polarity pairs with a negation cue on one side only
 
     @classmethod
     def from_margins(cls, pairs: Sequence[ParaphrasePair], margin_a: Sequence[float], margin_b: Sequence[float],
                      *, model: str = "", n_boot: int = 1000, seed: int = 0, method: str = "given margins",
-                     seconds: float = 0.0) -> ConsistencyReport:
-        """A report from per-pair margins already computed (``margin_b`` raw, before polarity correction)."""
+                     seconds: float = 0.0, clusters: Sequence[str] | None = None) -> ConsistencyReport:
+        """A report from per-pair margins already computed (``margin_b`` raw, before polarity correction).
+        ``clusters``: one label per pair (default `interp.data.clusters`: shared group, image, case, report)."""
         pairs = _as_pairs(pairs)
         m_a = np.asarray(margin_a, dtype=float).reshape(-1)
         m_b = np.asarray(margin_b, dtype=float).reshape(-1)
         if len(m_a) != len(pairs) or len(m_b) != len(pairs):
             raise InterpError(f"{len(pairs)} pairs but {len(m_a)} margin_a and {len(m_b)} margin_b values")
+        labels = pair_clusters(pairs) if clusters is None else [str(c) for c in clusters]
+        if len(labels) != len(pairs):
+            raise InterpError(f"{len(pairs)} pairs but {len(labels)} cluster labels; give one label per pair")
         same = np.array([p.same_polarity for p in pairs])
         corrected = np.where(same, m_b, -m_b)
 
@@ -117,22 +173,51 @@ class ConsistencyReport(Result):
             "margin_diff": np.abs(m_a - corrected), "flip": (m_a > 0) != (corrected > 0),
             "correct_a": pd.Series(correct(m_a, [p.answer for p in pairs]), dtype=object),
             "correct_b": pd.Series(correct(m_b, [p.answer_b for p in pairs]), dtype=object),
+            "cluster": labels, "polarity": np.where(same, "same", "inverted"),
+            "yes_a": m_a > 0, "yes_b": m_b > 0, "abs_margin": (np.abs(m_a) + np.abs(m_b)) / 2,
         })
-        s = _summary(table)
-        gold = table["correct_a"].notna().to_numpy()
-        per_pair_acc = (table.loc[gold, "correct_a"].astype(float) + table.loc[gold, "correct_b"].astype(float)) / 2
-        ci = {"flip_rate": _ci(table["flip"].to_numpy(float), n_boot, seed),
-              "mean_margin_diff": _ci(table["margin_diff"].to_numpy(), n_boot, seed),
-              "accuracy": _ci(per_pair_acc.to_numpy(), n_boot, seed) if s["n_gold"] else None}
-        by_kind = {str(k): _summary(t) for k, t in table.groupby("kind", sort=True)}
+        s = _measures(table, n_boot, seed)
+        by_kind = {str(k): _measures(t, n_boot, seed) for k, t in table.groupby("kind", sort=True)}
+        by_polarity = {str(k): _measures(t, n_boot, seed) for k, t in table.groupby("polarity", sort=True)}
+        ci, ci_method = s.pop("ci"), s.pop("methods")
         return cls(model=model, ci=ci, by_kind=by_kind, table=table, n_boot=n_boot, seed=seed, method=method,
-                   seconds=seconds, **s)
+                   seconds=seconds, by_polarity=by_polarity, ci_method=ci_method,
+                   polarity_suspects=tuple(p.id for p in polarity_suspects(pairs)), **s)
+
+    def measures(self) -> pd.DataFrame:
+        """One row per reported quantity: value, 95% interval and its method, n, unit and definition."""
+        rows = []
+        for name, (unit, definition) in _DEFINITIONS.items():
+            value = getattr(self, name)
+            ci = self.ci.get(name)
+            n_units = {"share of pairs": self.n, "share of phrasings": 2 * (self.n_gold if name == "accuracy"
+                                                                           else self.n)}.get(unit, self.n)
+            rows.append({"quantity": name, "value": value, "ci_low": None if ci is None else ci[0],
+                         "ci_high": None if ci is None else ci[1], "interval": self.ci_method.get(name, ""),
+                         "n": n_units, "n_clusters": self.n_clusters, "unit": unit, "definition": definition})
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["measures"] = jsonable(self.measures())
+        return out
+
+    def _repr_html_(self) -> str:
+        head = (f"<b>{self.model}</b>: {self.n} pairs in {self.n_clusters} clusters, {self.n_gold} with a gold "
+                f"answer; margins: {self.method}")
+        cols = ["quantity", "value", "ci_low", "ci_high", "interval", "n", "unit"]
+        return f"<p>{head}</p>" + self.measures()[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}")
 
     def __repr__(self) -> str:
-        acc = "n/a" if self.accuracy is None else f"{self.accuracy:.1%}{_fmt_ci(self.ci.get('accuracy'), True)}"
+        acc = "n/a" if self.accuracy is None else f"{self.accuracy:.1%}{stats.fmt_ci(self.ci.get('accuracy'), True)}"
         return (f"ConsistencyReport({self.model!r}, n={self.n}: flip rate {self.flip_rate:.1%}"
-                f"{_fmt_ci(self.ci.get('flip_rate'), True)} ({self.n_flips} flips), mean |margin diff| "
-                f"{self.mean_margin_diff:.2f}{_fmt_ci(self.ci.get('mean_margin_diff'), False)}, accuracy {acc})")
+                f"{stats.fmt_ci(self.ci.get('flip_rate'), True)} ({self.n_flips} flips), mean |margin diff| "
+                f"{self.mean_margin_diff:.3g}{stats.fmt_ci(self.ci.get('mean_margin_diff'), False)} logits, "
+                f"|margin diff| / mean |margin| {_num(self.relative_margin_diff)}"
+                f"{stats.fmt_ci(self.ci.get('relative_margin_diff'), False)}, mean |margin| "
+                f"{_num(self.mean_abs_margin)}{stats.fmt_ci(self.ci.get('mean_abs_margin'), False)}, yes rate "
+                f"{_pct(self.yes_rate)}{stats.fmt_ci(self.ci.get('yes_rate'), True)}, accuracy {acc}; "
+                f"{self.n_clusters} clusters, 95% intervals)")
 
     def figure(self):
         """Plotly scatter: margin of phrasing A against polarity-corrected margin of B, flips highlighted."""
@@ -153,29 +238,60 @@ class ConsistencyReport(Result):
                                  line=dict(color="grey", dash="dash"), hoverinfo="skip"))
         fig.add_hline(y=0, line=dict(color="lightgrey", width=1))
         fig.add_vline(x=0, line=dict(color="lightgrey", width=1))
-        fig.update_layout(title=f"{self.model}: flip rate {self.flip_rate:.1%}, mean |margin diff| "
-                                f"{self.mean_margin_diff:.2f} (n={self.n})",
+        fr = stats.fmt_ci(self.ci.get("flip_rate"), True)
+        fig.update_layout(title=f"{self.model}: flip rate {self.flip_rate:.1%}{fr} (n={self.n} pairs, "
+                                f"{self.n_clusters} clusters)<br><sup>mean |margin diff| {self.mean_margin_diff:.3g}, "
+                                f"scale-free |diff| / mean |margin| {_num(self.relative_margin_diff)}, mean |margin| "
+                                f"{_num(self.mean_abs_margin)} logits, yes rate {_pct(self.yes_rate)}</sup>",
                           xaxis_title="margin A = logit(yes) - logit(no)",
                           yaxis_title="margin B (polarity-corrected)", template="plotly_white")
         return fig
 
     def compare(self, other: ConsistencyReport) -> ConsistencyComparison:
-        """Compare with another report on the same pairs (``self`` = baseline): the study's tests."""
+        """Compare with another report on the same pairs (``self`` = baseline): paired tests first."""
         return ConsistencyComparison.of(self, other)
+
+
+def _truthy(column: pd.Series) -> np.ndarray:
+    """1.0 where a correct_a/correct_b cell is True, 0.0 where False or missing (no gold answer)."""
+    return np.array([v is not None and v == v and bool(v) for v in column], dtype=float)
+
+
+def _merge_labels(a: Sequence[str], b: Sequence[str]) -> list[str]:
+    """Connected components of units linked by a shared label in ``a`` or in ``b``."""
+    parent = list(range(len(a)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for labels in (a, b):
+        first: dict[str, int] = {}
+        for i, c in enumerate(labels):
+            j = first.setdefault(str(c), i)
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    return [str(a[find(i)]) for i in range(len(a))]
 
 
 @dataclass(frozen=True, eq=False)
 class ConsistencyComparison(Result):
-    """Baseline vs another model on the same pairs: flip-rate z-test (as in the study) and paired tests."""
+    """Baseline vs another model on the same pairs. Headline tests are paired: exact McNemar on flips (over
+    clusters when pairs cluster), a clustered paired test on accuracy, Wilcoxon and a cluster sign-flip test
+    on margin differences; the study's unpaired two-proportion z-tests are kept and labelled as such. Every
+    change carries a paired cluster-bootstrap 95% interval (``ci``)."""
 
     baseline: str
     other: str
     n: int
     flip_rate: tuple[float, float]  # (baseline, other)
     flip_rate_delta: float  # other - baseline
-    z: float  # two-proportion z-test on flip counts (statsmodels proportions_ztest), the study's test
+    z: float  # unpaired two-proportion z-test on flip counts (statsmodels proportions_ztest), as in the study
     p_z: float
-    p_mcnemar: float  # paired: McNemar on per-pair flips (exact binomial when < 25 discordant pairs)
+    p_mcnemar: float  # paired: exact McNemar (binomial) on per-pair flips, pairs as independent units
     discordant: tuple[int, int]  # (pairs that flip only in baseline, only in other)
     mean_margin_diff: tuple[float, float]
     margin_diff_delta: float
@@ -184,15 +300,35 @@ class ConsistencyComparison(Result):
     p_wilcoxon: float
     accuracy: tuple[float, float] | None
     accuracy_delta: float | None
-    z_accuracy: float | None  # two-proportion z-test on correct phrasings
-    p_accuracy: float | None
+    z_accuracy: float | None  # unpaired two-proportion z-test on correct phrasings, as in the study
+    p_accuracy: float | None  # its p-value (the paired test is ``p_accuracy_paired``)
     table: pd.DataFrame = field(repr=False)  # per pair: both models' margins, diffs and flips
+    p_flip: float = _NAN  # headline flip test: ``p_flip_cluster`` (= exact McNemar when no pairs cluster)
+    flip_test: str = ""  # name of the headline flip test
+    p_mcnemar_midp: float = _NAN  # mid-p exact McNemar
+    p_flip_cluster: float = _NAN  # exact cluster sign-flip test on per-pair flip changes (clustered McNemar)
+    p_accuracy_paired: float | None = None  # headline accuracy test: exact cluster sign-flip on per-phrasing
+    accuracy_test: str = ""  # correctness changes, clusters of pairs as units; its name here
+    accuracy_discordant: tuple[int, int] | None = None  # phrasings correct only in baseline, only in other
+    p_accuracy_mcnemar: float | None = None  # exact McNemar on phrasings as independent units (no clusters)
+    p_margin_cluster: float = _NAN  # cluster sign-flip test on per-pair |margin diff| changes
+    relative_margin_diff: tuple[float, float] = (_NAN, _NAN)  # scale-free |diff| / mean |margin|
+    relative_margin_diff_delta: float = _NAN
+    mean_abs_margin: tuple[float, float] = (_NAN, _NAN)  # logits
+    mean_abs_margin_relative: float = _NAN  # (other - baseline) / baseline: margins shrinking or growing
+    yes_rate: tuple[float, float] = (_NAN, _NAN)
+    yes_rate_delta: float = _NAN
+    n_clusters: int = 0
+    ci: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # paired cluster-bootstrap 95% CIs
+    ci_levels: dict[str, Any] = field(default_factory=dict)  # quantity -> (baseline CI, other CI) from reports
+    n_boot: int = 1000
+    n_gold: int = 0  # pairs with a gold answer (2 phrasings each in the accuracy tests)
+    n_clusters_gold: int = 0  # clusters among them
 
     @classmethod
     def of(cls, base: ConsistencyReport, other: ConsistencyReport) -> ConsistencyComparison:
         """Run the tests; both reports must cover the same pair ids (and the same questions)."""
         from scipy.stats import wilcoxon
-        from statsmodels.stats.contingency_tables import mcnemar
 
         if not isinstance(other, ConsistencyReport):
             raise InterpError(f"compare() takes a ConsistencyReport, got {type(other).__name__}")
@@ -209,71 +345,225 @@ class ConsistencyComparison(Result):
             raise InterpError(f"pair {differ[0]!r} has different questions or polarity in the two reports; "
                               "evaluate both models on the same pair file")
         n = len(a)
+        cl = np.array(_merge_labels(list(a["cluster"]), list(b["cluster"])), dtype=object)
+        g = len(set(cl))
+        n_boot, seed = base.n_boot, base.seed
+        sa, sb = _measures(a.assign(cluster=cl), 0, seed), _measures(b.assign(cluster=cl), 0, seed)
+
+        # flips: exact McNemar on pairs, its cluster version, and the study's unpaired z-test
         fa, fb = a["flip"].to_numpy(bool), b["flip"].to_numpy(bool)
-        z, p_z = _ztest(int(fa.sum()), int(fb.sum()), n, n)
+        z, p_z = stats.two_proportion_ztest(int(fa.sum()), int(fb.sum()), n, n)
         only_base, only_other = int((fa & ~fb).sum()), int((~fa & fb).sum())
-        table2 = [[int((fa & fb).sum()), only_base], [only_other, int((~fa & ~fb).sum())]]
-        p_mc = float(mcnemar(table2, exact=(only_base + only_other) < 25, correction=True).pvalue)
+        mc = stats.mcnemar_exact(only_base, only_other)
+        flip_cluster = stats.sign_flip_test(fb.astype(float) - fa.astype(float), cl, seed=seed)
+        if g == n:
+            p_flip, flip_test = mc.p, "exact McNemar (binomial), pairs as units"
+        else:
+            p_flip, flip_test = flip_cluster.p, (f"exact clustered McNemar (sign-flip test over {g} clusters of "
+                                                 "pairs)")
+
+        # margin differences: Wilcoxon on pairs (the study) and a cluster sign-flip test
         da, db = a["margin_diff"].to_numpy(), b["margin_diff"].to_numpy()
         if np.allclose(da, db, rtol=0, atol=0):
-            w, p_w = float("nan"), 1.0
+            w, p_w = _NAN, 1.0
         else:
             res = wilcoxon(da, db)
             w, p_w = float(res.statistic), float(res.pvalue)
-        sa, sb = _summary(a.reset_index()), _summary(b.reset_index())
-        acc = za = pa = acc_delta = None
+        p_margin_cluster = stats.sign_flip_test(db - da, cl, seed=seed).p
+
+        # accuracy: per-phrasing correctness, paired, clustered by pair (and by cluster of pairs)
+        acc = za = pa = acc_delta = p_acc_paired = p_acc_mc = acc_disc = None
+        acc_test = ""
+        gold = a["correct_a"].notna().to_numpy()
         if sa["accuracy"] is not None and sb["accuracy"] is not None:
             acc = (sa["accuracy"], sb["accuracy"])
             acc_delta = acc[1] - acc[0]
+            ca = np.concatenate([a.loc[gold, "correct_a"].astype(bool), a.loc[gold, "correct_b"].astype(bool)])
+            cb = np.concatenate([b.loc[gold, "correct_a"].astype(bool), b.loc[gold, "correct_b"].astype(bool)])
             m = 2 * sa["n_gold"]
-            za, pa = _ztest(round(acc[0] * m), round(acc[1] * m), m, m)
-        rel = (sb["mean_margin_diff"] - sa["mean_margin_diff"]) / sa["mean_margin_diff"] \
-            if sa["mean_margin_diff"] > 0 else float("nan")
-        cols = ["margin_a", "margin_b_corrected", "margin_diff", "flip"]
-        table = a[["kind", *cols]].join(b[cols], lsuffix="_base", rsuffix="_other").reset_index()
+            za, pa = stats.two_proportion_ztest(int(ca.sum()), int(cb.sum()), m, m)
+            acc_disc = (int((ca & ~cb).sum()), int((~ca & cb).sum()))
+            p_acc_mc = stats.mcnemar_exact(*acc_disc).p
+            cl_phr = np.concatenate([cl[gold], cl[gold]])
+            p_acc_paired = stats.sign_flip_test(cb.astype(float) - ca.astype(float), cl_phr, seed=seed).p
+            acc_test = (f"exact clustered McNemar on phrasings (sign-flip test over {len(set(cl_phr))} clusters; "
+                        "a pair's two phrasings always share one)")
+
+        # paired cluster bootstrap: the same resampled clusters for both models
+        gold_f = gold.astype(float)
+
+        def per_pair_acc(t: pd.DataFrame) -> np.ndarray:
+            return (_truthy(t["correct_a"]) + _truthy(t["correct_b"])) / 2 * gold_f
+
+        cols = np.stack([np.ones(n), fa, fb, da, db, a["abs_margin"], b["abs_margin"],
+                         (a["yes_a"].astype(float) + a["yes_b"].astype(float)) / 2,
+                         (b["yes_a"].astype(float) + b["yes_b"].astype(float)) / 2,
+                         gold_f, per_pair_acc(a), per_pair_acc(b)], 1).astype(float)
+        statistics = {
+            "flip_rate_delta": lambda s: (s[:, 2] - s[:, 1]) / s[:, 0],
+            "margin_diff_delta": lambda s: (s[:, 4] - s[:, 3]) / s[:, 0],
+            "margin_diff_relative": lambda s: s[:, 4] / s[:, 3] - 1,
+            "relative_margin_diff_delta": lambda s: s[:, 4] / s[:, 6] - s[:, 3] / s[:, 5],
+            "mean_abs_margin_relative": lambda s: s[:, 6] / s[:, 5] - 1,
+            "yes_rate_delta": lambda s: (s[:, 8] - s[:, 7]) / s[:, 0]}
+        if acc is not None:
+            statistics["accuracy_delta"] = lambda s: (s[:, 11] - s[:, 10]) / s[:, 9]
+        ci = stats.cluster_bootstrap(cols, cl, statistics, n_boot=n_boot, seed=seed)
+        ci.setdefault("accuracy_delta", None)
+
+        def ratio(x: float, y: float) -> float:
+            return x / y - 1 if y > 0 else _NAN
+
+        levels = {k: (base.ci.get(k), other.ci.get(k)) for k in _DEFINITIONS}
+        keep = ["margin_a", "margin_b_corrected", "margin_diff", "flip"]
+        table = a[["kind", "cluster", *keep]].join(b[keep], lsuffix="_base", rsuffix="_other").reset_index()
         return cls(baseline=base.model, other=other.model, n=n, flip_rate=(sa["flip_rate"], sb["flip_rate"]),
-                   flip_rate_delta=sb["flip_rate"] - sa["flip_rate"], z=z, p_z=p_z, p_mcnemar=p_mc,
+                   flip_rate_delta=sb["flip_rate"] - sa["flip_rate"], z=z, p_z=p_z, p_mcnemar=mc.p,
                    discordant=(only_base, only_other),
                    mean_margin_diff=(sa["mean_margin_diff"], sb["mean_margin_diff"]),
-                   margin_diff_delta=sb["mean_margin_diff"] - sa["mean_margin_diff"], margin_diff_relative=rel,
+                   margin_diff_delta=sb["mean_margin_diff"] - sa["mean_margin_diff"],
+                   margin_diff_relative=ratio(sb["mean_margin_diff"], sa["mean_margin_diff"]),
                    wilcoxon=w, p_wilcoxon=p_w, accuracy=acc, accuracy_delta=acc_delta, z_accuracy=za,
-                   p_accuracy=pa, table=table)
+                   p_accuracy=pa, table=table, p_flip=p_flip, flip_test=flip_test, p_mcnemar_midp=mc.p_mid,
+                   p_flip_cluster=flip_cluster.p, p_accuracy_paired=p_acc_paired, accuracy_test=acc_test,
+                   accuracy_discordant=acc_disc, p_accuracy_mcnemar=p_acc_mc, p_margin_cluster=p_margin_cluster,
+                   relative_margin_diff=(sa["relative_margin_diff"], sb["relative_margin_diff"]),
+                   relative_margin_diff_delta=sb["relative_margin_diff"] - sa["relative_margin_diff"],
+                   mean_abs_margin=(sa["mean_abs_margin"], sb["mean_abs_margin"]),
+                   mean_abs_margin_relative=ratio(sb["mean_abs_margin"], sa["mean_abs_margin"]),
+                   yes_rate=(sa["yes_rate"], sb["yes_rate"]), yes_rate_delta=sb["yes_rate"] - sa["yes_rate"],
+                   n_clusters=g, ci=ci, ci_levels=levels, n_boot=n_boot, n_gold=sa["n_gold"],
+                   n_clusters_gold=len(set(cl[gold])))
+
+    def tests(self) -> pd.DataFrame:
+        """Every test run, one row each: quantity, test, paired or not, statistic, p (mid-p), n and unit."""
+        g, n, m, g_gold = self.n_clusters, self.n, 2 * self.n_gold, self.n_clusters_gold
+        rows = [
+            ("flip rate", self.flip_test, True, f"discordant pairs {self.discordant[0]}/{self.discordant[1]}",
+             self.p_flip, self.p_mcnemar_midp if g == n else None, n, g, "pairs", True),
+            *([("flip rate", "exact McNemar (binomial), pairs as independent units (ignores clusters)", True,
+                f"discordant pairs {self.discordant[0]}/{self.discordant[1]}", self.p_mcnemar, self.p_mcnemar_midp,
+                n, n, "pairs", False)] if g != n else []),
+            ("flip rate", "unpaired two-proportion z-test (as in the study)", False, f"z={self.z:.3f}", self.p_z,
+             None, 2 * n, 2 * n, "pairs (counted twice, as independent)", False),
+            ("mean |margin diff|", "Wilcoxon signed-rank, pairs as units (as in the study)", True,
+             f"W={self.wilcoxon:.4g}", self.p_wilcoxon, None, n, n, "pairs", True),
+            ("mean |margin diff|", f"cluster sign-flip test on |margin diff| changes ({g} clusters)", True,
+             f"{self.margin_diff_delta:+.4g} logits", self.p_margin_cluster, None, n, g, "pairs", False),
+        ]
+        if self.accuracy is not None and self.accuracy_discordant is not None:
+            rows += [
+                ("accuracy", self.accuracy_test, True,
+                 f"discordant phrasings {self.accuracy_discordant[0]}/{self.accuracy_discordant[1]}",
+                 self.p_accuracy_paired, None, m, g_gold, "phrasings", True),
+                ("accuracy", "exact McNemar on phrasings as independent units", True,
+                 f"discordant phrasings {self.accuracy_discordant[0]}/{self.accuracy_discordant[1]}",
+                 self.p_accuracy_mcnemar, None, m, m, "phrasings", False),
+                ("accuracy", "unpaired two-proportion z-test (as in the study)", False, f"z={self.z_accuracy:.3f}",
+                 self.p_accuracy, None, 2 * m, 2 * m, "phrasings (counted twice, as independent)", False)]
+        cols = ["quantity", "test", "paired", "statistic", "p", "p_mid", "n", "n_clusters", "unit", "headline"]
+        return pd.DataFrame(rows, columns=cols)
+
+    def changes(self) -> pd.DataFrame:
+        """Each quantity before and after, its change and the change's paired cluster-bootstrap 95% CI."""
+        rows = [("flip rate", *self.flip_rate, "difference", self.flip_rate_delta, "flip_rate_delta",
+                 "share of pairs"),
+                ("accuracy", *(self.accuracy or (None, None)), "difference", self.accuracy_delta, "accuracy_delta",
+                 "share of phrasings"),
+                ("mean |margin diff|", *self.mean_margin_diff, "difference", self.margin_diff_delta,
+                 "margin_diff_delta", "logits"),
+                ("mean |margin diff|", *self.mean_margin_diff, "relative change", self.margin_diff_relative,
+                 "margin_diff_relative", "ratio - 1"),
+                ("|margin diff| / mean |margin|", *self.relative_margin_diff, "difference",
+                 self.relative_margin_diff_delta, "relative_margin_diff_delta", "ratio (scale-free)"),
+                ("mean |margin|", *self.mean_abs_margin, "relative change", self.mean_abs_margin_relative,
+                 "mean_abs_margin_relative", "ratio - 1"),
+                ("yes rate", *self.yes_rate, "difference", self.yes_rate_delta, "yes_rate_delta",
+                 "share of phrasings")]
+        out = []
+        for name, before, after, kind, change, key, unit in rows:
+            ci = self.ci.get(key)
+            out.append({"quantity": name, "baseline": before, "other": after, "change": kind, "value": change,
+                        "ci_low": None if ci is None else ci[0], "ci_high": None if ci is None else ci[1],
+                        "interval": f"paired cluster bootstrap percentile 95% ({self.n_boot} resamples of "
+                                    f"{self.n_clusters} clusters)" if ci is not None else "none",
+                        "n": self.n, "unit": unit})
+        return pd.DataFrame(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["tests"] = jsonable(self.tests())
+        out["changes"] = jsonable(self.changes())
+        return out
+
+    def _repr_html_(self) -> str:
+        head = f"<b>{self.baseline}</b> vs <b>{self.other}</b>: {self.n} pairs in {self.n_clusters} clusters"
+        fmt = dict(index=False, float_format=lambda v: f"{v:.4g}")
+        return f"<p>{head}</p>" + self.changes().to_html(**fmt) + self.tests().to_html(**fmt)
 
     def __repr__(self) -> str:
-        acc = "" if self.accuracy is None else (f", accuracy {self.accuracy[0]:.1%} -> {self.accuracy[1]:.1%} "
-                                                 f"(p={self.p_accuracy:.3g})")
-        return (f"ConsistencyComparison({self.baseline!r} -> {self.other!r}, n={self.n}: flip rate "
-                f"{self.flip_rate[0]:.1%} -> {self.flip_rate[1]:.1%} (z={self.z:.2f}, p={self.p_z:.3g}; McNemar "
-                f"p={self.p_mcnemar:.3g}), mean |margin diff| {self.mean_margin_diff[0]:.2f} -> "
-                f"{self.mean_margin_diff[1]:.2f} ({self.margin_diff_relative:+.1%}, Wilcoxon p={self.p_wilcoxon:.3g})"
-                f"{acc})")
+        def delta(key: str, value: float | None, pct: bool) -> str:
+            ci = self.ci.get(key)
+            if value is None:
+                return "n/a"
+            if pct:
+                return f"{value * 100:+.1f} pp" + ("" if ci is None else f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]")
+            return f"{value:+.1%}" + ("" if ci is None else f" [{ci[0]:+.1%}, {ci[1]:+.1%}]")
+
+        acc = "" if self.accuracy is None else (
+            f", accuracy {self.accuracy[0]:.1%} -> {self.accuracy[1]:.1%} ({delta('accuracy_delta', self.accuracy_delta, True)}; "
+            f"paired clustered p={_p(self.p_accuracy_paired)}; unpaired z-test as in the study p={_p(self.p_accuracy)})")
+        return (f"ConsistencyComparison({self.baseline!r} -> {self.other!r}, n={self.n} pairs in {self.n_clusters} "
+                f"clusters: flip rate {self.flip_rate[0]:.1%} -> {self.flip_rate[1]:.1%} "
+                f"({delta('flip_rate_delta', self.flip_rate_delta, True)}; {self.flip_test} "
+                f"{self.discordant[0]}/{self.discordant[1]} p={_p(self.p_flip)}, mid-p={_p(self.p_mcnemar_midp)}; "
+                f"unpaired z-test as in the study p={_p(self.p_z)}){acc}, mean |margin diff| "
+                f"{self.mean_margin_diff[0]:.3g} -> {self.mean_margin_diff[1]:.3g} "
+                f"({delta('margin_diff_relative', self.margin_diff_relative, False)}; Wilcoxon p={_p(self.p_wilcoxon)}, "
+                f"cluster sign-flip p={_p(self.p_margin_cluster)}), |margin diff| / mean |margin| "
+                f"{_num(self.relative_margin_diff[0])} -> {_num(self.relative_margin_diff[1])}, mean |margin| "
+                f"{_num(self.mean_abs_margin[0])} -> {_num(self.mean_abs_margin[1])} "
+                f"({delta('mean_abs_margin_relative', self.mean_abs_margin_relative, False)}), yes rate "
+                f"{_pct(self.yes_rate[0])} -> {_pct(self.yes_rate[1])}; 95% paired cluster-bootstrap intervals)")
 
     def figure(self):
-        """Plotly bars: flip rate and mean |margin difference| of both models."""
+        """Plotly bars with 95% intervals, baseline vs other: flip rate (headline paired test), accuracy and
+        yes rate; mean |margin diff|, its scale-free version and mean |margin| (shrinkage shows here)."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(rows=1, cols=2, subplot_titles=(f"flip rate (p={self.p_z:.3g})",
-                                                            f"mean |margin diff| ({self.margin_diff_relative:+.1%})"))
+        acc_p = "" if self.accuracy is None else f", paired p={_p(self.p_accuracy_paired)}"
+        panels = [
+            ("flip_rate", self.flip_rate, f"flip rate (McNemar p={_p(self.p_flip)})"),
+            ("accuracy", self.accuracy or (_NAN, _NAN), f"accuracy{acc_p}"),
+            ("yes_rate", self.yes_rate, f"yes rate ({_pct(self.yes_rate[0])} -> {_pct(self.yes_rate[1])})"),
+            ("mean_margin_diff", self.mean_margin_diff,
+             f"mean |margin diff| ({self.margin_diff_relative:+.0%}, Wilcoxon p={_p(self.p_wilcoxon)})"),
+            ("relative_margin_diff", self.relative_margin_diff, "|margin diff| / mean |margin| (scale-free)"),
+            ("mean_abs_margin", self.mean_abs_margin, f"mean |margin| ({self.mean_abs_margin_relative:+.0%})")]
+        fig = make_subplots(rows=2, cols=3, subplot_titles=[t for _, _, t in panels])
         names = [self.baseline, self.other]
-        fig.add_trace(go.Bar(x=names, y=list(self.flip_rate), marker_color=["#4C78A8", "#F58518"],
-                             showlegend=False), 1, 1)
-        fig.add_trace(go.Bar(x=names, y=list(self.mean_margin_diff), marker_color=["#4C78A8", "#F58518"],
-                             showlegend=False), 1, 2)
-        fig.update_yaxes(tickformat=".0%", row=1, col=1)
-        fig.update_layout(template="plotly_white", title=f"{self.baseline} vs {self.other} (n={self.n} pairs)")
+        for k, (key, values, _) in enumerate(panels):
+            row, col = divmod(k, 3)
+            cis = self.ci_levels.get(key) or (None, None)
+            hi = [None if c is None else c[1] - v for c, v in zip(cis, values, strict=True)]
+            lo = [None if c is None else v - c[0] for c, v in zip(cis, values, strict=True)]
+            err = dict(type="data", symmetric=False, array=hi, arrayminus=lo) if any(h is not None for h in hi) \
+                else None
+            fig.add_trace(go.Bar(x=names, y=list(values), marker_color=["#4C78A8", "#F58518"], error_y=err,
+                                 showlegend=False), row + 1, col + 1)
+            if key in ("flip_rate", "accuracy", "yes_rate"):
+                fig.update_yaxes(tickformat=".0%", row=row + 1, col=col + 1)
+        fig.update_layout(template="plotly_white", height=620,
+                          title=f"{self.baseline} vs {self.other} (n={self.n} pairs, {self.n_clusters} clusters; "
+                                f"95% intervals; flips: {self.flip_test}; unpaired z-test as in the study "
+                                f"p={_p(self.p_z)})")
         return fig
 
 
 def _ztest(count_a: int, count_b: int, n_a: int, n_b: int) -> tuple[float, float]:
-    """Two-proportion z-test (pooled variance), statsmodels; equal proportions at 0 or 1 give z=0, p=1."""
-    from statsmodels.stats.proportion import proportions_ztest
-
-    pooled = (count_a + count_b) / (n_a + n_b)
-    if pooled in (0.0, 1.0):
-        return 0.0, 1.0
-    z, p = proportions_ztest(np.array([count_a, count_b]), np.array([n_a, n_b]))
-    return float(z), float(p)
+    """Two-proportion z-test (pooled variance); see `interp.stats.two_proportion_ztest`."""
+    return stats.two_proportion_ztest(count_a, count_b, n_a, n_b)
 
 
 def evaluate(model: Model, pairs: Iterable[ParaphrasePair | ParaphraseGroup], *, batch_size: int | None = None,
@@ -293,18 +583,7 @@ def evaluate(model: Model, pairs: Iterable[ParaphrasePair | ParaphraseGroup], *,
     check_image_files(pairs)  # before any model work
     prompts = [p.prompt_a() for p in pairs] + [p.prompt_b() for p in pairs]
     t0 = time.perf_counter()
-    method = "naive: one forward per phrasing"
-    if fast:
-        try:
-            scorer = _FastScorer(model, batch_size)
-            logits = scorer.logits(prompts, list(model.answer_ids), progress=progress)
-            method = scorer.method
-        except _FastUnsupported as e:
-            warnings.warn(f"fast evaluation is not available for '{model.name}' ({e}); using one forward per "
-                          "phrasing", stacklevel=2)
-            fast = False
-    if not fast:
-        logits = answer_logits(model, prompts, batch_size=batch_size, progress=progress)
+    logits, method = score(model, prompts, batch_size=batch_size, progress=progress, fast=fast)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - t0

@@ -192,7 +192,8 @@ def test_compare_uses_the_studys_z_test_and_paired_tests():
     b, d = int((fa & ~fb).sum()), int((~fa & fb).sum())
     assert c.discordant == (b, d)
     table = [[int((fa & fb).sum()), b], [d, int((~fa & ~fb).sum())]]
-    assert c.p_mcnemar == pytest.approx(mcnemar(table, exact=(b + d) < 25).pvalue)
+    assert c.p_mcnemar == pytest.approx(mcnemar(table, exact=True).pvalue)  # exact at any count
+    assert c.p_flip == c.p_mcnemar and "McNemar" in c.flip_test  # no clusters: the headline is exact McNemar
     da, db = base.table["margin_diff"].to_numpy(), lora.table["margin_diff"].to_numpy()
     res = wilcoxon(da, db)
     assert (c.wilcoxon, c.p_wilcoxon) == (pytest.approx(res.statistic), pytest.approx(res.pvalue))
@@ -200,8 +201,11 @@ def test_compare_uses_the_studys_z_test_and_paired_tests():
     k = 2 * base.n_gold
     za, pa = proportions_ztest([round(base.accuracy * k), round(lora.accuracy * k)], [k, k])
     assert (c.z_accuracy, c.p_accuracy) == (pytest.approx(za), pytest.approx(pa))
-    assert "flip rate" in repr(c) and len(c.figure().data) == 2 and len(c.table) == 158
-    json.loads(c.to_json())
+    assert "flip rate" in repr(c) and len(c.figure().data) == 6 and len(c.table) == 158
+    d = json.loads(c.to_json())
+    assert {r["test"] for r in d["tests"]} >= {"unpaired two-proportion z-test (as in the study)"}
+    assert all(r["ci_low"] is not None and r["interval"].startswith("paired cluster bootstrap")
+               for r in d["changes"])
 
 
 def test_compare_requires_the_same_pairs():
@@ -216,9 +220,11 @@ def test_compare_requires_the_same_pairs():
         base.compare(changed)
 
 
-def test_bootstrap_cis_are_percentile_intervals_of_pair_resamples():
+def test_intervals_exact_for_proportions_and_bootstrap_for_means():
     r = random_report(300, 3, "m", 0.2, 1.0)
     lo, hi = r.ci["flip_rate"]
+    assert r.ci_method["flip_rate"] == "Clopper-Pearson exact 95% interval"
+    assert r.ci_method["mean_margin_diff"].startswith("cluster bootstrap percentile 95% (200 resamples of 300")
     p = r.flip_rate
     half = 1.96 * np.sqrt(p * (1 - p) / r.n)  # the normal approximation the bootstrap should be near
     assert lo < p < hi and abs((hi - lo) / 2 - half) < 0.3 * half
@@ -286,3 +292,178 @@ def test_public_names_importable():
     for name in ("load_pairs", "ParaphrasePair", "ParaphraseGroup", "groups_of", "builtin", "normalize_answer"):
         assert hasattr(data, name)
     assert isinstance(interp.Prompt("q"), tuple)
+
+
+# ---- the statistics a reviewer accepts (issue 11) --------------------------------------------------------
+def flips_report(n: int, flipping: list[int], name: str, scale: float = 1.0, pairs=None) -> ConsistencyReport:
+    """Pairs with a gold 'yes' and margins (2, 2), except that pairs in ``flipping`` answer B with -1."""
+    pairs = pairs or [ParaphrasePair(f"p{i}", f"Q{i}?", f"R{i}?", answer="yes") for i in range(n)]
+    m_a, m_b = np.full(n, 2.0), np.full(n, 2.0)
+    m_b[flipping] = -1.0
+    return ConsistencyReport.from_margins(pairs, scale * m_a, scale * m_b, model=name, n_boot=400)
+
+
+def test_23_to_7_flips_on_the_same_pairs_is_exact_mcnemar_not_the_z_test():
+    from scipy.stats import binomtest
+    from statsmodels.stats.proportion import proportions_ztest
+
+    base, after = flips_report(158, list(range(23)), "base"), flips_report(158, list(range(7)), "lora")
+    c = base.compare(after)
+    assert c.discordant == (16, 0) and (base.n_flips, after.n_flips) == (23, 7)
+    assert c.p_mcnemar == pytest.approx(binomtest(0, 16).pvalue) and c.p_mcnemar == pytest.approx(3.1e-5, abs=1e-6)
+    assert c.p_mcnemar_midp == pytest.approx(0.5**16)
+    assert c.p_z == pytest.approx(proportions_ztest([23, 7], [158, 158])[1]) and c.p_z == pytest.approx(0.0021, abs=1e-4)
+    assert c.p_flip == c.p_mcnemar and c.flip_test.startswith("exact McNemar")
+    assert "exact McNemar" in repr(c) and "p=3.1e-05" in repr(c) and "unpaired z-test as in the study p=0.0021" in repr(c)
+    assert "McNemar p=3.1e-05" in c.figure().layout.annotations[0].text  # the headline panel shows the paired test
+    tests = c.tests()
+    assert tests.loc[tests["headline"] & (tests["quantity"] == "flip rate"), "p"].item() == pytest.approx(3.05e-5, rel=1e-2)
+    assert "unpaired two-proportion z-test (as in the study)" in set(tests["test"])
+    lo, hi = c.ci["flip_rate_delta"]
+    assert lo < -16 / 158 < hi < 0
+
+
+def accuracy_reports(pairs_hit: list[int], both: bool):
+    """266 -> 260 of 316 phrasings correct (84.2% -> 82.3%); the 6 newly wrong phrasings lie in 6 pairs or, with
+    ``both``, in 3 pairs (both phrasings of each)."""
+    n = 158
+    pairs = [ParaphrasePair(f"p{i}", f"Q{i}?", f"R{i}?", answer="yes") for i in range(n)]
+    m_a, m_b = np.full(n, 2.0), np.full(n, 2.0)
+    m_a[:25] = m_b[:25] = -1.0  # 50 phrasings wrong in both models
+    base = ConsistencyReport.from_margins(pairs, m_a, m_b, model="base", n_boot=200)
+    m_a2, m_b2 = m_a.copy(), m_b.copy()
+    m_a2[pairs_hit] = -1.0
+    if both:
+        m_b2[pairs_hit] = -1.0
+    return base, ConsistencyReport.from_margins(pairs, m_a2, m_b2, model="lora", n_boot=200)
+
+
+def test_accuracy_is_tested_paired_and_clustered_by_pair():
+    from scipy.stats import binomtest
+    from statsmodels.stats.proportion import proportions_ztest
+
+    base, after = accuracy_reports(list(range(25, 31)), both=False)
+    c = base.compare(after)
+    assert c.accuracy == (pytest.approx(266 / 316), pytest.approx(260 / 316)) and c.accuracy_discordant == (6, 0)
+    assert c.p_accuracy == pytest.approx(proportions_ztest([266, 260], [316, 316])[1])  # the study's: p = 0.52
+    assert c.p_accuracy == pytest.approx(0.52, abs=0.01)
+    assert c.p_accuracy_paired == pytest.approx(binomtest(0, 6).pvalue) == pytest.approx(0.03125)
+    assert "clustered McNemar" in c.accuracy_test and "paired clustered p=0.031" in repr(c)
+    # the same 6 phrasings in 3 pairs are 3 independent units, not 6
+    base, after = accuracy_reports(list(range(25, 28)), both=True)
+    c = base.compare(after)
+    assert c.accuracy_discordant == (6, 0) and c.p_accuracy_mcnemar == pytest.approx(0.03125)
+    assert c.p_accuracy_paired == pytest.approx(binomtest(0, 3).pvalue) == pytest.approx(0.25)
+
+
+def rescored(report: ConsistencyReport, m_a, m_b, name: str) -> ConsistencyReport:
+    """The same pairs as ``report`` with other margins."""
+    pairs = [ParaphrasePair(r.id, r.question_a, r.question_b, answer=r.answer if isinstance(r.answer, str) else None,
+                            same_polarity=bool(r.same_polarity), kind=r.kind) for r in report.table.itertuples()]
+    return ConsistencyReport.from_margins(pairs, m_a, m_b, model=name, n_boot=200, seed=1)
+
+
+def test_halving_every_margin_leaves_the_scale_free_measure_unchanged():
+    base = random_report(120, 4, "base", 0.2, 1.5)
+    half = rescored(base, base.table["margin_a"] / 2, base.table["margin_b"] / 2, "half")
+    assert half.flip_rate == base.flip_rate and half.yes_rate == base.yes_rate
+    assert half.relative_margin_diff == pytest.approx(base.relative_margin_diff)
+    assert half.mean_margin_diff == pytest.approx(base.mean_margin_diff / 2)
+    assert half.mean_abs_margin == pytest.approx(base.mean_abs_margin / 2)
+    c = base.compare(half)
+    assert c.margin_diff_relative == pytest.approx(-0.5) and c.p_wilcoxon < 1e-3  # the raw measure "improves"
+    assert c.relative_margin_diff_delta == pytest.approx(0, abs=1e-12)
+    assert c.ci["relative_margin_diff_delta"] == pytest.approx((0, 0), abs=1e-12)
+    assert c.mean_abs_margin_relative == pytest.approx(-0.5) and c.ci["mean_abs_margin_relative"] == pytest.approx((-0.5, -0.5))
+    assert c.ci["margin_diff_relative"] == pytest.approx((-0.5, -0.5))
+    assert "mean |margin| " in repr(c) and "(-50.0% [-50.0%, -50.0%])" in repr(c)
+    titles = [a.text for a in c.figure().layout.annotations]
+    assert any("scale-free" in t for t in titles) and any(t.startswith("mean |margin| (-50%") for t in titles)
+
+
+def test_collapse_toward_yes_is_visible():
+    base = random_report(100, 6, "base", 0.2, 1.0)
+    t = base.table
+    collapsed = rescored(base, np.abs(t["margin_a"]) + 0.1, np.abs(t["margin_b"]) + 0.1, "yes")
+    assert collapsed.yes_rate == 1.0 and collapsed.ci["yes_rate"][1] == 1.0
+    c = base.compare(collapsed)
+    assert c.yes_rate == (pytest.approx(base.yes_rate), 1.0) and c.ci["yes_rate_delta"][0] > 0
+    assert "yes rate" in repr(collapsed) and "yes rate" in repr(c)
+
+
+def test_small_counts_get_exact_intervals():
+    from scipy.stats import binomtest
+
+    none = flips_report(36, [], "m")
+    assert none.ci["flip_rate"] == pytest.approx((0.0, 0.0974), abs=1e-4)
+    one = flips_report(36, [5], "m")
+    want = binomtest(1, 36).proportion_ci(0.95, method="exact")
+    assert one.ci["flip_rate"] == pytest.approx((want.low, want.high)) and one.ci["flip_rate"][0] == pytest.approx(0.0007, abs=1e-4)
+    assert one.ci["flip_rate"][1] == pytest.approx(0.145, abs=1e-3)
+
+
+def test_clustered_pairs_widen_intervals_and_tests():
+    """32 groups of 5 phrasings (4 pairs each) that flip as a group: the cluster is the unit."""
+    rng = np.random.default_rng(7)
+    groups = [ParaphraseGroup(f"g{k}", (f"Is there effusion {k}?", f"Fluid {k}?", f"Any fluid {k}?", f"Effusion {k}?",
+                                        f"Wet lungs {k}?")) for k in range(32)]
+    pairs = [p for g in groups for p in g.pairs()]
+    flip_group = rng.random(32) < 0.35
+    m_a = np.full(128, 2.0) + rng.normal(0, 0.1, 128)
+    m_b = np.where(np.repeat(flip_group, 4), -1.0, 2.0) + rng.normal(0, 0.1, 128)
+    r = ConsistencyReport.from_margins(pairs, m_a, m_b, n_boot=2000, seed=0)
+    flat = ConsistencyReport.from_margins(pairs, m_a, m_b, n_boot=2000, seed=0, clusters=[p.id for p in pairs])
+    assert (r.n_clusters, flat.n_clusters) == (32, 128) and set(r.table["cluster"]) == {f"g{k}#1" for k in range(32)}
+    width = np.diff(r.ci["flip_rate"])[0]
+    assert width > 1.6 * np.diff(flat.ci["flip_rate"])[0]
+    # an independent cluster bootstrap of the flip rate (resample the 32 groups) has about the same width
+    group_rate = flip_group.astype(float)
+    boots = [group_rate[rng.integers(0, 32, 32)].mean() for _ in range(4000)]
+    ref = np.subtract(*np.quantile(boots, [0.975, 0.025]))
+    assert 0.9 * ref < width < 1.35 * ref
+    assert "Korn-Graubard effective n over 32 clusters" in r.ci_method["flip_rate"]
+    # a paired comparison: the headline flip test is over clusters (4 groups stop flipping = 16 pairs)
+    fixed = np.flatnonzero(flip_group)[:4]
+    m_b2 = m_b.copy()
+    for k in fixed:
+        m_b2[4 * k:4 * k + 4] = 2.0
+    c = r.compare(ConsistencyReport.from_margins(pairs, m_a, m_b2, model="after", n_boot=500))
+    assert c.discordant == (16, 0) and c.p_mcnemar == pytest.approx(2 * 0.5**16)
+    assert c.p_flip == pytest.approx(2 * 0.5**4) and "clustered McNemar" in c.flip_test and c.n_clusters == 32
+
+
+def test_breakdown_by_polarity_and_kind_with_intervals():
+    r = random_report(200, 8, "m", 0.25, 1.0)
+    t = r.table
+    for pol, same in (("same", True), ("inverted", False)):
+        part = t[t["same_polarity"] == same]
+        d = r.by_polarity[pol]
+        assert d["n"] == len(part) and d["flip_rate"] == pytest.approx(part["flip"].mean())
+        assert d["mean_margin_diff"] == pytest.approx(part["margin_diff"].mean())
+        assert d["ci"]["flip_rate"][0] <= d["flip_rate"] <= d["ci"]["flip_rate"][1]
+        assert d["ci"]["mean_margin_diff"] is not None and d["ci"]["accuracy"] is not None
+    assert r.by_polarity["inverted"]["n"] == 40 and set(r.by_kind) == {"a", "b"}
+    assert all(v["ci"]["flip_rate"] is not None for v in r.by_kind.values())
+    json.loads(r.to_json())
+
+
+def test_report_flags_negation_rewrites_scored_as_same_polarity():
+    pairs = [ParaphrasePair("neg", "Is there an effusion?", "Is there no effusion?"),
+             ParaphrasePair("ok", "Is there an effusion?", "Is there fluid?"),
+             ParaphrasePair("inv", "Is there an effusion?", "Can effusion be ruled out?", same_polarity=False)]
+    r = ConsistencyReport.from_margins(pairs, [2.0, 2.0, 2.0], [-2.0, 2.0, -2.0], n_boot=0)
+    assert r.polarity_suspects == ("neg",) and r.n_flips == 1  # a consistent model "flips" on the unmarked one
+
+
+def test_every_exported_number_names_its_unit_n_and_interval():
+    r = random_report(60, 9, "m", 0.2, 1.0)
+    d = json.loads(r.to_json())
+    names = {m["quantity"] for m in d["measures"]}
+    assert names == {"flip_rate", "mean_margin_diff", "relative_margin_diff", "mean_abs_margin", "yes_rate", "accuracy"}
+    for m in d["measures"]:
+        assert m["unit"] and m["n"] > 0 and m["definition"] and m["interval"] and m["ci_low"] <= m["value"] <= m["ci_high"]
+    assert "<table" in r._repr_html_() and "Clopper-Pearson" in r._repr_html_()
+    c = r.compare(random_report(60, 10, "n", 0.1, 1.0))
+    for row in json.loads(c.to_json())["tests"]:
+        assert row["test"] and row["unit"] and row["n"] and row["p"] is not None
+    assert "<table" in c._repr_html_()

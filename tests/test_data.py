@@ -230,3 +230,156 @@ def test_group_pairs_and_validation():
         ParaphraseGroup("g", ("A?",))
     with pytest.raises(InterpError, match="differ in question_a"):
         groups_of([ParaphrasePair("a", "Q?", "R?", group="g"), ParaphrasePair("b", "Q2?", "R?", group="g")])
+
+
+# ---- clusters and the leak-free split (issue 11) ---------------------------------------------------------
+def psf_med_csv(tmp_path: Path, images: list[str]) -> Path:
+    """A PSF-Med-style export: 20 questions (question_id) x 4 rewrites, each row its own pair_id; question q is
+    asked about image q // 2 (10 images, two questions each)."""
+    from PIL import Image
+
+    (tmp_path / "cxr").mkdir(exist_ok=True)
+    for k in range(10):
+        Image.new("RGB", (8, 8), (k, 20, 30)).save(tmp_path / "cxr" / f"{k}.png")
+    rows = [[f"p{q}_{r}", f"q{q}", f"Is finding {q} present?", f"Rewrite {r} of finding {q}?", "yes",
+             f"cxr/{q // 2}.png", "true", "lexical"]
+            for q in range(20) for r in range(4)]
+    return write_csv(tmp_path / "psf.csv", ["pair_id", "question_id", "original_question", "paraphrased_question",
+                                            "answer", "image_path", "same_polarity", "paraphrase_type"], rows)
+
+
+def test_psf_med_question_id_is_the_group_and_the_split_is_leak_free(tmp_path, images):
+    from interp.data import clusters, split
+
+    pairs = load_pairs(psf_med_csv(tmp_path, images))
+    assert pairs[0].id == "p0_0" and pairs[0].group == "q0" and len({p.group for p in pairs}) == 20
+    assert len(set(clusters(pairs))) == 10  # two questions share each image
+    for seed in range(5):
+        s = split(pairs, 0.3, seed=seed)
+        train, held = s
+        assert {p.group for p in train}.isdisjoint({p.group for p in held})
+        assert {p.image for p in train}.isdisjoint({p.image for p in held})
+        assert len(train) + len(held) == 80 and held and train
+        r = s.report
+        assert (r.n_pairs, r.n_clusters, r.largest, r.n_held) == (80, 10, 8, len(held))
+        assert r.n_clusters_train + r.n_clusters_held == 10 and r.shared["group"] == 20 and r.shared["image"] == 10
+        assert "10 clusters" in repr(r) and json.dumps(r.to_dict())
+    # grouping by the question only (images ignored) gives 20 clusters
+    assert split(pairs, 0.3, by=("group",)).report.n_clusters == 20
+    assert len(set(clusters(pairs, by=("group",)))) == 20
+
+
+def test_clusters_link_shared_groups_images_cases_and_prompts():
+    from interp.data import clusters
+
+    pairs = [ParaphrasePair("a", "Q1?", "R1?", group="g1"), ParaphrasePair("b", "Q1?", "S1?", group="g1"),
+             ParaphrasePair("c", "Q2?", "R2?", image="x.png"), ParaphrasePair("d", "Q3?", "R3?", image="x.png"),
+             ParaphrasePair("e", "Q4?", "R4?", case="s9"), ParaphrasePair("f", "Q5?", "R5?", case="s9"),
+             ParaphrasePair("g", "Is it big?", "R6?"), ParaphrasePair("h", "is it  BIG?", "R7?"),
+             ParaphrasePair("i", "Q8?", "R8?")]
+    assert clusters(pairs) == ["a", "a", "c", "c", "e", "e", "g", "g", "i"]
+    assert clusters(pairs, by=("image",)) == ["a", "b", "c", "c", "e", "f", "g", "h", "i"]
+    with pytest.raises(InterpError, match="cluster keys"):
+        clusters(pairs, by=("colour",))
+
+
+def test_study_id_is_read_as_the_case(tmp_path):
+    rows = [dict(pair_id=f"r{i}", study_id=f"s{i // 2}", question_a=f"Q{i}?", question_b=f"R{i}?")
+            for i in range(6)]
+    pairs = load_pairs(write_jsonl(tmp_path / "cases.jsonl", rows))
+    assert [p.case for p in pairs] == ["s0", "s0", "s1", "s1", "s2", "s2"] and pairs[0].group is None
+    from interp.data import clusters
+
+    assert len(set(clusters(pairs))) == 3
+
+
+def test_split_refuses_a_single_cluster_and_bad_fractions():
+    from interp.data import split
+
+    pairs = [ParaphrasePair(f"p{i}", f"Q{i}?", f"R{i}?", image="same.png") for i in range(5)]
+    with pytest.raises(InterpError, match=r"form 1 cluster\(s\) \(linked by: image\)"):
+        split(pairs)
+    for bad in (0, 1, 1.5, float("nan"), True, "0.3"):
+        with pytest.raises(InterpError, match="eval_fraction"):
+            split(builtin()[:10], bad)
+    train, held = split(builtin(), 0.3, seed=1)
+    assert len(held) == round(0.3 * len(builtin())) and not {p.id for p in train} & {p.id for p in held}
+
+
+def test_take_checks_the_limit():
+    from interp.data import take
+
+    pairs = builtin()[:10]
+    assert take(pairs, None) == pairs and take(pairs, 3) == pairs[:3] and take(pairs, 50) == pairs
+    import random
+
+    order = list(range(10))
+    random.Random(7).shuffle(order)
+    assert [p.id for p in take(pairs, 4, seed=7)] == [pairs[i].id for i in order[:4]]
+    for bad in (0, -1, 2.5, True, "3"):
+        with pytest.raises(InterpError, match="must be a positive whole number"):
+            take(pairs, bad)
+
+
+# ---- bad inputs named (issue 12) -------------------------------------------------------------------------
+def test_non_utf8_file_names_the_file_line_and_the_fix(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("id,question_a,question_b\nr1,Is there an effusion?,Any fluid?\n"
+                     "r2,Is there an opacit\u00e9?,Cloudy?\n".encode("cp1252"))
+    with pytest.raises(InterpError, match=r"excel\.csv:3: byte 0xe9 .* not valid utf-8.*encoding='cp1252'"):
+        load_pairs(path)
+    assert load_pairs(path, encoding="cp1252")[1].question_a == "Is there an opacit\u00e9?"
+    jl = tmp_path / "latin.jsonl"
+    jl.write_bytes('{"id": "a", "question_a": "Opacit\u00e9?", "question_b": "R?"}\n'.encode("latin-1"))
+    with pytest.raises(InterpError, match=r"latin\.jsonl:1: .*Re-save it as UTF-8"):
+        load_pairs(jl)
+    with pytest.raises(InterpError, match="not a known text encoding"):
+        load_pairs(jl, encoding="klingon")
+
+
+def test_files_that_are_not_images_are_named_at_load_time(tmp_path, images):
+    (tmp_path / "img" / "notes.png").write_text("this is not a PNG")
+    (tmp_path / "img" / "cut.png").write_bytes((tmp_path / images[0]).read_bytes()[:30])
+    rows = [dict(id=f"r{i}", question_a="Q?", question_b="R?", image=img)
+            for i, img in enumerate([images[0], "img/notes.png", "img/cut.png"])]
+    with pytest.raises(InterpError, match=r"2 image file\(s\) cannot be opened as images") as err:
+        load_pairs(write_jsonl(tmp_path / "imgs.jsonl", rows))
+    assert "notes.png" in str(err.value) and "cut.png" in str(err.value) and "a.png" not in str(err.value)
+    assert len(load_pairs(tmp_path / "imgs.jsonl", check_images=False)) == 3
+
+
+def test_list_valued_questions_are_an_error_not_their_repr(tmp_path):
+    rows = [dict(id="a", question_a=["Is there", "A?"], question_b="Any A?")]
+    with pytest.raises(InterpError, match=r"lists\.jsonl:1: column 'question_a' holds a list"):
+        load_pairs(write_jsonl(tmp_path / "lists.jsonl", rows))
+    with pytest.raises(InterpError, match="question_a must be a string, got list"):
+        ParaphrasePair("a", ["Is there", "A?"], "Any A?")
+    with pytest.raises(InterpError, match="questions is one string"):
+        ParaphraseGroup("g", "Is there A?")
+    nested = [dict(id="g", questions=[["Is there", "A?"], "Any A?"])]
+    with pytest.raises(InterpError, match="entry 0 is a list"):
+        load_pairs(write_jsonl(tmp_path / "nested.jsonl", nested))
+
+
+# ---- polarity (issue 11) ---------------------------------------------------------------------------------
+def test_negation_rewrite_without_polarity_is_flagged_by_name(tmp_path):
+    from interp.data import PolarityWarning, negation_cues, polarity_suspects
+
+    assert negation_cues("Can an effusion be ruled out?") == ["ruled out"]
+    assert negation_cues("Is there NO effusion, and isn't it absent?") == ["no", "n't", "absent"]
+    assert negation_cues("Is the note normal?") == []  # "no" inside a word is not a cue
+    rows = [dict(id="neg", question_a="Is there an effusion?", question_b="Is there no effusion?"),
+            dict(id="ok", question_a="Is there an effusion?", question_b="Is there fluid?"),
+            dict(id="both", question_a="Is there no mass?", question_b="Is a mass absent?")]
+    with pytest.warns(PolarityWarning, match=r"1 pair\(s\) have a negation cue on one side only.*neg: "):
+        pairs = load_pairs(write_jsonl(tmp_path / "nopol.jsonl", rows))
+    assert [p.id for p in polarity_suspects(pairs)] == ["neg"]
+    rows[0]["same_polarity"] = False  # given: no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PolarityWarning)
+        load_pairs(write_jsonl(tmp_path / "pol.jsonl", [rows[0]]))
+    long = [dict(group="x", question="Is there an effusion?"), dict(group="x", question="Can effusion be excluded?")]
+    with pytest.warns(PolarityWarning, match="x#1"):
+        load_pairs(write_jsonl(tmp_path / "long.jsonl", long))
