@@ -7,6 +7,7 @@ of each pair (paired tests, Benjamini-Hochberg FDR); `feature_card` shows what o
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,20 +88,15 @@ def _question_and_last(info: Any) -> Tensor:
     return sel
 
 
-def pooled_features(sae: Any, acts: Activations, layer: int, pools: Sequence[str]) -> dict[str, Tensor]:
-    """Per-prompt SAE activations ``{pool: [n_prompts, d_sae]}``: mean over question tokens and/or the last token.
-
-    ``acts`` holds question tokens and each prompt's last token (the answer position); the encoding is per
-    token, pooling comes after it (JumpReLU is not linear).
-    """
+def _pool_rows(rows: Tensor, acts: Activations, pools: Sequence[str]) -> dict[str, Tensor]:
+    """Per-prompt pooling of per-token ``rows`` [tokens, k] (aligned with ``acts``): ``{pool: [n_prompts, k]}``."""
     n = acts.n_prompts
     prompt, pos = acts.prompt_index, acts.position
     last_pos = torch.full((n,), -1, dtype=pos.dtype).scatter_reduce(0, prompt, pos, "amax")
     is_last = pos == last_pos[prompt]
-    feats = _sae_encode(sae, acts[layer])  # [rows, d_sae]
     out: dict[str, Tensor] = {}
     if "last" in pools:
-        out["last"] = torch.zeros(n, feats.shape[1]).index_copy_(0, prompt[is_last], feats[is_last])
+        out["last"] = torch.zeros(n, rows.shape[1], dtype=rows.dtype).index_copy_(0, prompt[is_last], rows[is_last])
     if "question" in pools:
         q = ~is_last if acts.positions != "question" else torch.ones_like(is_last)
         counts = torch.bincount(prompt[q], minlength=n)
@@ -108,42 +104,72 @@ def pooled_features(sae: Any, acts: Activations, layer: int, pools: Sequence[str
             i = int((counts == 0).nonzero()[0])
             raise InterpError(f"prompt {i} has no question tokens to pool over; check that its question text "
                               "appears in the formatted prompt, or use pool=('last',)")
-        sums = torch.zeros(n, feats.shape[1]).index_add_(0, prompt[q], feats[q])
+        sums = torch.zeros(n, rows.shape[1], dtype=rows.dtype).index_add_(0, prompt[q], rows[q])
         out["question"] = sums / counts[:, None]
     return out
+
+
+def pooled_features(sae: Any, acts: Activations, layer: int, pools: Sequence[str]) -> dict[str, Tensor]:
+    """Per-prompt SAE activations ``{pool: [n_prompts, d_sae]}``: mean over question tokens and/or the last token.
+
+    ``acts`` holds question tokens and each prompt's last token (the answer position); the encoding is per
+    token, pooling comes after it (JumpReLU is not linear).
+    """
+    return _pool_rows(_sae_encode(sae, acts[layer]), acts, pools)
+
+
+def pooled_residual(acts: Activations, layer: int, pools: Sequence[str]) -> dict[str, Tensor]:
+    """The residual stream pooled the same way as `pooled_features`: ``{pool: [n_prompts, d_model]}`` float64."""
+    return _pool_rows(acts[layer].double().cpu(), acts, pools)
+
+
+WILCOXON_NAME = ("Wilcoxon signed-rank, normal approximation with tie correction and continuity correction, "
+                 "zero differences dropped (zero_method='wilcox'), two-sided; the same method for every column")
+TTEST_NAME = "paired t-test (scipy ttest_rel), two-sided"
+D_Z_FORMULA = "d_z = mean(a - b) / SD(a - b), SD with ddof=1 (Cohen's paired effect size, unitless)"
+
+
+def _test_name(test: str) -> str:
+    return WILCOXON_NAME if test == "wilcoxon" else TTEST_NAME
+
+
+def _paired_p(diff: np.ndarray, test: str) -> np.ndarray:
+    """Two-sided p of every column of paired differences ``diff`` [n_pairs, k]; NaN where all are zero."""
+    from scipy import stats
+
+    tested = np.any(diff != 0, axis=0)
+    p = np.full(diff.shape[1], np.nan)
+    if tested.any():
+        d = diff[:, tested]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if test == "wilcoxon":
+                p[tested] = stats.wilcoxon(d, axis=0, method="asymptotic", correction=True,
+                                           zero_method="wilcox").pvalue
+            else:  # the paired t-test is the one-sample t-test of the differences
+                p[tested] = stats.ttest_1samp(d, 0.0, axis=0).pvalue
+        p[tested & np.isnan(p)] = 1.0  # a t-test on constant differences: no evidence either way
+    return p
 
 
 def paired_stats(xa: np.ndarray, xb: np.ndarray, test: str = "wilcoxon") -> pd.DataFrame:
     """Paired comparison of every column of ``xa`` [n_pairs, k] with ``xb``: means, d_z, p and BH q.
 
-    Columns whose paired differences are all zero (never active on these prompts) are not tested:
-    their p, q and d_z are NaN and they do not count towards the FDR correction. Wilcoxon p-values are exact
-    for columns without ties or zero differences (n <= 50) and normal-approximation otherwise.
+    Every column is tested by one method, so p-values rank columns consistently: ``"wilcoxon"`` is the
+    signed-rank test by its normal approximation (tie-corrected variance, continuity correction, zero
+    differences dropped), never the exact null for some columns and the normal one for others (the exact
+    null gives smaller p at small n, which once ranked random directions above a planted feature).
+    ``"ttest"`` is the paired t-test. Columns whose paired differences are all zero (never active on these
+    prompts) are not tested: their p, q and d_z are NaN and they do not count towards the FDR correction.
+    ``n_nonzero``: pairs whose difference is not zero (the signed-rank test's n).
     """
-    from scipy import stats
     from statsmodels.stats.multitest import multipletests
 
+    if test not in ("wilcoxon", "ttest"):
+        raise InterpError(f"test={test!r}: use 'wilcoxon' (signed-rank) or 'ttest' (paired t)")
     diff = xa - xb
     n = diff.shape[0]
     tested = np.any(diff != 0, axis=0)
-    p = np.full(diff.shape[1], np.nan)
-    if tested.any():
-        d = diff[:, tested]
-        if test == "wilcoxon":
-            # scipy's 'auto' would run a permutation test over *every* column as soon as one has a tie or a zero
-            # (slow for thousands of features); decide per feature instead: the exact null distribution where it
-            # holds (no ties, no zeros, n <= 50), the normal approximation with tie correction elsewhere.
-            s = np.sort(np.abs(d), axis=0)
-            exact = ~((s[0] == 0) | np.any(np.diff(s, axis=0) == 0, axis=0)) & (n <= 50)
-            cols = np.flatnonzero(tested)
-            for use, method in ((exact, "exact"), (~exact, "asymptotic")):
-                if use.any():
-                    p[cols[use]] = stats.wilcoxon(d[:, use], axis=0, method=method).pvalue
-        elif test == "ttest":
-            p[tested] = stats.ttest_rel(xa[:, tested], xb[:, tested], axis=0).pvalue
-        else:
-            raise InterpError(f"test={test!r}: use 'wilcoxon' (signed-rank) or 'ttest' (paired t)")
-        p[tested & np.isnan(p)] = 1.0  # a t-test on constant differences: no evidence either way
+    p = _paired_p(diff, test)
     q = np.full_like(p, np.nan)
     if tested.any():
         q[tested] = multipletests(p[tested], method="fdr_bh")[1]
@@ -152,17 +178,89 @@ def paired_stats(xa: np.ndarray, xb: np.ndarray, test: str = "wilcoxon") -> pd.D
     with np.errstate(divide="ignore", invalid="ignore"):
         d_z = np.where(tested, mean_diff / sd, np.nan)  # Cohen's d_z: mean paired difference / its SD
     return pd.DataFrame({"mean_a": xa.mean(0), "mean_b": xb.mean(0), "diff": mean_diff, "d_z": d_z, "p": p, "q": q,
-                         "active_a": (xa > 0).mean(0), "active_b": (xb > 0).mean(0)})
+                         "n_nonzero": (diff != 0).sum(0), "active_a": (xa > 0).mean(0), "active_b": (xb > 0).mean(0)})
+
+
+def random_directions(d_model: int, k: int, seed: int) -> np.ndarray:
+    """``k`` random unit vectors of the residual stream ``[d_model, k]``, float64, from a seeded Gaussian."""
+    g = np.random.default_rng(seed).standard_normal((d_model, k))
+    return g / np.linalg.norm(g, axis=0, keepdims=True)
+
+
+def random_direction_stats(ra: np.ndarray, rb: np.ndarray, *, k: int = 256, seed: int = 0,
+                           test: str = "wilcoxon") -> pd.DataFrame:
+    """The control for a feature table: pooled residuals ``ra``/``rb`` [n_pairs, d_model] projected on ``k``
+    seeded random unit directions, then `paired_stats` on the projections, one row per direction.
+
+    A random direction means nothing; when many of them differ between the phrasings (p < alpha far above
+    the nominal rate), the phrasings differ along most directions (length, wording) and "this feature
+    differs" says little by itself.
+    """
+    u = random_directions(ra.shape[1], k, seed)
+    out = paired_stats(ra @ u, rb @ u, test)
+    out.insert(0, "direction", np.arange(k))
+    return out
+
+
+def sign_flip_pass_rates(ra: np.ndarray, rb: np.ndarray, *, k: int = 256, seed: int = 0, test: str = "wilcoxon",
+                         alpha: float = 0.05, n_flips: int = 200) -> np.ndarray:
+    """The null distribution of the random-direction pass rate: the share of the ``k`` random directions with
+    p < ``alpha`` after swapping the two phrasings of a random half of the pairs, ``n_flips`` times.
+
+    Under "no systematic difference between phrasing a and b" the swaps change nothing in distribution, so
+    the observed rate's place among these rates is a permutation test of that hypothesis.
+    """
+    u = random_directions(ra.shape[1], k, seed)
+    proj = (ra - rb) @ u  # [n_pairs, k]
+    signs = np.where(np.random.default_rng(seed + 1).random((n_flips, proj.shape[0])) < 0.5, -1.0, 1.0)
+    return np.array([float(np.nan_to_num(_paired_p(s[:, None] * proj, test), nan=1.0).__lt__(alpha).mean())
+                     for s in signs])
+
+
+def _clopper_pearson(count: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval for a proportion; NaNs when n = 0."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    if n == 0:
+        return (math.nan, math.nan)
+    lo, hi = proportion_confint(count, n, alpha=alpha, method="beta")
+    return (float(0.0 if count == 0 else lo), float(1.0 if count == n else hi))
 
 
 # ---- register features -----------------------------------------------------------------------------
+FEATURE_COLUMNS = {
+    "feature": "SAE feature index",
+    "pool": "'question': mean activation over the question's tokens; 'last': activation at the answer position",
+    "mean_a": "mean pooled activation on phrasing a over the n pairs (SAE activation units)",
+    "mean_b": "mean pooled activation on phrasing b over the n pairs (SAE activation units)",
+    "diff": "mean(a - b) over pairs (SAE activation units)",
+    "d_z": D_Z_FORMULA,
+    "p": "two-sided p of the table's paired test (named in `test_name`), one method for every feature",
+    "q": "Benjamini-Hochberg FDR q over the tested features of the same pool (statsmodels fdr_bh)",
+    "n_nonzero": "pairs with a non-zero a - b difference (the signed-rank test's n)",
+    "p_random": ("empirical p against random residual directions: (1 + #{random |d_z| >= |d_z|}) / (1 + k), k "
+                 "random unit directions of the same pooled residual stream; small = more register-selective "
+                 "than a direction chosen at random"),
+    "direction": "labels[0] when the feature fires more on phrasing a, labels[1] when more on b",
+    "active_a": "fraction of the n phrasings a where the pooled activation is > 0",
+    "active_b": "fraction of the n phrasings b where the pooled activation is > 0",
+}
+
+
 @dataclass(frozen=True, eq=False)
 class FeatureTable(Result):
     """SAE features compared across the two phrasings of each pair; one row per (feature, pool).
 
-    Columns: feature, pool, mean_a, mean_b (mean pooled activation on each phrasing), diff (a - b),
-    d_z (paired effect size), p, q (Benjamini-Hochberg within each pool), direction (``labels[0]`` when it
-    fires more on phrasing a), active_a/active_b (fraction of prompts where it fires). Sorted by q, then |d_z|.
+    Columns (definitions in ``FEATURE_COLUMNS`` and ``to_dict()["columns"]``): feature, pool, mean_a,
+    mean_b, diff (a - b), d_z (mean(a - b) / SD(a - b)), p (one paired test for every feature), q
+    (Benjamini-Hochberg within each pool), n_nonzero, p_random (against random residual directions),
+    direction, active_a/active_b. Sorted by q, then p, then |d_z| (the signed-rank test saturates when every
+    pair moves the same way, so |d_z| orders those).
+
+    ``random``: the control, one row per (pool, random unit direction of the residual stream) with the same
+    columns and test; `calibration()` says how often a random direction passes, beside how often a feature
+    does. When random directions pass far above the nominal rate, the phrasings differ along most directions
+    (length, wording) and "q < alpha" alone does not single out a register feature.
     """
 
     table: pd.DataFrame
@@ -175,11 +273,20 @@ class FeatureTable(Result):
     d_sae: int = 0
     model_name: str = ""
     sae_name: str = ""
+    random: pd.DataFrame | None = None  # the random-direction control (pool, direction, stats columns)
+    n_random: int = 0  # random directions per pool
+    seed: int = 0  # seed of the random directions
+    pair_ids: tuple[str, ...] = ()  # the pairs that selected these features (to check that evaluation is held out)
+    test_name: str = ""  # the paired test in full
+    random_null: dict[str, tuple[float, ...]] = field(default_factory=dict)  # sign-flip null of the pass rate
 
-    def significant(self, pool: str | None = None) -> pd.DataFrame:
-        """Rows with q < alpha (of one pool, by default the first)."""
+    def significant(self, pool: str | None = None, *, beats_random: bool = False) -> pd.DataFrame:
+        """Rows with q < alpha (of one pool, by default the first); ``beats_random``: also p_random < alpha."""
         t = self._pool(pool)
-        return t[t["q"] < self.alpha]
+        keep = t["q"] < self.alpha
+        if beats_random:
+            keep &= t["p_random"] < self.alpha
+        return t[keep]
 
     def top(self, n: int = 10, *, pool: str | None = None, direction: str | None = None) -> pd.DataFrame:
         """The ``n`` most significant features (of one pool, optionally one direction)."""
@@ -196,8 +303,61 @@ class FeatureTable(Result):
             raise InterpError(f"pool={pool!r} was not computed; this table has {self.pools}")
         return self.table[self.table["pool"] == pool]
 
+    def calibration(self, pool: str | None = None) -> dict[str, Any]:
+        """How often a feature passes q < alpha, beside how often a random residual direction passes the same
+        cut, with exact (Clopper-Pearson) 95% intervals.
+
+        ``p_cut``: the largest p that Benjamini-Hochberg rejected in this pool (alpha / n_tested when it
+        rejected none); a random direction "passes" when its p is at or below it. ``random_p_rate``: random
+        directions with p < alpha (about alpha when the phrasings do not differ systematically).
+        The intervals take this table's data as fixed (directions drawn at random); how much the rate moves
+        between datasets without any a/b difference is ``random_p_rate_null_*``, from swapping the phrasings of
+        random halves of the pairs. ``confounded``: that sign-flip permutation test puts the observed rate
+        above its null (``p_confounded`` < alpha).
+        """
+        pool = pool or self.pools[0]
+        t = self._pool(pool)
+        tested = t["p"].notna()
+        n_tested, sig = int(tested.sum()), t["q"] < self.alpha
+        n_sig = int(sig.sum())
+        p_cut = float(t.loc[sig, "p"].max()) if n_sig else (self.alpha / n_tested if n_tested else math.nan)
+        out: dict[str, Any] = {
+            "pool": pool, "d_sae": self.d_sae, "n_tested": n_tested, "n_significant": n_sig,
+            "frac_significant": n_sig / n_tested if n_tested else math.nan,
+            "frac_significant_ci": _clopper_pearson(n_sig, n_tested), "p_cut": p_cut, "alpha": self.alpha,
+            "n_random": 0, "random_n_pass": 0, "random_pass_rate": math.nan, "random_pass_rate_ci": (math.nan,) * 2,
+            "random_n_p_below_alpha": 0, "random_p_rate": math.nan, "random_p_rate_ci": (math.nan,) * 2,
+            "confounded": False, "n_significant_beating_random": int((sig & (t["p_random"] < self.alpha)).sum()),
+            "interval": "exact Clopper-Pearson 95% (statsmodels proportion_confint, method='beta')",
+        }
+        if self.random is not None and len(self.random):
+            r = self.random[self.random["pool"] == pool]
+            k = len(r)
+            passed, below = int((r["p"] <= p_cut).sum()), int((r["p"] < self.alpha).sum())
+            out.update(n_random=k, random_n_pass=passed, random_pass_rate=passed / k,
+                       random_pass_rate_ci=_clopper_pearson(passed, k), random_n_p_below_alpha=below,
+                       random_p_rate=below / k, random_p_rate_ci=_clopper_pearson(below, k),
+                       random_median_abs_d_z=float(r["d_z"].abs().median()))
+            null = np.asarray(self.random_null.get(pool, ()), dtype=float)
+            if len(null):
+                p_conf = float((1 + np.sum(null >= below / k)) / (1 + len(null)))
+                out.update(random_p_rate_null_mean=float(null.mean()),
+                           random_p_rate_null_q95=float(np.percentile(null, 95)), p_confounded=p_conf,
+                           confounded=bool(p_conf < self.alpha),
+                           confound_test=(f"sign-flip permutation test: the observed random_p_rate against {len(null)} "
+                                          "re-randomised swaps of the phrasings within pairs, p = (1 + #{null >= "
+                                          "observed}) / (1 + n_flips); confounded when p < alpha"))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        from interp._results import jsonable
+
+        return {**super().to_dict(), "columns": FEATURE_COLUMNS,
+                "calibration": {pl: jsonable(self.calibration(pl)) for pl in self.pools}}
+
     def figure(self, pool: str | None = None):
-        """Volcano plot: paired effect size d_z against -log10 p, significant features coloured by direction."""
+        """Volcano plot: paired effect size d_z against -log10 p, significant features coloured by direction,
+        the random residual directions (the control) in grey crosses."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
@@ -217,29 +377,75 @@ class FeatureTable(Result):
                     hovertemplate=("feature %{customdata[0]}<br>d_z %{x:.2f}<br>q %{customdata[1]:.2g}<br>"
                                    f"mean {self.labels[0]} %{{customdata[2]:.3g}}<br>"
                                    f"mean {self.labels[1]} %{{customdata[3]:.3g}}<extra></extra>")), row=1, col=col)
+            if self.random is not None and len(self.random):
+                r = self.random[(self.random["pool"] == pl) & self.random["p"].notna()]
+                fig.add_trace(go.Scattergl(
+                    x=r["d_z"].clip(-20, 20), y=-np.log10(r["p"].clip(lower=1e-300)), mode="markers",
+                    name="random directions (control)", legendgroup="random", showlegend=col == 1,
+                    marker=dict(color="#555555", symbol="x", size=5),
+                    hovertemplate="random direction<br>d_z %{x:.2f}<br>-log10 p %{y:.2f}<extra></extra>"),
+                    row=1, col=col)
             fig.update_xaxes(title_text=f"d_z ({self.labels[0]} - {self.labels[1]})", row=1, col=col)
         fig.update_yaxes(title_text="-log10 p", row=1, col=1)
+        cal = self.calibration()
+        ctrl = (f"; random directions pass {cal['random_pass_rate']:.0%}" if cal["n_random"] else "")
         fig.update_layout(title=f"Register features at layer {self.layer} ({self.n_pairs} pairs, {self.test}, "
-                                f"q < {self.alpha} coloured)", template="plotly_white")
+                                f"q < {self.alpha} coloured{ctrl})", template="plotly_white")
         return fig
 
     def __repr__(self) -> str:
-        t = self._pool(None)
-        sig = t[t["q"] < self.alpha]
-        top = ", ".join(f"{int(r.feature)} ({r.direction}, d_z={r.d_z:+.2f})" for r in sig.head(3).itertuples())
-        return (f"FeatureTable(layer {self.layer}, {self.d_sae} features x {len(self.pools)} pool(s), {self.n_pairs} "
-                f"pairs, {self.test}: {len(sig)} significant at q<{self.alpha} ({self.pools[0]} pooling)"
-                f"{'; top ' + top if top else ''})")
+        cal = self.calibration()
+        lo, hi = cal["frac_significant_ci"]
+        lines = [f"FeatureTable: layer {self.layer}, {self.d_sae} features x {len(self.pools)} pool(s), "
+                 f"{self.n_pairs} pairs ({self.model_name}, {self.sae_name})",
+                 f"  test: {self.test_name or self.test}; BH FDR within each pool; {D_Z_FORMULA}",
+                 f"  {self.pools[0]} pooling: {cal['n_significant']} of {cal['n_tested']} tested features significant "
+                 f"at q<{self.alpha} ({cal['frac_significant']:.1%}, exact 95% CI [{lo:.1%}, {hi:.1%}])"]
+        if cal["n_random"]:
+            rlo, rhi = cal["random_pass_rate_ci"]
+            plo, phi = cal["random_p_rate_ci"]
+            lines.append(f"  control: {cal['random_n_pass']} of {cal['n_random']} random residual directions pass the "
+                         f"same cut p<={cal['p_cut']:.2g} ({cal['random_pass_rate']:.1%} [{rlo:.1%}, {rhi:.1%}]); "
+                         f"{cal['random_n_p_below_alpha']} have p<{self.alpha} ({cal['random_p_rate']:.1%} "
+                         f"[{plo:.1%}, {phi:.1%}], nominal {self.alpha:.0%}"
+                         + (f"; {cal['random_p_rate_null_mean']:.1%} on average with the phrasings swapped at "
+                            f"random, sign-flip p={cal['p_confounded']:.2g}" if "p_confounded" in cal else "")
+                         + f"); {cal['n_significant_beating_random']} significant features also beat them "
+                         f"(p_random<{self.alpha})")
+            if cal["confounded"]:
+                lines.append("  WARNING: random directions pass far above the nominal rate: the phrasings differ along "
+                             "most directions (length, wording), so q<alpha alone does not make a feature "
+                             "register-specific; look at p_random")
+        else:
+            lines.append("  control: none (n_random=0): how often a random direction would pass is unknown")
+        top = ", ".join(f"{int(r.feature)} ({r.direction}, d_z={r.d_z:+.2f}, q={r.q:.2g}"
+                        + (f", p_random={r.p_random:.2g}" if cal["n_random"] else "") + ")"
+                        for r in self.significant().head(3).itertuples())
+        if top:
+            lines.append(f"  top {top}")
+        return "\n".join(lines)
+
+
+def _p_random(d_z: np.ndarray, random_d_z: np.ndarray) -> np.ndarray:
+    """(1 + #{random |d_z| >= |d_z|}) / (1 + k) per feature; NaN for untested features or no random directions."""
+    r = np.sort(np.abs(random_d_z[np.isfinite(random_d_z)]))
+    if len(r) == 0:
+        return np.full(len(d_z), np.nan)
+    a = np.abs(d_z)
+    ge = len(r) - np.searchsorted(r, a, side="left")
+    return np.where(np.isfinite(a), (1 + ge) / (1 + len(r)), np.nan)
 
 
 def register_features(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, layer: int | None = None,
                       pool: Sequence[str] | str = ("question", "last"), test: PairedTest = "wilcoxon",
-                      alpha: float = 0.05, labels: tuple[str, str] = REGISTERS, batch_size: int | None = None,
-                      progress: bool = True) -> FeatureTable:
+                      alpha: float = 0.05, labels: tuple[str, str] = REGISTERS, n_random: int = 256, seed: int = 0,
+                      batch_size: int | None = None, progress: bool = True) -> FeatureTable:
     """Every SAE feature's activation on both phrasings of every pair, with paired tests and FDR q-values.
 
     ``pool``: ``"question"`` (mean over the question's tokens) and/or ``"last"`` (the answer position).
-    ``layer`` defaults to the one in the SAE's ``hook_name``.
+    ``layer`` defaults to the one in the SAE's ``hook_name``. ``n_random`` seeded random unit directions of
+    the residual stream, pooled and tested the same way, are the control (``n_random=0`` skips it).
+    Run it on the pairs that select features only (training pairs); evaluate elsewhere.
     """
     items = check_pairs(pairs, minimum=2)
     layer = sae_layer(model, sae, layer)
@@ -248,24 +454,44 @@ def register_features(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *
         raise InterpError(f"pool={pool!r}: use 'question', 'last' or both")
     if test not in ("wilcoxon", "ttest"):
         raise InterpError(f"test={test!r}: use 'wilcoxon' (signed-rank) or 'ttest' (paired t)")
+    if isinstance(n_random, bool) or not isinstance(n_random, (int, np.integer)) or n_random < 0:
+        raise InterpError(f"n_random={n_random!r}: pass a number of random directions >= 0 (256 by default)")
+    if not 0 < alpha < 1:
+        raise InterpError(f"alpha={alpha}: pass a level strictly between 0 and 1, e.g. 0.05")
     acts = capture(model, _pair_prompts(items), layers=[layer], positions=_question_and_last,
                    batch_size=batch_size, progress=progress)
     pooled = pooled_features(sae, acts, layer, pools)
+    resid = pooled_residual(acts, layer, pools) if n_random else {}
     n = len(items)
-    frames = []
+    frames, controls = [], []
+    null: dict[str, tuple[float, ...]] = {}
     for pl in pools:
         x = pooled[pl].numpy().astype(np.float64)
         stats = paired_stats(x[:n], x[n:], test)
+        if n_random:
+            r = resid[pl].numpy()
+            rand = random_direction_stats(r[:n], r[n:], k=int(n_random), seed=seed, test=test)
+            rand.insert(0, "pool", pl)
+            controls.append(rand)
+            null[pl] = tuple(sign_flip_pass_rates(r[:n], r[n:], k=int(n_random), seed=seed, test=test, alpha=alpha))
+            stats["p_random"] = _p_random(stats["d_z"].to_numpy(), rand["d_z"].to_numpy())
+        else:
+            stats["p_random"] = np.nan
         stats.insert(0, "pool", pl)
         stats.insert(0, "feature", np.arange(x.shape[1]))
         stats["direction"] = np.where(~stats["p"].isna(), np.where(stats["diff"] > 0, labels[0], labels[1]), "")
         frames.append(stats.assign(_abs=stats["d_z"].abs())
-                      .sort_values(["q", "_abs"], ascending=[True, False], na_position="last").drop(columns="_abs"))
+                      .sort_values(["q", "p", "_abs"], ascending=[True, True, False], na_position="last")
+                      .drop(columns="_abs"))
     table = pd.concat(frames, ignore_index=True)
+    random = pd.concat(controls, ignore_index=True) if controls else None
     meta = getattr(sae.cfg, "metadata", None)
     name = str(getattr(meta, "sae_id", None) or getattr(meta, "hook_name", None) or type(sae).__name__)
     return FeatureTable(table=table, layer=layer, n_pairs=n, test=test, pools=pools, labels=tuple(labels),
-                        alpha=alpha, d_sae=int(sae.cfg.d_sae), model_name=model.name, sae_name=name)
+                        alpha=alpha, d_sae=int(sae.cfg.d_sae), model_name=model.name, sae_name=name,
+                        random=random, n_random=int(n_random), seed=seed,
+                        pair_ids=tuple(str(p.id) for p in items), test_name=_test_name(test),
+                        random_null=null)
 
 
 # ---- one feature -----------------------------------------------------------------------------------
@@ -422,9 +648,71 @@ def _answer_margins(model: Model, prompts: Sequence[Prompt], *, layer: int, hook
     return out
 
 
+def _newcombe_paired(table: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    """95% interval for p_after - p_before of paired binary outcomes, Newcombe (1998) method 10: Wilson score
+    intervals of both margins combined with a correction for their correlation (as in Altman et al. 2000,
+    "Statistics with confidence", ch. 6). ``table[i, j]``: pairs with before = (i == 0), after = (j == 0)."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    (r, s), (t, u) = np.asarray(table, dtype=float)
+    n = r + s + t + u
+    if n == 0:
+        return (math.nan, math.nan)
+    p1, p2 = (r + s) / n, (r + t) / n  # before, after
+    l1, u1 = proportion_confint(r + s, n, alpha=alpha, method="wilson")
+    l2, u2 = proportion_confint(r + t, n, alpha=alpha, method="wilson")
+    phi = 0.0
+    denom = (r + s) * (t + u) * (r + t) * (s + u)
+    if denom > 0:
+        b = r * u - s * t
+        c = b - n / 2 if b > n / 2 else (b if b < 0 else 0.0)
+        phi = c / math.sqrt(denom)
+    d = p1 - p2
+    lower = d - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    upper = d + math.sqrt(max((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2, 0.0))
+    return (float(-upper), float(-lower))  # after - before
+
+
+def _signed_rank(change: np.ndarray) -> tuple[float, str]:
+    """Two-sided Wilcoxon signed-rank p of per-pair changes and the method used (zeros dropped)."""
+    from scipy import stats
+
+    nz = change[change != 0]
+    if len(nz) == 0:
+        return 1.0, "no pair changed"
+    exact = len(nz) <= 50 and len(np.unique(np.abs(nz))) == len(nz)
+    method = "exact" if exact else "asymptotic"
+    res = stats.wilcoxon(nz, method=method, correction=not exact)
+    what = ("exact null" if exact else "normal approximation with tie and continuity correction")
+    return float(res.pvalue), f"{what}, {len(nz)} non-zero changes (zeros dropped)"
+
+
+def _boot_mean_ci(before: np.ndarray, after: np.ndarray, n_boot: int, seed: int,
+                  alpha: float = 0.05) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Percentile bootstrap over pairs: 95% intervals of mean(after - before) and of mean(after)/mean(before) - 1."""
+    n = len(before)
+    if n < 2 or n_boot < 1:
+        return (math.nan, math.nan), (math.nan, math.nan)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    mb, ma = before[idx].mean(1), after[idx].mean(1)
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    change = tuple(float(v) for v in np.percentile(ma - mb, q))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = ma / mb - 1
+    rel = rel[np.isfinite(rel)]
+    relative = tuple(float(v) for v in np.percentile(rel, q)) if len(rel) else (math.nan, math.nan)
+    return change, relative  # type: ignore[return-value]
+
+
 @dataclass(frozen=True, eq=False)
 class FeatureAblation(Result):
-    """Margins, flips and accuracy of every pair before and after editing one SAE feature inside the forward."""
+    """Margins, flips and accuracy of every evaluation pair before and after editing one SAE feature inside the
+    forward pass, with intervals, named paired tests and a random-feature control.
+
+    Flip rate: share of pairs whose decisions differ after polarity correction; margin diff: mean over pairs
+    of |margin_a - corrected margin_b| in logits (margin = logit(yes) - logit(no)); all on ``n_pairs`` pairs,
+    named in ``evaluated_on``. ``tests`` names the test or interval behind every number.
+    """
 
     feature: int
     layer: int
@@ -433,23 +721,43 @@ class FeatureAblation(Result):
     n_pairs: int
     flip_rate_before: float
     flip_rate_after: float
-    margin_diff_before: float  # mean |margin_a - corrected margin_b|
+    margin_diff_before: float  # mean |margin_a - corrected margin_b|, logits
     margin_diff_after: float
     accuracy_before: float | None
     accuracy_after: float | None
     p_flip: float  # exact McNemar test on the paired flips
-    p_margin_diff: float  # Wilcoxon signed-rank on the paired |margin differences|
+    p_margin_diff: float  # Wilcoxon signed-rank on the paired change of |margin difference|
     pairs: pd.DataFrame  # id, margin_a/b before/after (b polarity-corrected), flip and diff before/after
     clamp_values: dict[str, float] = field(default_factory=dict)  # mode="clamp": value set on each register
     model_name: str = ""
+    evaluated_on: str = ""  # which pairs were used, and whether they are held out from the selection
+    held_out: bool | None = None  # None: the selection pairs were not given
+    flip_rate_ci_before: tuple[float, float] = (math.nan, math.nan)  # Clopper-Pearson 95%
+    flip_rate_ci_after: tuple[float, float] = (math.nan, math.nan)
+    flips_removed: int = 0  # pairs that flipped before and not after
+    flips_added: int = 0  # pairs that flipped after and not before
+    flip_rate_change: float = math.nan  # after - before
+    flip_rate_change_ci: tuple[float, float] = (math.nan, math.nan)  # Newcombe paired, 95%
+    margin_diff_change: float = math.nan  # mean over pairs of (|diff| after - |diff| before), logits
+    margin_diff_change_ci: tuple[float, float] = (math.nan, math.nan)  # percentile bootstrap over pairs, 95%
+    margin_diff_relative: float = math.nan  # margin_diff_after / margin_diff_before - 1
+    margin_diff_relative_ci: tuple[float, float] = (math.nan, math.nan)
+    random_control: pd.DataFrame | None = None  # feature, size, margin_diff_change, flip_rate_change per random arm
+    p_random: float = math.nan  # (1 + #{random margin_diff_change <= this one}) / (1 + k), one-sided
+    rank_among_random: int = 0  # 1 = the largest reduction of mean |margin diff| among the feature and k random
+    tests: dict[str, str] = field(default_factory=dict)
+    n_boot: int = 0
+    seed: int = 0
 
     def figure(self):
-        """Per-pair |margin difference| before vs after (left); flip rate and mean difference (right)."""
+        """Per-pair |margin difference| before vs after (left); the change in mean |margin diff| of this feature
+        against the random-feature control (right)."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
         t = self.pairs
-        fig = make_subplots(rows=1, cols=2, subplot_titles=["|margin difference| per pair", "summary"])
+        fig = make_subplots(rows=1, cols=2, subplot_titles=["|margin difference| per pair (logits)",
+                                                            "change in mean |margin diff|: feature vs random"])
         top = float(max(t["diff_before"].max(), t["diff_after"].max(), 1e-6))
         fig.add_trace(go.Scatter(x=t["diff_before"], y=t["diff_after"], mode="markers", text=t["id"],
                                  marker=dict(color=np.where(t["flip_before"] != t["flip_after"], "#d62728",
@@ -458,37 +766,106 @@ class FeatureAblation(Result):
                                  name="pairs"), row=1, col=1)
         fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line=dict(dash="dot", color="#999"),
                                  showlegend=False), row=1, col=1)
-        labels = ["flip rate", "mean |margin diff|"]
-        for when, flip, diff in (("before", self.flip_rate_before, self.margin_diff_before),
-                                 ("after", self.flip_rate_after, self.margin_diff_after)):
-            fig.add_trace(go.Bar(x=labels, y=[flip, diff], name=when), row=1, col=2)
+        if self.random_control is not None and len(self.random_control):
+            fig.add_trace(go.Box(y=self.random_control["margin_diff_change"], name="random features",
+                                 boxpoints="all", marker_color="#888"), row=1, col=2)
+        lo, hi = self.margin_diff_change_ci
+        fig.add_trace(go.Scatter(x=[f"feature {self.feature}"], y=[self.margin_diff_change], mode="markers",
+                                 marker=dict(symbol="diamond", size=12, color="black"), name="this feature (95% CI)",
+                                 error_y=dict(type="data", symmetric=False, array=[hi - self.margin_diff_change],
+                                              arrayminus=[self.margin_diff_change - lo])), row=1, col=2)
         fig.update_xaxes(title_text="before", row=1, col=1)
         fig.update_yaxes(title_text="after", row=1, col=1)
+        fig.update_yaxes(title_text="after - before (logits)", row=1, col=2)
         fig.update_layout(title=f"{self.mode} feature {self.feature} at layer {self.layer}: flip rate "
                                 f"{self.flip_rate_before:.1%} -> {self.flip_rate_after:.1%} "
-                                f"(McNemar p={self.p_flip:.2g})",
-                          template="plotly_white", barmode="group")
+                                f"(exact McNemar p={self.p_flip:.2g}); {self.evaluated_on}",
+                          template="plotly_white")
         return fig
 
     def __repr__(self) -> str:
-        return (f"FeatureAblation({self.mode} feature {self.feature} at layer {self.layer}, {self.n_pairs} pairs: "
-                f"flip rate {self.flip_rate_before:.1%} -> {self.flip_rate_after:.1%} (p={self.p_flip:.2g}), "
-                f"mean |margin diff| {self.margin_diff_before:.3f} -> {self.margin_diff_after:.3f} "
-                f"(p={self.p_margin_diff:.2g}))")
+        fb, fa = self.flip_rate_ci_before, self.flip_rate_ci_after
+        cl, ch = self.flip_rate_change_ci
+        ml, mh = self.margin_diff_change_ci
+        rl, rh = self.margin_diff_relative_ci
+        lines = [f"FeatureAblation: {self.mode} feature {self.feature} at layer {self.layer} ({self.positions} "
+                 f"positions), {self.n_pairs} pairs; {self.evaluated_on}",
+                 f"  flip rate {self.flip_rate_before:.1%} [{fb[0]:.1%}, {fb[1]:.1%}] -> {self.flip_rate_after:.1%} "
+                 f"[{fa[0]:.1%}, {fa[1]:.1%}] (Clopper-Pearson 95%); change {self.flip_rate_change:+.1%} "
+                 f"[{cl:+.1%}, {ch:+.1%}] (Newcombe paired 95%); {self.flips_removed} flips removed, "
+                 f"{self.flips_added} added: exact McNemar p={self.p_flip:.2g}",
+                 f"  mean |margin diff| {self.margin_diff_before:.3f} -> {self.margin_diff_after:.3f} logits, change "
+                 f"{self.margin_diff_change:+.3f} [{ml:+.3f}, {mh:+.3f}] ({self.margin_diff_relative:+.1%} "
+                 f"[{rl:+.1%}, {rh:+.1%}]; bootstrap over pairs 95%): Wilcoxon signed-rank p={self.p_margin_diff:.2g}"]
+        if self.random_control is not None and len(self.random_control):
+            r = self.random_control["margin_diff_change"]
+            lines.append(f"  random-feature control ({len(r)} alive features of similar size): change in mean |margin "
+                         f"diff| median {r.median():+.3f} [{r.min():+.3f}, {r.max():+.3f}] logits; this feature ranks "
+                         f"{self.rank_among_random} of {len(r) + 1}, p_random={self.p_random:.2g} (one-sided, "
+                         f"(1 + #random <= it) / (1 + k))")
+        else:
+            lines.append(f"  random-feature control: {self.tests.get('random_control', 'not run')}")
+        return "\n".join(lines)
+
+
+def _feature_means(sae: Any, acts: Activations, layer: int, is_a: Tensor,
+                   chunk: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean activation of every feature over phrasing-a rows and phrasing-b rows, and each feature's count of
+    rows where it fires: three ``[d_sae]`` float64 tensors, streamed (never ``[rows, d_sae]`` at once)."""
+    rows = acts[layer]
+    d_sae = int(sae.cfg.d_sae)
+    sum_a, sum_b, fired = (torch.zeros(d_sae, dtype=torch.float64) for _ in range(3))
+    for s in range(0, rows.shape[0], chunk):
+        f = _sae_encode(sae, rows[s:s + chunk]).double()  # [chunk, d_sae]
+        a = is_a[s:s + chunk]
+        sum_a += f[a].sum(0)
+        sum_b += f[~a].sum(0)
+        fired += (f != 0).sum(0)
+    n_a, n_b = int(is_a.sum()), int((~is_a).sum())
+    return sum_a / max(n_a, 1), sum_b / max(n_b, 1), fired
+
+
+def _selection_overlap(items: list[ParaphrasePair], selection: Any) -> tuple[bool | None, str]:
+    """Whether the evaluation pairs are held out from the pairs that selected the feature, in words."""
+    n = len(items)
+    if selection is None:
+        return None, (f"evaluated on {n} pairs; selection pairs not given (selection=), so whether they are held out "
+                      "is unknown")
+    if isinstance(selection, FeatureTable):
+        sel_ids = set(selection.pair_ids)
+        if not sel_ids:
+            return None, f"evaluated on {n} pairs; the FeatureTable records no pair ids, held out unknown"
+        overlap = [p.id for p in items if str(p.id) in sel_ids]
+        m = len(sel_ids)
+    else:
+        sel = check_pairs(selection)
+        ids = {str(p.id) for p in sel}
+        texts = {(p.question_a, p.question_b) for p in sel}
+        overlap = [p.id for p in items if str(p.id) in ids or (p.question_a, p.question_b) in texts]
+        m = len(sel)
+    if overlap:
+        return False, (f"IN-SAMPLE: {len(overlap)} of the {n} evaluation pairs also selected the feature (of {m} "
+                       f"selection pairs, e.g. {overlap[:3]}); pass held-out pairs")
+    return True, f"held out: {n} evaluation pairs, none among the {m} pairs that selected the feature"
 
 
 def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, feature: int,
                    layer: int | None = None, mode: Literal["zero", "clamp"] = "zero",
-                   positions: Literal["all", "question", "last"] = "all", batch_size: int | None = None,
+                   positions: Literal["all", "question", "last"] = "all", selection: Any = None,
+                   n_random: int = 20, n_boot: int = 2000, seed: int = 0, batch_size: int | None = None,
                    progress: bool = True) -> FeatureAblation:
     """Zero one SAE feature (or clamp it to the other register's mean) inside the forward pass; report answers.
 
+    ``pairs`` are the evaluation pairs; ``selection`` (the `FeatureTable` or the pairs that chose the feature)
+    lets the result say whether they are held out (evaluating on the selecting pairs is in-sample and warns).
     The SAE is spliced in at ``layer`` as reconstruction + error term, so only the edited feature changes the
     residual stream. ``positions``: where to edit ("all" real tokens except special/image ones, the
     "question" tokens, or the "last" token). ``clamp`` sets phrasing a's feature to its mean on phrasing b
-    (over the same positions) and vice versa.
+    (over the same positions of these prompts) and vice versa. Control: ``n_random`` alive features of
+    similar size (mean activation x decoder norm at the edited positions) are edited the same way.
     """
-    from scipy import stats
+    import warnings
+
     from statsmodels.stats.contingency_tables import mcnemar
 
     items = check_pairs(pairs)
@@ -500,50 +877,114 @@ def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, f
         raise InterpError(f"mode={mode!r}: use 'zero' or 'clamp' (to the other register's mean)")
     if positions not in ("all", "question", "last"):
         raise InterpError(f"positions={positions!r}: use 'all', 'question' or 'last'")
+    for name, v in (("n_random", n_random), ("n_boot", n_boot)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise InterpError(f"{name}={v!r}: pass a whole number >= 0")
+    held_out, evaluated_on = _selection_overlap(items, selection)
+    if held_out is False:
+        warnings.warn(f"ablate_feature: {evaluated_on}", stacklevel=2)
     batch_size = batch_size or (16 if model.device.type == "cuda" else 8)
     prompts_a = [p.prompt_a() for p in items]
     prompts_b = [p.prompt_b() for p in items]
+    n = len(items)
 
-    clamp: dict[str, float] = {}
-    if mode == "clamp":
+    mean_a = mean_b = fired = None
+    if mode == "clamp" or n_random:
         exclude = ("special", "image") if positions == "all" else ()
         acts = capture(model, prompts_a + prompts_b, layers=[layer], positions=positions, exclude=exclude,
                        batch_size=batch_size, progress=progress)
-        act = _sae_encode(sae, acts[layer])[:, feature]
-        is_a = acts.prompt_index < len(items)
-        clamp = {"a": float(act[~is_a].mean()), "b": float(act[is_a].mean())}
+        mean_a, mean_b, fired = _feature_means(sae, acts, layer, acts.prompt_index < n)
 
-    n = len(items)
+    def clamp_for(f: int) -> dict[str, float]:
+        return {} if mode == "zero" else {"a": float(mean_b[f]), "b": float(mean_a[f])}
+
+    tests = {"p_flip": "exact McNemar test on the paired flips before/after (statsmodels mcnemar(exact=True)), "
+                       f"two-sided, n = {n} pairs",
+             "flip_rate_ci": "Clopper-Pearson exact 95% (statsmodels proportion_confint, method='beta')",
+             "flip_rate_change_ci": "Newcombe (1998) method 10 for paired proportions, 95%",
+             "margin_diff_change_ci": f"95% percentile bootstrap over pairs ({n_boot} resamples, seed {seed})",
+             "margin_diff_relative_ci": "the same bootstrap, of mean(after) / mean(before) - 1"}
+
     bar = tqdm(total=4 * n, desc=f"ablate feature {feature}", unit="prompt", disable=not progress, leave=False)
+    kw = dict(layer=layer, positions=positions, batch_size=batch_size, bar=bar)
+
+    def edited(f: int) -> tuple[Tensor, Tensor]:
+        c = clamp_for(f)
+        return (_answer_margins(model, prompts_a, hook_for=lambda sel: _splice_hook(sae, f, sel, c.get("a")), **kw),
+                _answer_margins(model, prompts_b, hook_for=lambda sel: _splice_hook(sae, f, sel, c.get("b")), **kw))
+
     with torch.inference_mode():
-        kw = dict(layer=layer, positions=positions, batch_size=batch_size, bar=bar)
         before_a = _answer_margins(model, prompts_a, hook_for=None, **kw)
         before_b = _answer_margins(model, prompts_b, hook_for=None, **kw)
-        after_a = _answer_margins(model, prompts_a, hook_for=lambda sel: _splice_hook(sae, feature, sel,
-                                                                                      clamp.get("a")), **kw)
-        after_b = _answer_margins(model, prompts_b, hook_for=lambda sel: _splice_hook(sae, feature, sel,
-                                                                                      clamp.get("b")), **kw)
+        after_a, after_b = edited(feature)
     bar.close()
 
+    def consistency(ma: Tensor, mb: Tensor) -> Any:
+        return ConsistencyReport.from_margins(items, ma.numpy(), mb.numpy(), n_boot=0)  # the study's definitions
+
+    rep_before, rep_after = consistency(before_a, before_b), consistency(after_a, after_b)
     sign = torch.tensor([1.0 if p.same_polarity else -1.0 for p in items])
     t = pd.DataFrame({"id": [p.id for p in items],
                       "margin_a_before": before_a.numpy(), "margin_b_before": (before_b * sign).numpy(),
                       "margin_a_after": after_a.numpy(), "margin_b_after": (after_b * sign).numpy()})
-    acc = {}
-    for when, (ma, mb) in (("before", (before_a, before_b)), ("after", (after_a, after_b))):
-        rep = ConsistencyReport.from_margins(items, ma.numpy(), mb.numpy(), n_boot=0)  # the study's definitions
+    for when, rep in (("before", rep_before), ("after", rep_after)):
         t[f"flip_{when}"] = rep.table["flip"].to_numpy()
         t[f"diff_{when}"] = rep.table["margin_diff"].to_numpy()
-        acc[when] = rep.accuracy
-    table = pd.crosstab(t["flip_before"], t["flip_after"]).reindex(index=[False, True], columns=[False, True],
-                                                                  fill_value=0)
-    p_flip = float(mcnemar(table.to_numpy(), exact=True).pvalue)
-    change = t["diff_after"] - t["diff_before"]
-    p_diff = float(stats.wilcoxon(change).pvalue) if (change != 0).any() else 1.0
-    return FeatureAblation(feature=feature, layer=layer, mode=mode, positions=positions, n_pairs=n,
-                           flip_rate_before=float(t["flip_before"].mean()),
-                           flip_rate_after=float(t["flip_after"].mean()),
-                           margin_diff_before=float(t["diff_before"].mean()),
-                           margin_diff_after=float(t["diff_after"].mean()),
-                           accuracy_before=acc["before"], accuracy_after=acc["after"], p_flip=p_flip,
-                           p_margin_diff=p_diff, pairs=t, clamp_values=clamp, model_name=model.name)
+    table = pd.crosstab(t["flip_before"], t["flip_after"]).reindex(index=[True, False], columns=[True, False],
+                                                                  fill_value=0).to_numpy()
+    p_flip = float(mcnemar(table, exact=True).pvalue)
+    d_before, d_after = t["diff_before"].to_numpy(float), t["diff_after"].to_numpy(float)
+    p_diff, how = _signed_rank(d_after - d_before)
+    tests["p_margin_diff"] = f"Wilcoxon signed-rank on the per-pair change of |margin diff|, two-sided, {how}"
+    change_ci, rel_ci = _boot_mean_ci(d_before, d_after, n_boot, seed)
+    change = float((d_after - d_before).mean())
+    rel = float(d_after.mean() / d_before.mean() - 1) if d_before.mean() > 0 else math.nan
+    n_flip_b, n_flip_a = int(t["flip_before"].sum()), int(t["flip_after"].sum())
+
+    control, p_random, rank = None, math.nan, 0
+    if n_random and fired is not None:
+        dec = sae.W_dec.detach().double().norm(dim=1).cpu()
+        size = ((mean_a + mean_b) / 2 * dec).numpy()  # mean size of what the edit removes, residual units
+        alive = np.flatnonzero((fired.numpy() > 0) & (np.arange(len(size)) != feature))
+        if size[feature] <= 0:
+            tests["random_control"] = f"not run: feature {feature} never fires at the edited positions of these pairs"
+        elif len(alive) == 0:
+            tests["random_control"] = "not run: no other feature fires at the edited positions"
+        else:
+            gap = np.abs(np.log(np.maximum(size[alive], 1e-300)) - math.log(size[feature]))
+            window = alive[np.argsort(gap, kind="stable")[:max(3 * int(n_random), 30)]]
+            chosen = np.sort(np.random.default_rng(seed).choice(window, size=min(int(n_random), len(window)),
+                                                                replace=False))
+            rows = []
+            bar = tqdm(total=2 * n * len(chosen), desc="random-feature control", unit="prompt",
+                       disable=not progress, leave=False)
+            kw["bar"] = bar
+            with torch.inference_mode():
+                for f in chosen:
+                    ra, rb = edited(int(f))
+                    rep = consistency(ra, rb)
+                    rows.append({"feature": int(f), "size": float(size[f]),
+                                 "margin_diff_change": float(rep.table["margin_diff"].mean() - d_before.mean()),
+                                 "flip_rate_change": float(rep.table["flip"].mean() - t["flip_before"].mean())})
+            bar.close()
+            control = pd.DataFrame(rows)
+            r = control["margin_diff_change"].to_numpy()
+            p_random = float((1 + np.sum(r <= change)) / (1 + len(r)))
+            rank = int(1 + np.sum(r < change))
+            tests["random_control"] = (f"{len(chosen)} alive features (not {feature}) drawn (seed {seed}) from the "
+                                       f"{len(window)} nearest in log size = mean activation x ||W_dec row|| at the "
+                                       "edited positions, edited the same way on the same pairs")
+            tests["p_random"] = ("(1 + #{random change in mean |margin diff| <= this feature's}) / (1 + k), one-sided: "
+                                 "small when this feature reduces inconsistency more than random features")
+    return FeatureAblation(
+        feature=feature, layer=layer, mode=mode, positions=positions, n_pairs=n,
+        flip_rate_before=n_flip_b / n, flip_rate_after=n_flip_a / n,
+        margin_diff_before=float(d_before.mean()), margin_diff_after=float(d_after.mean()),
+        accuracy_before=rep_before.accuracy, accuracy_after=rep_after.accuracy, p_flip=p_flip,
+        p_margin_diff=p_diff, pairs=t, clamp_values=clamp_for(feature), model_name=model.name,
+        evaluated_on=evaluated_on, held_out=held_out,
+        flip_rate_ci_before=_clopper_pearson(n_flip_b, n), flip_rate_ci_after=_clopper_pearson(n_flip_a, n),
+        flips_removed=int(table[0, 1]), flips_added=int(table[1, 0]), flip_rate_change=(n_flip_a - n_flip_b) / n,
+        flip_rate_change_ci=_newcombe_paired(table), margin_diff_change=change, margin_diff_change_ci=change_ci,
+        margin_diff_relative=rel, margin_diff_relative_ci=rel_ci, random_control=control, p_random=p_random,
+        rank_among_random=rank, tests=tests, n_boot=n_boot, seed=seed)

@@ -277,7 +277,7 @@ def layer_profile(model: Model, pairs: Sequence[ParaphrasePair], *, method: Meth
         scores = values
         missing = tuple(i for i in range(model.n_layers) if not np.isfinite(values[i]))
     return LayerProfile(method=method, scores=tuple(float(v) for v in scores), values=tuple(float(v) for v in values),
-                        n_layers=model.n_layers, n_pairs=len(items), positions=positions, model_name=model.name,
+                        n_layers=model.n_layers, n_pairs=len(meta.get("pair_ids", items)), positions=positions, model_name=model.name,
                         layers_pattern=layers_pattern_of(model.layers_path), missing=missing, meta=meta)
 
 

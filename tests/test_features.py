@@ -109,23 +109,49 @@ def test_the_plant_flips_answers(plant):
     assert (torch.sign(ma) != torch.sign(mb)).float().mean() > 0.6
 
 
+def _signed_rank_p(d: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p by the normal approximation, written out: zeros dropped, mid-ranks,
+    tie-corrected variance, continuity correction 0.5 (an independent check of the table's one method)."""
+    d = d[d != 0]
+    n = len(d)
+    ranks = stats.rankdata(np.abs(d))
+    t_plus = ranks[d > 0].sum()
+    _, ties = np.unique(np.abs(d), return_counts=True)
+    var = n * (n + 1) * (2 * n + 1) / 24 - (ties ** 3 - ties).sum() / 48
+    dev = max(abs(t_plus - n * (n + 1) / 4) - 0.5, 0)
+    return float(2 * stats.norm.sf(dev / np.sqrt(var)))
+
+
 def test_register_features_ranks_the_planted_feature_first(plant):
     model, pairs, sae, _ = plant
     table = register_features(model, sae, pairs, progress=False)
     assert table.layer == K and table.pools == ("question", "last")
+    n = len(pairs)
     for pool in table.pools:
         top = table.top(1, pool=pool).iloc[0]
-        assert top["feature"] == PLANTED and top["direction"] == "lay" and top["q"] < 1e-3
-        assert top["mean_a"] == 0 and top["active_b"] == 1.0
+        assert top["feature"] == PLANTED and top["direction"] == "lay" and top["q"] < 0.05
+        assert top["mean_a"] == 0 and top["active_b"] == 1.0 and top["n_nonzero"] == n
+        # every lay phrasing above its formal one: T- = n(n+1)/2, no ties; the normal approximation's p
+        known = 2 * stats.norm.sf((n * (n + 1) / 4 - 0.5) / np.sqrt(n * (n + 1) * (2 * n + 1) / 24))
+        assert top["p"] == pytest.approx(known, rel=1e-9)  # 4.8e-4 for n = 16
+        assert top["p_random"] < 0.05  # beyond (nearly) every random direction
+    assert table.top(1)["p_random"].iloc[0] == pytest.approx(1 / (1 + table.n_random))  # question pool: all 256
     assert table.top(3, direction="formal")["direction"].eq("formal").all()
     assert PLANTED in table.significant()["feature"].tolist()
+    # The plant pushes every token of the lay prompts far along one direction, so every random residual
+    # direction differs too: the control says so, and only the planted feature beats it.
+    cal = table.calibration()
+    assert cal["n_random"] == 256 and cal["random_p_rate"] > 0.9 and cal["confounded"]
+    assert table.significant(beats_random=True)["feature"].tolist() == [PLANTED]
+    assert "WARNING: random directions pass far above the nominal rate" in repr(table)
 
 
 @pytest.mark.parametrize("test", ["wilcoxon", "ttest"])
 def test_p_and_q_values_match_scipy_and_statsmodels(plant, test):
-    """Pooled activations recomputed one prompt at a time; p from scipy per feature; q from statsmodels."""
+    """Pooled activations recomputed one prompt at a time; p by the signed-rank formula written out (or scipy's
+    paired t) per feature; q from statsmodels."""
     model, pairs, sae, _ = plant
-    table = register_features(model, sae, pairs, test=test, progress=False)
+    table = register_features(model, sae, pairs, test=test, n_random=16, progress=False)
     prompts = [p.prompt_a() for p in pairs] + [p.prompt_b() for p in pairs]
     pooled = {"question": [], "last": []}
     for resid, batch in _one_by_one(model, prompts, K):
@@ -141,16 +167,89 @@ def test_p_and_q_values_match_scipy_and_statsmodels(plant, test):
         np.testing.assert_allclose(got["mean_b"], b.mean(0), rtol=1e-4, atol=1e-6)
         tested = np.flatnonzero((a != b).any(0))
         assert got["p"].notna().sum() == len(tested)
-        p = np.array([(stats.wilcoxon(a[:, j], b[:, j]) if test == "wilcoxon" else stats.ttest_rel(a[:, j], b[:, j]))
-                      .pvalue for j in tested])
-        np.testing.assert_allclose(got["p"].to_numpy()[tested], p, rtol=1e-4)
-        np.testing.assert_allclose(got["q"].to_numpy()[tested], multipletests(p, method="fdr_bh")[1], rtol=1e-4)
+        p = np.array([_signed_rank_p(a[:, j] - b[:, j]) if test == "wilcoxon" else
+                      stats.ttest_rel(a[:, j], b[:, j]).pvalue for j in tested])
+        np.testing.assert_allclose(got["p"].to_numpy()[tested], p, rtol=1e-3)
+        np.testing.assert_allclose(got["q"].to_numpy()[tested], multipletests(p, method="fdr_bh")[1], rtol=1e-3)
         d = a[:, tested] - b[:, tested]
         np.testing.assert_allclose(got["d_z"].to_numpy()[tested], d.mean(0) / d.std(0, ddof=1), rtol=1e-3)
-    # Sorted: q ascending within each pool.
+    # Sorted: q ascending within each pool, then p.
     for _, grp in table.table.groupby("pool"):
-        q = grp["q"].dropna().to_numpy()
-        assert (np.diff(q) >= 0).all()
+        g = grp.dropna(subset=["q"])
+        assert (np.diff(g["q"].to_numpy()) >= 0).all()
+        same_q = g.groupby("q")["p"].apply(lambda s: bool((np.diff(s.to_numpy()) >= 0).all()))
+        assert same_q.all()
+
+
+def test_one_test_for_every_column_ranks_a_planted_column_first():
+    """The old bug: exact Wilcoxon p for tie-free columns, normal-approximation p for the rest. 40 'random
+    directions' shifted by a wording confound (every pair positive, no ties: exact p = 2/2^16 = 3.1e-5) then
+    outranked a planted column with d_z = 8.4 whose values tie (normal p = 4.8e-4). One method: planted first."""
+    from interp.features import paired_stats
+
+    rng = np.random.default_rng(0)
+    n = 16
+    xb = rng.normal(size=(n, 41))
+    xa = xb + 3.0 + rng.uniform(0, 1, size=(n, 41))  # confounded columns: all positive, tie-free
+    planted = np.round(np.linspace(4.4, 5.6, n), 1)  # a few tied differences
+    xa[:, 0] = xb[:, 0] + planted
+    d_z = planted.mean() / planted.std(ddof=1)
+    assert d_z > 8.4 and len(np.unique(planted)) < n
+    assert stats.wilcoxon(planted, method="auto").pvalue > stats.wilcoxon(xa[:, 1] - xb[:, 1]).pvalue  # the old mix
+    out = paired_stats(xa, xb, "wilcoxon")
+    assert out["p"].nunique() <= 2  # every column saturates the statistic: only the tie correction differs
+    assert out["p"][0] <= out["p"][1:].min()
+    ranked = out.assign(a=-out["d_z"].abs()).sort_values(["q", "p", "a"])
+    assert ranked.index[0] == 0
+
+
+def test_random_directions_pass_at_the_nominal_rate_without_a_register_effect():
+    """Known answer: with exchangeable phrasings (no register effect) a random direction has p < 0.05 about 5%
+    of the time; a length-like shift of every phrasing b makes nearly all of them pass."""
+    from interp.features import random_direction_stats
+
+    rng = np.random.default_rng(1)
+    rates = []
+    for rep in range(200):
+        ra, rb = rng.normal(size=(20, 32)), rng.normal(size=(20, 32))
+        r = random_direction_stats(ra, rb, k=64, seed=rep)
+        rates.append((r["p"] < 0.05).mean())
+    assert 0.035 < np.mean(rates) < 0.065  # nominal 0.05; 200 x 64 directions
+    shift = 2 * rng.normal(size=32)  # a confound that moves every coordinate (length, wording)
+    ra, rb = rng.normal(size=(20, 32)), rng.normal(size=(20, 32)) + shift
+    r = random_direction_stats(ra, rb, k=64, seed=0)
+    assert (r["p"] < 0.05).mean() > 0.7
+    u = np.random.default_rng(0).standard_normal((32, 64))  # the documented directions: seeded unit Gaussians
+    proj = (ra - rb) @ (u / np.linalg.norm(u, axis=0))
+    np.testing.assert_allclose(r["d_z"], proj.mean(0) / proj.std(0, ddof=1), rtol=1e-9)
+
+
+def test_register_features_control_is_calibrated_on_unrelated_question_pairs(tiny_medgemma):
+    """Pairs of two unrelated formal questions in random order have no register effect: the random residual
+    directions pass near the nominal rate (averaged over re-randomised orders: the sign-flip null)."""
+    from interp.data import ParaphrasePair
+    from interp.features import _question_and_last, pooled_residual, random_direction_stats
+
+    qs = [p.question_a for p in builtin()[:80]]
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i in range(40):
+        a, b = (qs[i], qs[i + 40]) if rng.random() < 0.5 else (qs[i + 40], qs[i])
+        pairs.append(ParaphrasePair(id=f"null-{i}", question_a=a, question_b=b))
+    sae = planted_jumprelu_sae(tiny_medgemma.d_model, K, seed=3, threshold=0.2, avoid=[])
+    table = register_features(tiny_medgemma, sae, pairs, n_random=128, progress=False)
+    cal = table.calibration()
+    assert not cal["confounded"] and cal["random_p_rate"] < 0.25
+    acts = interp.capture(tiny_medgemma, [p.prompt_a() for p in pairs] + [p.prompt_b() for p in pairs],
+                          layers=[K], positions=_question_and_last, progress=False)
+    r = pooled_residual(acts, K, ("question",))["question"].numpy()
+    rates = []
+    for s in range(40):  # swap the phrasings of a random half of the pairs: the null the test assumes
+        swap = np.random.default_rng(100 + s).random(40) < 0.5
+        ra = np.where(swap[:, None], r[40:], r[:40])
+        rb = np.where(swap[:, None], r[:40], r[40:])
+        rates.append((random_direction_stats(ra, rb, k=128, seed=s)["p"] < 0.05).mean())
+    assert 0.02 < np.mean(rates) < 0.10
 
 
 def test_feature_card_shows_the_planted_feature_on_lay_prompts_only(plant):
@@ -195,7 +294,7 @@ def _spliced_margins(model, prompts, sae, feature: int, value: float) -> np.ndar
 
 def test_zeroing_the_planted_feature_removes_the_plant(plant):
     model, pairs, sae, unplanted = plant
-    result = ablate_feature(model, sae, pairs, feature=PLANTED, progress=False)
+    result = ablate_feature(model, sae, pairs, feature=PLANTED, n_random=6, progress=False)
     t = result.pairs
     prompts_a, prompts_b = [p.prompt_a() for p in pairs], [p.prompt_b() for p in pairs]
     np.testing.assert_allclose(t["margin_a_after"], _spliced_margins(model, prompts_a, sae, PLANTED, 0.0), atol=1e-4)
@@ -210,6 +309,63 @@ def test_zeroing_the_planted_feature_removes_the_plant(plant):
     np.testing.assert_allclose(t["margin_a_after"], t["margin_a_before"], atol=1e-6)  # never fires on formal
     assert result.flip_rate_before > 0.6 and result.flip_rate_after < result.flip_rate_before
     assert result.margin_diff_after < 0.2 * result.margin_diff_before and result.p_margin_diff < 0.01
+
+    # Each number against an independent computation.
+    n = len(pairs)
+    fb, fa = t["flip_before"].to_numpy(bool), t["flip_after"].to_numpy(bool)
+    gone, new = int((fb & ~fa).sum()), int((~fb & fa).sum())
+    assert (result.flips_removed, result.flips_added) == (gone, new)
+    exact = stats.binomtest(min(gone, new), gone + new, 0.5).pvalue  # exact McNemar = binomial test on discordants
+    assert result.p_flip == pytest.approx(exact, rel=1e-9)
+    k = int(fb.sum())
+    cp = (stats.beta.ppf(0.025, k, n - k + 1) if k else 0.0, stats.beta.ppf(0.975, k + 1, n - k) if k < n else 1.0)
+    np.testing.assert_allclose(result.flip_rate_ci_before, cp, rtol=1e-6)
+    change = (t["diff_after"] - t["diff_before"]).to_numpy()
+    assert result.margin_diff_change == pytest.approx(change.mean(), rel=1e-9)
+    assert (change < 0).all()  # every pair more consistent: the exact signed-rank p is 2 / 2^16
+    assert result.p_margin_diff == pytest.approx(2 / 2 ** n, rel=1e-9) and "exact null" in result.tests["p_margin_diff"]
+    lo, hi = result.margin_diff_change_ci
+    assert lo <= change.mean() <= hi < 0
+    assert result.margin_diff_relative == pytest.approx(t["diff_after"].mean() / t["diff_before"].mean() - 1)
+    lo, hi = result.flip_rate_change_ci
+    assert lo <= result.flip_rate_change <= hi and hi < 0
+
+    # Random-feature control: alive features of similar size, edited the same way, do next to nothing.
+    ctrl = result.random_control
+    assert len(ctrl) == 6 and PLANTED not in ctrl["feature"].tolist() and (ctrl["size"] > 0).all()
+    assert result.rank_among_random == 1 and result.p_random == pytest.approx(1 / 7)
+    assert ctrl["margin_diff_change"].abs().max() < 0.2 * abs(result.margin_diff_change)
+    assert result.held_out is None and "not given" in result.evaluated_on
+    text = repr(result)
+    assert "exact McNemar" in text and "Newcombe" in text and "ranks 1 of 7" in text and "logits" in text
+
+
+def test_ablation_says_which_pairs_it_was_evaluated_on(plant):
+    model, pairs, sae, _ = plant
+    table = register_features(model, sae, pairs[:8], n_random=0, progress=False)
+    assert table.pair_ids == tuple(p.id for p in pairs[:8])
+    held = ablate_feature(model, sae, pairs[8:12], feature=PLANTED, selection=table, n_random=0, progress=False)
+    assert held.held_out is True and "held out: 4 evaluation pairs, none among the 8" in held.evaluated_on
+    with pytest.warns(UserWarning, match="IN-SAMPLE: 2 of the 4 evaluation pairs"):
+        leak = ablate_feature(model, sae, pairs[6:10], feature=PLANTED, selection=pairs[:8], n_random=0,
+                              progress=False)
+    assert leak.held_out is False and "IN-SAMPLE" in repr(leak)
+    assert "not run" in repr(leak)  # no control asked for: the report says so
+
+
+def test_paired_flip_rate_change_interval_covers_and_never_collapses():
+    """Newcombe's paired interval: about 95% coverage by simulation, and no [0, 0] at zero flips (the
+    percentile bootstrap's failure)."""
+    from interp.features import _newcombe_paired
+
+    lo, hi = _newcombe_paired(np.array([[0, 0], [0, 36]]))
+    assert lo < 0 < hi and hi - lo > 0.15
+    rng = np.random.default_rng(0)
+    cells = np.array([0.05, 0.10, 0.03, 0.82])  # both flip, before only, after only, neither
+    truth = cells[2] - cells[1]  # after - before
+    tables = rng.multinomial(60, cells, size=2000).reshape(-1, 2, 2)
+    covered = np.mean([lo <= truth <= hi for lo, hi in map(_newcombe_paired, tables)])
+    assert 0.93 < covered < 0.98
 
 
 def test_splicing_without_an_edit_leaves_the_forward_pass_unchanged(plant):
@@ -229,7 +385,7 @@ def test_splicing_without_an_edit_leaves_the_forward_pass_unchanged(plant):
 
 def test_clamping_swaps_the_registers(plant):
     model, pairs, sae, unplanted = plant
-    result = ablate_feature(model, sae, pairs, feature=PLANTED, mode="clamp", progress=False)
+    result = ablate_feature(model, sae, pairs, feature=PLANTED, mode="clamp", n_random=0, progress=False)
     lay_tokens = np.concatenate([sae.encode(resid)[:, PLANTED].detach().numpy()[
         (~batch.special_mask[0] & ~batch.image_mask[0]).numpy()]
         for resid, batch in _one_by_one(model, [p.prompt_b() for p in pairs], K)])
@@ -267,7 +423,7 @@ def test_results_print_plot_and_serialise(plant):
     small = pairs[:6]
     table = register_features(model, sae, small, test="ttest", progress=False)
     card = feature_card(model, sae, PLANTED, [p.prompt_b() for p in small], top_k=3, progress=False)
-    ablation = ablate_feature(model, sae, small, feature=PLANTED, progress=False)
+    ablation = ablate_feature(model, sae, small, feature=PLANTED, n_random=2, n_boot=200, progress=False)
     assert f"top {PLANTED} (lay" in repr(table)
     assert "prompt: fires on 100%" in repr(card)
     assert "zero feature 5 at layer 3" in repr(ablation)

@@ -204,9 +204,13 @@ def test_batched_patching_equals_one_patch_per_forward(request, name, positions,
     chunked = layer_profile(model, pairs, method="patching", positions=positions, batch_size=3, progress=False)
     full_chunked = layer_profile(model, pairs, method="patching", positions=positions, batch_size=3,
                                  strategy="full", progress=False)
+    # opposite-polarity pairs are left out of the profile (patching would carry the opposite answer)
+    kept = [i for i, p in enumerate(pairs) if p.same_polarity]
+    assert 0 < len(kept) < len(pairs)
     for prof in (cached, full, chunked, full_chunked):
-        np.testing.assert_allclose(np.array(prof.meta["margin_patched"]), expected, atol=2e-5)
-        assert prof.meta["patched_tokens"] == k
+        np.testing.assert_allclose(np.array(prof.meta["margin_patched"]), expected[kept], atol=2e-5)
+        assert prof.meta["patched_tokens"] == k and prof.n_pairs == len(kept)
+        assert prof.meta["excluded_opposite_polarity"] == [p.id for p in pairs if not p.same_polarity]
 
 
 def test_sae_profile_is_the_register_sensitive_share_of_activation_mass(planted):

@@ -62,6 +62,12 @@ def medical_acts(tiny_medgemma, corpora) -> interp.Activations:
 
 
 @pytest.fixture(scope="module")
+def medical_text_acts(tiny_medgemma, corpora) -> interp.Activations:
+    """The corpus text only (transfer_report's default mask): no template, no special tokens."""
+    return interp.capture(tiny_medgemma, corpora["medical"], layers=[LAYER], positions="question", progress=False)
+
+
+@pytest.fixture(scope="module")
 def train_acts(tiny_medgemma) -> interp.Activations:
     return interp.capture(tiny_medgemma, interp.prompts.general()[10:40], layers=[LAYER], positions="all",
                           exclude=EXCLUDE, progress=False)
@@ -140,6 +146,37 @@ def test_bad_sae_folders_get_clear_errors(tmp_path):
         load_sae(tmp_path / "missing")
 
 
+def test_corrupt_truncated_or_mismatched_sae_files_name_the_file_and_the_fix(tmp_path):
+    from interp.saes import SAEFileError
+
+    truncated = _gemma_scope_folder(tmp_path / "a", _random_params())
+    data = (truncated / "params.safetensors").read_bytes()
+    (truncated / "params.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SAEFileError, match=r"params.safetensors' is corrupt or truncated.*download the folder"):
+        load_sae(truncated)
+    garbage = _gemma_scope_folder(tmp_path / "b", _random_params())
+    (garbage / "params.safetensors").write_bytes(b"not a safetensors file" * 4)
+    with pytest.raises(SAEFileError, match="corrupt or truncated"):
+        load_sae(garbage)
+    bad_json = _gemma_scope_folder(tmp_path / "c", _random_params())
+    (bad_json / "config.json").write_text("{width: 96")
+    with pytest.raises(SAEFileError, match=r"config.json' is not valid JSON"):
+        load_sae(bad_json)
+
+    sae = load_sae(_gemma_scope_folder(tmp_path / "d", _random_params()), device="cpu")
+    sae.save_model(tmp_path / "cut")
+    w = tmp_path / "cut" / "sae_weights.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(SAEFileError, match=r"sae_weights.safetensors' is corrupt or truncated.*save_model"):
+        load_sae(tmp_path / "cut")
+    sae.save_model(tmp_path / "other")
+    cfg = json.loads((tmp_path / "other" / "cfg.json").read_text())
+    (tmp_path / "other" / "cfg.json").write_text(json.dumps({**cfg, "d_in": 32}))
+    with pytest.raises(SAEFileError, match=r"cfg.json' and .*sae_weights.safetensors' disagree.*size mismatch"):
+        load_sae(tmp_path / "other")
+    assert issubclass(SAEFileError, interp.InterpError)
+
+
 def test_sae_lens_saved_folder_round_trips(tmp_path):
     sae = load_sae(_gemma_scope_folder(tmp_path, _random_params()), device="cpu")
     sae.save_model(tmp_path / "saved")
@@ -189,15 +226,18 @@ def test_check_sae_refuses_wrong_width_layer_and_site(tmp_path, tiny_medgemma):
 
 
 # ---- R^2 and friends ----------------------------------------------------------------------------
-def test_r2_l0_dead_match_numpy_sae_lens_and_statsmodels(tmp_path, tiny_medgemma, corpora, medical_acts):
+@pytest.mark.parametrize("tokens", ["text", "all"])
+def test_r2_l0_dead_match_numpy_sae_lens_and_statsmodels(tmp_path, tiny_medgemma, corpora, medical_acts,
+                                                         medical_text_acts, tokens):
     from sae_lens.evals import ExplainedVarianceCalculator
     from statsmodels.stats.weightstats import DescrStatsW
 
-    x_t = medical_acts[LAYER]
+    acts = medical_text_acts if tokens == "text" else medical_acts
+    x_t = acts[LAYER]
     params = _random_params(mean=x_t.mean(0))
     sae = load_sae(_gemma_scope_folder(tmp_path, params), device="cpu")
     rep = transfer_report(tiny_medgemma, sae, {"medical": corpora["medical"]}, threshold=0.5, ce=False,
-                          n_boot=300, progress=False)
+                          n_boot=300, tokens=tokens, progress=False)
     got = rep["medical"]
 
     # independent numpy: JumpReLU from the raw params, the formula over tokens, per prompt by a loop
@@ -212,7 +252,7 @@ def test_r2_l0_dead_match_numpy_sae_lens_and_statsmodels(tmp_path, tiny_medgemma
 
     assert got.n_tokens == len(x) and got.n_prompts == 6
     assert got.r2 == pytest.approx(r2(x, x_hat), abs=1e-6)
-    idx = medical_acts.prompt_index.numpy()
+    idx = acts.prompt_index.numpy()
     per_prompt = [r2(x[idx == i], x_hat[idx == i]) for i in range(6)]
     np.testing.assert_allclose(got.r2_prompt, per_prompt, atol=1e-6)
     assert got.r2_prompt_mean == pytest.approx(np.mean(per_prompt), abs=1e-6)
@@ -227,23 +267,53 @@ def test_r2_l0_dead_match_numpy_sae_lens_and_statsmodels(tmp_path, tiny_medgemma
             calc.add_batch(sae_output=sae.decode(sae.encode(chunk)), hidden_acts=chunk)
     assert got.r2 == pytest.approx(calc.compute(), abs=1e-5)
 
-    t = DescrStatsW(np.array(per_prompt)).ttest_mean(0.5, alternative="larger")
-    assert got.p_ttest == pytest.approx(t[1], rel=1e-6)
+    d = DescrStatsW(np.array(per_prompt))
+    assert got.p_ttest == pytest.approx(d.ttest_mean(0.5, alternative="larger")[1], rel=1e-6)
+    np.testing.assert_allclose(got.r2_prompt_mean_ci, d.tconfint_mean(0.05), atol=1e-6)
     assert got.r2_ci[0] <= got.r2 <= got.r2_ci[1]
-    # the bootstrap re-pools the rows of resampled prompts: a naive loop over the same resamples agrees
+    # the bootstrap re-pools the rows of resampled prompts: a naive loop over the same resamples agrees,
+    # for R^2 and for L0, dead fraction and cosine
     counts = np.random.default_rng(0).multinomial(6, np.full(6, 1 / 6), size=300)
-    boot = [r2(np.concatenate([x[idx == i] for i in range(6) for _ in range(c[i])]),
-               np.concatenate([x_hat[idx == i] for i in range(6) for _ in range(c[i])])) for c in counts]
+    take = [np.concatenate([np.flatnonzero(idx == i) for i in range(6) for _ in range(c[i])]) for c in counts]
+    boot = [r2(x[t], x_hat[t]) for t in take]
     np.testing.assert_allclose(got.r2_ci, np.percentile(boot, [2.5, 97.5]), atol=1e-6)
     assert got.p_bootstrap == pytest.approx((1 + np.sum(np.array(boot) <= 0.5)) / 301)
+    np.testing.assert_allclose(got.l0_ci, np.percentile([(f[t] != 0).sum(1).mean() for t in take], [2.5, 97.5]),
+                               rtol=1e-9)
+    np.testing.assert_allclose(got.dead_fraction_ci, np.percentile(
+        [((f[t] != 0).sum(0) == 0).mean() for t in take], [2.5, 97.5]), atol=1e-12)
+    np.testing.assert_allclose(got.cosine_ci, np.percentile([cos[t].mean() for t in take], [2.5, 97.5]), rtol=1e-6)
+    # the verdict is the lower ends of the intervals against the threshold
+    assert got.passed == (got.r2_ci[0] > 0.5 and got.r2_prompt_mean_ci[0] > 0.5)
     strict = transfer_report(tiny_medgemma, sae, {"medical": corpora["medical"]}, threshold=0.999, ce=False,
-                             n_boot=300, progress=False)["medical"]
+                             n_boot=300, tokens=tokens, progress=False)["medical"]
     assert strict.p_bootstrap == pytest.approx(1.0, abs=0.01) and not strict.passed
     assert rep.n_boot == 300 and "special" in rep.token_mask and "float64" in rep.r2_formula
+    assert rep.tokens == tokens and ("template" in rep.token_mask)
+
+
+def test_default_mask_scores_the_corpus_text_without_the_template(tmp_path, tiny_medgemma, corpora):
+    """tokens='text' scores exactly the question tokens (the corpus text); the template tokens it leaves out
+    are counted, and with them the two masks add up to every non-special token."""
+    sae = load_sae(_gemma_scope_folder(tmp_path, _random_params()), device="cpu")
+    text = transfer_report(tiny_medgemma, sae, {"medical": corpora["medical"]}, ce=False, n_boot=20,
+                           progress=False)
+    every = transfer_report(tiny_medgemma, sae, {"medical": corpora["medical"]}, ce=False, n_boot=20,
+                            tokens="all", progress=False)
+    t, a = text["medical"], every["medical"]
+    batch = tiny_medgemma.encode(corpora["medical"])
+    keep = ~batch.pad_mask & ~batch.special_mask & ~batch.image_mask
+    assert t.n_tokens == int(batch.question_mask.sum()) and a.n_tokens == int(keep.sum())
+    assert t.n_template_tokens == a.n_tokens - t.n_tokens > 0 and a.n_template_tokens == 0
+    scored = tiny_medgemma.tokenizer.decode(batch.input_ids[0][batch.question_mask[0]].tolist())
+    assert scored.strip() == corpora["medical"][0].strip()  # the prompt's own text, nothing of the template
+    assert "corpus text only" in repr(text) and "template" in repr(text)
+    assert text.tokens == "text" and "pooled R^2" in text.estimands["r2"]
+    assert "mean over prompts" in text.estimands["r2_prompt_mean"]
 
 
 def test_perfect_reconstruction_gives_1_and_mean_gives_0_and_identity_splice_changes_nothing(
-        tmp_path, tiny_medgemma, corpora, medical_acts):
+        tmp_path, tiny_medgemma, corpora, medical_text_acts):
     ident = load_sae(_gemma_scope_folder(tmp_path / "id", _identity_params()), device="cpu")
     rep = transfer_report(tiny_medgemma, ident, corpora, n_boot=200, progress=False)
     for c in rep.corpora:
@@ -251,9 +321,12 @@ def test_perfect_reconstruction_gives_1_and_mean_gives_0_and_identity_splice_cha
         assert c.kl == 0.0 and c.ce_sae == c.ce_orig and c.ce_score == 1.0
         assert c.ce_zero != c.ce_orig and c.kl_zero > 0 and c.n_predicted > 0
         assert c.p_bootstrap == pytest.approx(1 / 201) and c.p_ttest == 0.0 and c.passed
+        assert c.r2_ci == (1.0, 1.0) and c.r2_prompt_mean_ci == (1.0, 1.0)
+        assert c.ce_score_ci == (1.0, 1.0) and c.kl_ci == (0.0, 0.0)
     assert rep.passed
+    assert "<= 1/201 (floor)" in repr(rep) and "<0.001" not in repr(rep)  # the bootstrap floor, said as such
 
-    mean = medical_acts[LAYER].double().mean(0).float()
+    mean = medical_text_acts[LAYER].double().mean(0).float()  # the mean of the scored (text) tokens
     flat = {"w_enc": torch.zeros(64, 8), "w_dec": torch.randn(8, 64), "b_enc": torch.zeros(8), "b_dec": mean,
             "threshold": torch.full((8,), 1e6)}
     mean_sae = load_sae(_gemma_scope_folder(tmp_path / "mean", flat), device="cpu")
@@ -262,23 +335,29 @@ def test_perfect_reconstruction_gives_1_and_mean_gives_0_and_identity_splice_cha
     assert c.r2 == pytest.approx(0.0, abs=1e-6) and c.l0 == 0 and c.dead_fraction == 1.0 and not c.passed
 
 
-def test_ce_orig_matches_a_per_prompt_forward(tmp_path, tiny_medgemma, corpora):
+@pytest.mark.parametrize("tokens", ["text", "all"])
+def test_ce_orig_matches_a_per_prompt_forward(tmp_path, tiny_medgemma, corpora, tokens):
+    """CE at the scored predictions, one unbatched forward per prompt: with tokens='text' a corpus-text token
+    predicting the next corpus-text token; with 'all' every non-special token predicting whatever follows.
+    Its bootstrap interval over prompts agrees with a loop over the same resamples."""
     sae = load_sae(_gemma_scope_folder(tmp_path, _random_params()), device="cpu")
     rep = transfer_report(tiny_medgemma, sae, {"general": corpora["general"]}, n_boot=20, batch_size=4,
-                          progress=False)["general"]
-    nll, n = 0.0, 0
+                          tokens=tokens, progress=False)["general"]
+    nll, n = np.zeros(6), np.zeros(6)
     with torch.no_grad():
-        for prompt in corpora["general"]:
+        for i, prompt in enumerate(corpora["general"]):
             batch = tiny_medgemma.encode([prompt])
             logp = torch.log_softmax(tiny_medgemma.hf(**batch.inputs).logits[0].double(), -1)
-            ids = batch.input_ids[0]
+            ids, q = batch.input_ids[0], batch.question_mask[0]
             for t in range(len(ids) - 1):
-                if not batch.special_mask[0, t]:
-                    nll -= float(logp[t, ids[t + 1]])
-                    n += 1
-    assert rep.n_predicted == n
-    assert rep.ce_orig == pytest.approx(nll / n, rel=1e-5)
+                scored = bool(q[t] and q[t + 1]) if tokens == "text" else not batch.special_mask[0, t]
+                if scored:
+                    nll[i] -= float(logp[t, ids[t + 1]])
+                    n[i] += 1
+    assert rep.n_predicted == n.sum() > 0
+    assert rep.ce_orig == pytest.approx(nll.sum() / n.sum(), rel=1e-5)
     assert rep.kl > 0 and math.isfinite(rep.ce_score)
+    assert rep.ce_score_ci[0] <= rep.ce_score_ci[1] and rep.kl_ci[0] <= rep.kl <= rep.kl_ci[1] + 1e-12
 
 
 def test_transfer_report_bad_input(tmp_path, tiny_medgemma):
@@ -364,6 +443,11 @@ def test_train_sae_bad_input(train_acts):
         train_sae(torch.randn(3, 8), layer=0, d_sae=16)
     with pytest.raises(interp.InterpError, match="architecture="):
         train_sae(train_acts, d_sae=16, architecture="gated")
+    for layer in (-3, True, 1.7, "3"):  # never blocks.-3.hook_resid_post, never True meaning layer 1
+        with pytest.raises(interp.InterpError, match=r"layer=.*whole number >= 0"):
+            train_sae(torch.randn(64, 8), layer=layer, d_sae=16, steps=1, progress=False)
+        with pytest.raises(interp.InterpError, match=r"layer=.*whole number >= 0"):
+            train_sae(train_acts, layer=layer, d_sae=16, steps=1, progress=False)
 
 
 # ---- the real Gemma 3 270M ----------------------------------------------------------------------
