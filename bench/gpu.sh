@@ -2,6 +2,9 @@
 # Run GPU benchmarks on a lent machine with no network: install the carried wheels (.whl/), then run
 # each named benchmark, writing JSON and a log per benchmark into $OUT (or ./bench_results).
 #   bash bench/gpu.sh capture saes layers        # names of bench/*.py
+# Every benchmark checks its own values against its reference in the same run and ends with a line
+# "STATUS <name>: PASS|FAIL ..."; this script prints those lines and exits 1 if any benchmark FAILed,
+# crashed, timed out (BENCH_TIMEOUT seconds, default 560) or printed no status.
 set -uo pipefail
 out=${OUT:-bench_results}; mkdir -p "$out"
 if [ -d .whl ]; then
@@ -14,10 +17,20 @@ if [ -d .whl ]; then
 fi
 export INTERP_HOME=${INTERP_HOME:-/tmp/interp_home} PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+summary=() failed=()
 for name in "$@"; do
   echo "=== $name"
   start=$(date +%s)
-  timeout ${BENCH_TIMEOUT:-480} python3 "bench/$name.py" --out "$out/$name.json" ${BENCH_ARGS:-} 2>&1 \
-    | grep -v -i "warn" | tee "$out/$name.log" | tail -25
+  timeout "${BENCH_TIMEOUT:-560}" python3 "bench/$name.py" --out "$out/$name.json" ${BENCH_ARGS:-} > "$out/$name.log" 2>&1
+  rc=$?
+  grep -v -i "warn" "$out/$name.log" | tail -25
+  status=$(grep '^STATUS ' "$out/$name.log" | tail -1)
+  [ -n "$status" ] || status="STATUS $name: FAIL (no status line)"
+  [ "$rc" -eq 124 ] && status="$status [timed out after ${BENCH_TIMEOUT:-560} s]"
+  if [ "$rc" -ne 0 ] || [[ "$status" != *": PASS"* ]]; then failed+=("$name"); fi
+  summary+=("$status [exit $rc, $(( $(date +%s) - start )) s]")
   echo "--- $name took $(( $(date +%s) - start )) s"
 done
+echo "=== summary"
+printf '%s\n' "${summary[@]}"
+if [ "${#failed[@]}" -gt 0 ]; then echo "FAILED: ${failed[*]}"; exit 1; fi

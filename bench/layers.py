@@ -4,27 +4,32 @@ A Gemma3ForConditionalGeneration with MedGemma-4B's text configuration (random w
 built-in register pairs (text with the report as context). Three ways to get the same [pairs, layers] margins:
 the naive loop (one forward per patch), `layer_profile(strategy="full")` (many patches per batched forward)
 and `layer_profile(strategy="cache")` (b's prefix once into a KV cache, then only the patched token).
+Pairs of opposite polarity are left out of a patching profile, so patches count the same-polarity pairs only.
 
-    python bench/layers.py --out bench_layers.json           # on a GPU (H100: a few minutes, mostly the naive loop)
-    python bench/layers.py --naive-pairs 50 --out b.json     # time the naive loop on 50 pairs, scaled to 200
+    python bench/layers.py --out bench_layers.json           # on a GPU: naive loop on the first 50 pairs
+    python bench/layers.py --naive-pairs 0 --out b.json      # the naive loop on every pair (H100: ~5 min more)
     python bench/layers.py --smoke                           # tiny shapes on the CPU, to check it runs
+
+Values: on the pairs the naive loop ran, every run of each strategy is compared with it: the patched
+margins [pairs, layers], the clean margins of both phrasings, and the per-layer profile values (the
+least-squares slope, recomputed from each side's margins on those pairs). |diff| / rms(reference) must
+stay <= 0.2 in bf16 (1e-3 in float32); beyond that the run FAILs.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import interp
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Checks, device_name, finish, recorded_warnings, timed, tolerance  # noqa: E402
+
 from interp.data import builtin
 from interp.layers import layer_profile
 from interp.models import GEMMA_CHAT_TEMPLATE, Model, tiny_tokenizer
@@ -68,42 +73,46 @@ def _resid(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def naive(model: Model, pairs) -> np.ndarray:
-    """One forward per (pair, layer): b's prompt with a's last-token residual written at that layer."""
+def naive(model: Model, pairs) -> dict[str, np.ndarray]:
+    """One forward per (pair, layer): b's prompt with a's last-token residual written at that layer.
+    Returns the margins of a and of b (clean) ``[pairs]`` and the patched margins ``[pairs, layers]``."""
     yes, no = model.answer_ids
+    m_a, m_b = np.zeros(len(pairs)), np.zeros(len(pairs))
     out = np.zeros((len(pairs), model.n_layers))
+
+    def margin(inputs) -> float:
+        logits = model.hf(**inputs, logits_to_keep=1).logits[0, -1].float()
+        return float(logits[yes] - logits[no])
+
     with torch.inference_mode():
         for i, pair in enumerate(pairs):
             saved: dict[int, torch.Tensor] = {}
             hooks = [layer.register_forward_hook(
                 lambda _m, _i, o, j=j, saved=saved: saved.__setitem__(j, _resid(o)[0, -1].clone()))
                 for j, layer in enumerate(model.layers)]
-            model.hf(**model.inputs(pair.question_a, context=pair.context), logits_to_keep=1)
-            for h in hooks:
-                h.remove()
+            try:
+                m_a[i] = margin(model.inputs(pair.question_a, context=pair.context))
+            finally:
+                for h in hooks:
+                    h.remove()
             inputs = model.inputs(pair.question_b, context=pair.context)
+            m_b[i] = margin(inputs)
             for layer in range(model.n_layers):
                 def patch(_m, _i, o, src=saved[layer]):
                     _resid(o)[0, -1] = src
 
                 h = model.layers[layer].register_forward_hook(patch)
-                logits = model.hf(**inputs, logits_to_keep=1).logits[0, -1].float()
-                h.remove()
-                out[i, layer] = float(logits[yes] - logits[no])
-    return out
+                try:
+                    out[i, layer] = margin(inputs)
+                finally:
+                    h.remove()
+    return {"margin_a": m_a, "margin_b": m_b, "margin_patched": out}
 
 
-def timed(fn, device: torch.device, repeats: int) -> tuple[list[float], object]:
-    times, result = [], None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times, result
+def profile_values(m: dict[str, np.ndarray]) -> np.ndarray:
+    """`layer_profile`'s patching value per layer: the least-squares slope of (patched - b) on (a - b)."""
+    gap = m["margin_a"] - m["margin_b"]
+    return ((m["margin_patched"] - m["margin_b"][:, None]) * gap[:, None]).sum(0) / (gap ** 2).sum()
 
 
 def main() -> None:
@@ -112,70 +121,91 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="pairs per batch for layer_profile")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each batched method (median reported)")
     ap.add_argument("--naive-repeats", type=int, default=1, help="timed runs of the naive loop")
-    ap.add_argument("--naive-pairs", type=int, default=None, help="time the naive loop on the first N pairs only "
-                    "(its per-patch time is then scaled to all pairs)")
-    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--naive-pairs", type=int, default=50, help="run the naive loop on the first N profiled pairs "
+                    "(0: all); its per-patch time is scaled to all pairs, and values are checked on these")
+    ap.add_argument("--tol", type=float, default=None, help="|diff| / rms(reference) (default: by dtype)")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON record here")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script runs")
     args = ap.parse_args()
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if args.smoke:
-        args.pairs, args.repeats, args.batch_size = min(args.pairs, 8), 1, 4
+        args.pairs, args.repeats, args.batch_size, args.naive_pairs = min(args.pairs, 8), 1, 4, 0
     text = SMOKE_TEXT if args.smoke else MEDGEMMA_4B_TEXT
     model = build(text, device, dtype)
+    tol = args.tol if args.tol is not None else tolerance("margins", dtype)
     pairs = pairs_for(args.pairs)
-    naive_pairs = pairs[:args.naive_pairs] if args.naive_pairs else pairs
-    n_patches = len(pairs) * model.n_layers
+    profiled = [p for p in pairs if p.same_polarity]  # layer_profile leaves opposite-polarity pairs out
+    naive_pairs = profiled[:args.naive_pairs] if args.naive_pairs else profiled
+    n_patches = len(profiled) * model.n_layers
     tokens = [int(model.encode([p.prompt_b()]).lengths[0]) for p in pairs[:32]]
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{model!r}\n{len(pairs)} pairs x {model.n_layers} layers = {n_patches} patches; "
-          f"b prompts ~{np.mean(tokens):.0f} tokens; device {device_name}")
+    print(f"{model!r}\n{len(pairs)} pairs ({len(profiled)} of the same polarity) x {model.n_layers} layers = "
+          f"{n_patches} patches; b prompts ~{np.mean(tokens):.0f} tokens; device {device_name(device)}; "
+          f"values checked on {len(naive_pairs)} pairs, tolerance {tol:g}", flush=True)
 
-    # Warm-up: kernels, allocator, cuBLAS handles.
-    warm = pairs[:min(4, len(pairs))]
-    naive(model, warm[:1])
-    for strategy in ("full", "cache"):
-        layer_profile(model, warm, method="patching", strategy=strategy, batch_size=args.batch_size, progress=False)
-
+    checks, warned = Checks(), []
     rows = {}
-    t_naive, ref = timed(lambda: naive(model, naive_pairs), device, args.naive_repeats)
-    scale = len(pairs) / len(naive_pairs)
-    rows["naive: one patch per forward"] = {"times_s": [t * scale for t in t_naive], "max_abs_diff": 0.0,
-                                           "timed_pairs": len(naive_pairs)}
-    for strategy, label in (("full", "layer_profile strategy='full'"), ("cache", "layer_profile strategy='cache'")):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times, prof = timed(lambda s=strategy: layer_profile(model, pairs, method="patching", strategy=s,
-                                                             batch_size=args.batch_size, progress=False),
-                            device, args.repeats)
-        got = np.array(prof.meta["margin_patched"])[:len(naive_pairs)]
-        rows[label] = {"times_s": times, "max_abs_diff": float(np.abs(got - ref).max()), "timed_pairs": len(pairs),
-                       "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    with recorded_warnings(warned):
+        # Warm-up: kernels, allocator, cuBLAS handles.
+        warm = pairs[:min(4, len(pairs))]
+        naive(model, warm[:1])
+        for strategy in ("full", "cache"):
+            layer_profile(model, warm, method="patching", strategy=strategy, batch_size=args.batch_size,
+                          progress=False)
+        t = timed(lambda: naive(model, naive_pairs), args.naive_repeats, warmup=False)
+        ref = t.result
+        ref_values = profile_values(ref)
+        scale = len(profiled) / len(naive_pairs)
+        rows["naive: one patch per forward"] = {"times_s": [x * scale for x in t.times_s], "timed_pairs": len(naive_pairs)}
+        patch_labels = [f"{p.id}/layer {j}" for p in naive_pairs for j in range(model.n_layers)]
+        pair_labels = [p.id for p in naive_pairs]
+
+        for strategy, label in (("full", "layer_profile strategy='full'"), ("cache", "layer_profile strategy='cache'")):
+            def check(prof, label=label, strategy=strategy):
+                meta = prof.meta
+                checks.require(f"{label}: strategy ran", meta.get("strategy") == strategy,
+                               f"meta says strategy={meta.get('strategy')!r}")
+                where = {pid: k for k, pid in enumerate(meta["pair_ids"])}
+                missing = [p.id for p in naive_pairs if p.id not in where]
+                if missing:
+                    checks.fail(f"{label}: pairs", f"pairs {missing[:3]} missing from the profile")
+                    return
+                idx = [where[p.id] for p in naive_pairs]
+                got = {k: np.asarray(meta[k], dtype=np.float64)[idx] for k in ref}
+                checks.values(f"{label}: patched margins", got["margin_patched"], ref["margin_patched"], tol,
+                              labels=patch_labels)
+                for k in ("margin_a", "margin_b"):
+                    checks.values(f"{label}: clean {k}", got[k], ref[k], tol, labels=pair_labels)
+                checks.values(f"{label}: profile values", profile_values(got), ref_values, tol,
+                              labels=[f"layer {j}" for j in range(model.n_layers)])
+                if len(naive_pairs) == len(profiled):  # the report's own values, when every pair was checked
+                    checks.values(f"{label}: reported profile values", np.asarray(prof.values), ref_values, tol,
+                                  labels=[f"layer {j}" for j in range(model.n_layers)])
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = timed(lambda s=strategy: layer_profile(model, pairs, method="patching", strategy=s,
+                                                       batch_size=args.batch_size, progress=False),
+                      args.repeats, warmup=False, check=check)
+            rows[label] = {"times_s": t.times_s, "timed_pairs": len(pairs),
+                           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+                           else None}
 
     base = statistics.median(rows["naive: one patch per forward"]["times_s"])
-    margin_scale = float(np.abs(ref).mean())
-    print(f"\n{'method':34} {'median s':>10} {'patches/s':>11} {'speedup':>8} {'max |diff| vs naive':>20}")
+    margin_scale = float(np.abs(ref["margin_patched"]).mean())
+    print(f"\n{'method':34} {'median s':>10} {'patches/s':>11} {'speedup':>8}")
     for label, r in rows.items():
         med = statistics.median(r["times_s"])
         r.update(median_s=med, patches_per_s=n_patches / med, speedup=base / med)
-        print(f"{label:34} {med:10.2f} {n_patches / med:11.0f} {base / med:7.1f}x {r['max_abs_diff']:20.2e}")
-    print(f"(margins are ~{margin_scale:.3g} logits on average; bf16 differences between batchings are expected)")
-
-    if args.out is not None:
-        import transformers
-
-        result = {"benchmark": "layer_profile(method='patching')", "model": repr(model), "text_config": text,
-                  "dtype": str(dtype), "device": device_name,
-                  "pairs": len(pairs), "layers": model.n_layers, "patches": n_patches, "batch_size": args.batch_size,
-                  "mean_b_tokens": float(np.mean(tokens)), "mean_abs_margin": margin_scale, "methods": rows,
-                  "smoke": args.smoke,
-                  "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                               "interp": interp.__version__, "python": platform.python_version()}}
-        tmp = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, args.out)
-        print(f"wrote {args.out}")
+        print(f"{label:34} {med:10.2f} {n_patches / med:11.0f} {base / med:7.1f}x")
+    print(f"(patched margins are ~{margin_scale:.3g} logits on average; bf16 differences between batchings are "
+          "expected)")
+    finish("layers", args, {"model": repr(model), "text_config": text, "dtype": str(dtype),
+                            "pairs": len(pairs), "profiled_pairs": len(profiled), "checked_pairs": len(naive_pairs),
+                            "layers": model.n_layers, "patches": n_patches, "batch_size": args.batch_size,
+                            "mean_b_tokens": float(np.mean(tokens)), "mean_abs_patched_margin": margin_scale,
+                            "tolerance": tol, "methods": rows, "warnings": warned}, checks, args.out)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,19 @@ def build(*, smoke: bool = False, device: str | None = None, dtype: torch.dtype 
 
 def long_prompts(model: interp.Model, n: int, tokens: int, seed: int = 0) -> list[str]:
     """``n`` prompts of about ``tokens`` tokens each, stitched from the bundled corpora."""
+    return prompts_of_lengths(model, [tokens] * n, seed=seed)
+
+
+def ragged_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
+    """``n`` prompt lengths drawn uniformly from ``lo..hi`` tokens, in the order drawn (not sorted)."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(lo, hi + 1, n).tolist()
+
+
+def prompts_of_lengths(model: interp.Model, lengths: list[int], seed: int = 0) -> list[str]:
+    """One prompt per entry of ``lengths``, about that many tokens once chat-formatted, stitched from the
+    bundled medical and general corpora (text nobody tuned the fast paths for)."""
     import random
 
     from interp.models import RESOURCES
@@ -69,9 +82,10 @@ def long_prompts(model: interp.Model, n: int, tokens: int, seed: int = 0) -> lis
     lines += (RESOURCES / "prompts_general.txt").read_text().splitlines()
     rng = random.Random(seed)
     out = []
-    for _ in range(n):
+    for tokens in lengths:
+        body = max(1, tokens - 12)  # the chat template adds ~10 tokens
         ids: list[int] = []
-        while len(ids) < tokens - 12:  # the chat template adds ~10 tokens
+        while len(ids) < body:
             ids += model.tokenizer.encode(" " + rng.choice(lines), add_special_tokens=False)
-        out.append(model.tokenizer.decode(ids[: tokens - 12]).strip())
+        out.append(model.tokenizer.decode(ids[:body]).strip())
     return out
