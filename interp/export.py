@@ -1,13 +1,19 @@
 """Reproducible exports for a paper: figures (HTML, PNG, SVG), tables (CSV, LaTeX), metrics and a manifest.
 
 `Recorder` is what notebooks and `interp run` write through; `export()` executes the notebooks headless
-(papermill, fixed seeds and parameters) and renders each to HTML next to what they recorded.
+(papermill, fixed seeds and parameters) and renders each to HTML next to what they recorded. Parameters are
+checked first: names a notebook declares, literal values, a model that resolves; output folders are refused
+when they hold files the workbench did not write.
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
 import hashlib
 import json
+import keyword
+import math
 import os
 import platform
 import shutil
@@ -24,6 +30,62 @@ from interp._results import Result, jsonable
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOK_ORDER = ("01_capture", "02_sae_transfer", "03_register_features", "04_find_layers",
                   "05_targeted_lora", "06_layer_ablation")
+
+
+OUTPUT_MARKER = ".interp-output.json"  # written into every folder `export` and `run_loop` write to
+_SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
+
+
+def prepare_output(folder: str | os.PathLike, *, create: bool = True, what: str = "output folder") -> Path:
+    """Check that ``folder`` can take the workbench's output and (``create``) make it, marked as ours.
+
+    Refused, with the reason: a file, a path inside /proc, /sys or /dev, a place that cannot be written, and
+    a non-empty folder that the workbench did not write (no marker, no interp manifest): a user's files are
+    never overwritten. ``create=False`` only checks, writing nothing."""
+    path = usable_folder(folder, what=what)
+    if path.is_dir():
+        entries = sorted(p.name for p in path.iterdir())
+        if entries and not is_workbench_folder(path):
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise InterpError(f"{what} '{folder}' already holds files that interp did not write ({shown}); "
+                              "choose a new or empty folder so that nothing of yours is overwritten")
+    if not create:
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not (path / OUTPUT_MARKER).is_file():
+            atomic_write_text(path / OUTPUT_MARKER, json.dumps({"written_by": "interp", "created":
+                                                                time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    except OSError as e:
+        raise InterpError(f"{what} '{folder}' cannot be written ({e.strerror or e}); choose another folder") from None
+    return path
+
+
+def usable_folder(folder: str | os.PathLike, *, what: str = "output folder") -> Path:
+    """``folder`` as a Path if it is, or can be made, a writable folder (not a file, not in /proc, /sys or
+    /dev); an `InterpError` saying why not otherwise. Writes nothing."""
+    path = Path(folder).expanduser()
+    resolved = path.resolve()
+    if any(str(resolved) == r or str(resolved).startswith(r + "/") for r in _SYSTEM_ROOTS):
+        raise InterpError(f"{what} '{folder}' is inside a system folder ({resolved}); choose a folder of your own")
+    if path.exists() and not path.is_dir():
+        raise InterpError(f"{what} '{folder}' is a file, not a folder; choose a new or empty folder")
+    parent = next((a for a in (resolved, *resolved.parents) if a.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InterpError(f"{what} '{folder}' cannot be created or written: '{parent}' is not a writable folder")
+    return path
+
+
+def is_workbench_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` was written by the workbench (our marker, or the manifest of an earlier run)."""
+    folder = Path(folder)
+    if (folder / OUTPUT_MARKER).is_file():
+        return True
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "interp" in (manifest.get("versions") or {})
 
 
 def static_export_available() -> bool:
@@ -70,10 +132,21 @@ class Recorder:
         self.metrics[key] = jsonable(value)
         atomic_write_text(self.folder / "metrics.json", json.dumps(self.metrics, indent=1, sort_keys=True))
 
+    def pairs(self, prefix: str, pairs: Any) -> None:
+        """Record which pairs a step used: ``{prefix}.n`` and ``{prefix}.ids_sha256``."""
+        for k, v in pairs_digest(pairs).items():
+            self.metric(f"{prefix}.{k}", v)
+
     def metrics_from(self, prefix: str, values: dict[str, Any]) -> None:
         for k, v in values.items():
             if isinstance(v, (int, float, bool, str)) or v is None:
                 self.metric(f"{prefix}.{k}", v)
+
+
+def pairs_digest(pairs: Any) -> dict[str, Any]:
+    """Which pairs a step used: their number and the sha256 of their sorted ids (for reports and manifests)."""
+    ids = sorted(str(p.id) for p in pairs)
+    return {"n": len(ids), "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
 
 
 def notebook_setup(model_name: str, *, output_dir: str | os.PathLike, seed: int = 0, device: Any = None,
@@ -104,19 +177,24 @@ def run_manifest(*, model: Any = None, sae: Any = None, data: Any = None, seed: 
     import torch
 
     versions = {}
-    for pkg in ("interp", "torch", "transformers", "sae-lens", "transformer-lens", "peft", "plotly", "numpy",
-                "scipy", "statsmodels", "safetensors", "papermill"):
+    for pkg in MANIFEST_PACKAGES:
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
+    locked = locked_versions()
     out: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions,
                            "python": platform.python_version(), "platform": platform.platform(),
                            "device": (torch.cuda.get_device_name() if torch.cuda.is_available() else
-                                      f"cpu ({os.cpu_count()} cores)"), "seed": seed}
+                                      f"cpu ({os.cpu_count()} cores)"),
+                           "cuda": torch.version.cuda, "seed": seed,
+                           # packages whose installed version is not the one in requirements/lock.txt
+                           "differs_from_lock": ({k: {"installed": v, "locked": locked[k]} for k, v in versions.items()
+                                                  if k in locked and v is not None and
+                                                  v.split("+")[0] != locked[k].split("+")[0]} if locked else None)}
     if model is not None:
         out["model"] = {"name": model.name, "source": model.source, "weights": model.fingerprint,
-                        "dtype": str(model.dtype)}
+                        "dtype": str(model.dtype), "device": str(model.device)}
     if sae is not None:
         cfg = getattr(sae, "cfg", None)
         meta = getattr(cfg, "metadata", None)
@@ -129,6 +207,21 @@ def run_manifest(*, model: Any = None, sae: Any = None, data: Any = None, seed: 
     if extra:
         out.update(jsonable(extra))
     return out
+
+
+MANIFEST_PACKAGES = ("interp", "torch", "transformers", "peft", "sae-lens", "transformer-lens", "accelerate",
+                     "safetensors", "tokenizers", "numpy", "scipy", "statsmodels", "pandas", "plotly", "papermill")
+LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements" / "lock.txt"
+
+
+def locked_versions(path: str | os.PathLike = LOCK_FILE) -> dict[str, str]:
+    """``{package: version}`` pinned in the lock file (empty when it is not there, e.g. a wheel install)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return {}
+    pins = (ln.split("#")[0].split(";")[0].strip().partition("==") for ln in lines)
+    return {name.strip().lower().replace("_", "-"): version.strip() for name, sep, version in pins if sep}
 
 
 def _tensor_digest(module: Any) -> str:
@@ -154,11 +247,123 @@ class ExportResult(Result):
                 f"{self.seconds:.0f} s)")
 
 
+def notebook_parameters(name: str) -> dict[str, Any]:
+    """The parameters one notebook declares: ``{name: default}`` from its cell tagged ``parameters``
+    (defaults that are not literals read as None)."""
+    import nbformat
+
+    path = NOTEBOOKS / f"{name}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    cell = next((c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if cell is None:
+        return {}
+    declared: dict[str, Any] = {}
+    for node in ast.parse(cell.source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            if isinstance(target, ast.Name):
+                try:
+                    declared[target.id] = ast.literal_eval(node.value) if node.value is not None else None
+                except ValueError:
+                    declared[target.id] = None
+    return declared
+
+
+def parse_parameter(text: str) -> tuple[str, Any]:
+    """``name=value`` from the command line: a Python literal (``20``, ``[3, 9]``, ``'text'``, ``None``), JSON
+    (``true``), or a bare word such as a model name or path (``tiny-medgemma``, ``data/x.jsonl``) read as text.
+    Anything else is an `InterpError`: nothing typed here is ever run as code."""
+    import re
+
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep:
+        raise InterpError(f"--param {text!r}: write name=value, e.g. n_pairs=20")
+    _check_name(name)
+    raw = raw.strip()
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            if not re.fullmatch(r"[\w.\-/:@+~]*", raw):
+                raise InterpError(f"--param {name}={raw!r}: the value is not a Python literal; quote text "
+                                  f"({name}=\"'...'\"), or give a number, list, dict, True/False or None") from None
+            value = raw
+    return name, _check_literal(name, value)
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise InterpError(f"notebook parameter name {name!r} is not a Python identifier; parameters are the "
+                          "variables of a notebook's parameters cell, e.g. n_pairs or model_name")
+
+
+def _check_literal(name: str, value: Any) -> Any:
+    """``value`` as papermill can write it back as a literal: None, bool, int, finite float, str, lists and
+    dicts of those (tuples become lists)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InterpError(f"notebook parameter {name}={value!r}: give a finite number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_check_literal(name, v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, (str, int)) for k in value):
+        return {k: _check_literal(name, v) for k, v in value.items()}
+    raise InterpError(f"notebook parameter {name}={value!r} is a {type(value).__name__}; values must be literals "
+                      "(numbers, text, True/False/None, and lists or dicts of them)")
+
+
+def _notebook_params(names: list[str], parameters: dict[str, Any], out: Path, seed: int) -> dict[str, dict]:
+    """Per notebook, the parameters it declares (plus output_dir and seed); every name and value checked."""
+    declared = {n: notebook_parameters(n) for n in names}
+    known = sorted(set().union(*declared.values()) - {"output_dir", "seed"})
+    clean: dict[str, Any] = {}
+    for key, value in parameters.items():
+        _check_name(key)
+        if key in ("output_dir", "seed"):
+            raise InterpError(f"notebook parameter {key!r} is set by export itself: use "
+                              f"{'out= (interp export --out)' if key == 'output_dir' else 'seed= (--seed)'}")
+        if not any(key in d for d in declared.values()):
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise InterpError(f"no notebook among {', '.join(names)} declares a parameter {key!r}; {hint}"
+                              f"declared: {', '.join(known)}")
+        clean[key] = _check_literal(key, value)
+    return {n: {"output_dir": str(out), "seed": seed, **{k: v for k, v in clean.items() if k in d}}
+            for n, d in declared.items()}
+
+
+def _check_sources(per_notebook: dict[str, dict]) -> None:
+    """The model, device and SAE each notebook will open resolve, before any notebook runs."""
+    from interp.loop import check_device, check_model_source, check_sae_source
+
+    seen: set[tuple] = set()
+    for name, params in per_notebook.items():
+        values = {**notebook_parameters(name), **params}
+        for key, check in (("model_name", check_model_source), ("device", check_device)):
+            value = values.get(key)
+            if value is not None and (key, value) not in seen:
+                seen.add((key, value))
+                check(value, what=f"notebook parameter {key}={value!r}")
+        release, sae_id = values.get("sae_release"), values.get("sae_id")
+        if release is not None and ("sae", release, sae_id) not in seen:
+            seen.add(("sae", release, sae_id))
+            check_sae_source(release, sae_id, what=f"notebook parameter sae_release={release!r}")
+
+
 def export(out: str | os.PathLike = "exports/run", *, parameters: dict[str, Any] | None = None,
            notebooks: tuple[str, ...] | list[str] | None = None, seed: int = 0, kernel: str = "python3",
            progress: bool = True) -> ExportResult:
     """Execute the notebooks headless with fixed ``parameters`` and seed; write them, their HTML, and
-    every figure/table/metric they record into ``out``."""
+    every figure/table/metric they record into ``out``.
+
+    Each notebook gets the ``parameters`` its parameters cell declares; a name that no chosen notebook
+    declares, or a value that is not a literal, is an `InterpError` before anything runs, as is a model
+    that does not resolve or an ``out`` that holds files the workbench did not write."""
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
@@ -168,9 +373,12 @@ def export(out: str | os.PathLike = "exports/run", *, parameters: dict[str, Any]
     if unknown:
         raise InterpError(f"notebook {unknown[0]!r} not found in {NOTEBOOKS}; available: "
                           f"{', '.join(sorted(p.stem for p in NOTEBOOKS.glob('*.ipynb')))}")
-    folder = Path(out).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    params = {"output_dir": str(folder), "seed": seed, **(parameters or {})}
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise InterpError(f"seed={seed!r}: give an integer >= 0")
+    folder = Path(out).expanduser().resolve()
+    per_notebook = _notebook_params(names, dict(parameters or {}), folder, seed)
+    _check_sources(per_notebook)
+    prepare_output(folder, what="export folder")
     t0 = time.perf_counter()
     executed, pages = [], []
     env_before = os.environ.get("PYTHONHASHSEED")
@@ -180,8 +388,14 @@ def export(out: str | os.PathLike = "exports/run", *, parameters: dict[str, Any]
             target = folder / f"{name}.ipynb"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(target), parameters=params,
-                                           kernel_name=kernel, cwd=str(NOTEBOOKS.parent), progress_bar=progress)
+                try:
+                    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(target),
+                                               parameters=per_notebook[name], kernel_name=kernel,
+                                               cwd=str(NOTEBOOKS.parent), progress_bar=progress)
+                except papermill.PapermillExecutionError as e:
+                    first = (str(e.evalue).strip().splitlines() or [""])[0]
+                    raise InterpError(f"notebook {name} failed in cell [{e.exec_count}]: {e.ename}: {first} "
+                                      f"(the executed notebook, with the traceback, is {target})") from None
             executed.append(target)
             body, _ = HTMLExporter().from_notebook_node(nbformat.read(target, as_version=4))
             page = folder / f"{name}.html"
@@ -194,6 +408,6 @@ def export(out: str | os.PathLike = "exports/run", *, parameters: dict[str, Any]
             os.environ["PYTHONHASHSEED"] = env_before
     metrics_path = folder / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    manifest = run_manifest(seed=seed, extra={"parameters": params, "notebooks": names})
+    manifest = run_manifest(seed=seed, extra={"parameters": per_notebook, "notebooks": names})
     atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
     return ExportResult(folder, tuple(executed), tuple(pages), metrics, time.perf_counter() - t0)

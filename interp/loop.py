@@ -1,7 +1,10 @@
 """The whole loop from one config: capture, SAE, transfer, register features, layer choice, targeted LoRA,
 before/after consistency and (optionally) a layer-range ablation. ``interp demo`` and ``interp run`` use it.
 
-A `LoopConfig` is a tree of small dataclasses, one per stage, read from YAML with every key checked.
+A `LoopConfig` is a tree of small dataclasses, one per stage, read from YAML with every key, type and range
+checked; `LoopConfig.check()` also resolves the model, SAE, data and output paths, so a bad setting fails in
+seconds, before any model is loaded. Layers and features are chosen on the training pairs only; the held-out
+pairs are used for nothing but the before/after evaluation.
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import random
 import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +25,7 @@ from rich.console import Console
 
 from interp._errors import InterpError
 from interp._results import Result, jsonable
+from interp.export import pairs_digest
 
 console = Console()
 
@@ -36,8 +42,8 @@ class DataSection:
     pairs: str = "register"  # built-in set name, or a JSONL/CSV file of paraphrase pairs
     mapping: dict[str, str] | None = None  # column renames for load_pairs, {our_field: their_column}
     image_root: str | None = None  # folder that relative image paths are resolved against
-    limit: int | None = None  # use only the first N pairs (after shuffling with the seed)
-    eval_fraction: float = 0.3  # held out for before/after evaluation, never trained on
+    limit: int | None = None  # use only the first N pairs (after shuffling with the seed); >= 1
+    eval_fraction: float = 0.3  # held out for before/after evaluation, never used for selection or training
 
 
 @dataclass
@@ -55,14 +61,14 @@ class SAESection:
 class TransferSection:
     threshold: float = 0.95  # R^2 the SAE must exceed on every corpus
     n_prompts: int = 100  # prompts per corpus
-    n_boot: int = 1000
+    n_boot: int = 1000  # bootstrap resamples for the R^2 interval
     ce: bool = True  # splice the SAE into the forward pass for CE-loss score and KL
 
 
 @dataclass
 class FeaturesSection:
     top: int = 15  # rows of the register-feature table shown and exported
-    test: Literal["wilcoxon", "ttest"] = "wilcoxon"
+    test: Literal["wilcoxon", "ttest"] = "wilcoxon"  # paired test per feature (then Benjamini-Hochberg)
 
 
 @dataclass
@@ -74,13 +80,13 @@ class LayersSection:
 
 @dataclass
 class LoraSection:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    lr: float = 2e-4
+    r: int = 16  # adapter rank, >= 1
+    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.05  # LoRA dropout, in [0, 1)
+    lr: float = 2e-4  # learning rate, > 0
     epochs: int = 3
-    batch_size: int = 1
-    grad_accum: int = 8
+    batch_size: int = 1  # pairs per micro-batch
+    grad_accum: int = 8  # micro-batches per optimiser step
     ce_weight: float = 1.0  # cross-entropy on the first answer token
     kl_weight: float = 1.0  # symmetric KL between the two phrasings' answer distributions
     max_steps: int | None = None  # stop after this many optimiser steps (a short demo run)
@@ -90,7 +96,8 @@ class LoraSection:
 @dataclass
 class AblationSection:
     enabled: bool = False
-    ranges: dict[str, str] = field(default_factory=lambda: {"early": "0-4", "selected": "auto", "all": "all"})
+    # arm name -> "0-4", "3,5,9", "all", "auto" (the selected window) or a list of layers
+    ranges: dict[str, str | list[int]] = field(default_factory=lambda: {"early": "0-4", "selected": "auto", "all": "all"})
 
 
 @dataclass
@@ -110,7 +117,10 @@ class LoopConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = "config") -> LoopConfig:
-        return _build(cls, data or {}, where, "")
+        """Build a config from nested dicts; every key, type and range is checked (nothing is loaded)."""
+        config = _build(cls, data or {}, where, "")
+        config.check(resources=False, where=where)
+        return config
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> LoopConfig:
@@ -130,6 +140,78 @@ class LoopConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check(self, *, resources: bool = True, where: str = "config") -> None:
+        """Raise `InterpError` naming the first bad setting. Values and ranges always; with ``resources``
+        also what the run will open or write: the model source (resolved, not loaded), device and dtype,
+        the SAE release, the pairs file and image folder, the layers against the model's depth, and the
+        output folder (usable, and not a folder of someone else's files). Takes seconds, loads no weights."""
+        for dotted, (ok, want) in _RULES.items():
+            value = self
+            for part in dotted.split("."):
+                value = getattr(value, part)
+            try:
+                good = bool(ok(value))
+            except TypeError:  # a wrong type set in Python rather than read from YAML
+                good = False
+            if not good:
+                raise InterpError(f"'{dotted}' in {where} is {value!r}; it must be {want}")
+        if self.sae.k > self.sae.d_sae:
+            raise InterpError(f"'sae.k' in {where} is {self.sae.k}, more than sae.d_sae={self.sae.d_sae}")
+        if self.lora.ce_weight + self.lora.kl_weight == 0:
+            raise InterpError(f"'lora.ce_weight' and 'lora.kl_weight' in {where} are both 0: nothing to train on")
+        for name, spec in self.ablation.ranges.items():
+            if spec != "auto":
+                parse_layers(spec, what=f"'ablation.ranges.{name}' in {where}")
+        if self.sae.release is None:
+            from interp import prompts
+
+            if self.sae.train_prompts >= len(prompts.general()):
+                raise InterpError(f"'sae.train_prompts' in {where} is {self.sae.train_prompts}, which uses all "
+                                  f"{len(prompts.general())} general prompts; lower it so that some general text "
+                                  "is held out for the transfer test")
+        if not resources:
+            return
+        n_layers = check_model_source(self.model.source, what=f"'model.source' in {where}")
+        check_device(self.model.device, what=f"'model.device' in {where}")
+        if self.model.dtype is not None:
+            from interp.models import as_dtype
+
+            try:
+                floating = as_dtype(self.model.dtype).is_floating_point
+            except InterpError as e:
+                raise InterpError(f"'model.dtype' in {where}: {e}") from None
+            if not floating:
+                raise InterpError(f"'model.dtype' in {where} is {self.model.dtype!r}; models run in a floating-point "
+                                  "dtype ('float32', 'bfloat16', 'float16')")
+        if self.data.pairs != "register" and not Path(self.data.pairs).expanduser().is_file():
+            raise InterpError(f"'data.pairs' in {where} is '{self.data.pairs}': no such file; give a JSONL/CSV file "
+                              "of paraphrase pairs or 'register' for the built-in set")
+        if self.data.image_root is not None and not Path(self.data.image_root).expanduser().is_dir():
+            raise InterpError(f"'data.image_root' in {where} is '{self.data.image_root}': no such folder")
+        if self.sae.release is not None:
+            check_sae_source(self.sae.release, self.sae.sae_id, what=f"'sae.release' in {where}")
+        if n_layers is not None:
+            self.check_layers(n_layers, where=where)
+        from interp.export import prepare_output
+
+        prepare_output(self.output, create=False, what=f"'output' in {where}")
+
+    def check_layers(self, n_layers: int, *, where: str = "config") -> None:
+        """Every layer setting against a model of ``n_layers`` decoder layers."""
+        top = n_layers - 1
+        if self.sae.layer is not None and self.sae.layer > top:
+            raise InterpError(f"'sae.layer' in {where} is {self.sae.layer}, but the model has layers 0-{top}")
+        if self.layers.layers and max(self.layers.layers) > top:
+            raise InterpError(f"'layers.layers' in {where} reaches layer {max(self.layers.layers)}, but the model "
+                              f"has layers 0-{top}")
+        if not self.layers.layers and self.layers.width > n_layers:
+            raise InterpError(f"'layers.width' in {where} is {self.layers.width}, wider than the model's "
+                              f"{n_layers} layers")
+        if self.ablation.enabled:
+            for name, spec in self.ablation.ranges.items():
+                if spec != "auto":
+                    parse_range(spec, n_layers, what=f"'ablation.ranges.{name}' in {where}")
+
     @classmethod
     def demo(cls, quick: bool = False) -> LoopConfig:
         """The embedded-default run: the 270M, a small SAE, a short targeted LoRA."""
@@ -147,6 +229,139 @@ class LoopConfig:
         return cfg
 
 
+def _finite(lo: float, *, strict: bool) -> tuple[Callable[[Any], bool], str]:
+    return ((lambda v: math.isfinite(v) and (v > lo if strict else v >= lo)),
+            f"a finite number {'>' if strict else '>='} {lo:g}")
+
+
+_AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+_UNSET_OR_AT_LEAST_1 = (lambda v: v is None or v >= 1, "unset (null) or an integer >= 1")
+# dotted key -> (test, what a good value is); types are checked before, when the YAML is read
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.source": (lambda v: bool(str(v).strip()), "a model name, hub id, folder or .gguf file"),
+    "data.limit": _UNSET_OR_AT_LEAST_1,
+    "data.eval_fraction": (lambda v: 0 < v < 1, "strictly between 0 and 1"),
+    "sae.layer": (lambda v: v is None or v >= 0, "unset (null: the middle layer) or a layer number >= 0"),
+    "sae.d_sae": _AT_LEAST_1,
+    "sae.k": _AT_LEAST_1,
+    "sae.steps": _AT_LEAST_1,
+    "sae.train_prompts": _AT_LEAST_1,
+    "transfer.threshold": (lambda v: 0 < v < 1, "strictly between 0 and 1"),
+    "transfer.n_prompts": _AT_LEAST_1,
+    "transfer.n_boot": _AT_LEAST_1,
+    "features.top": _AT_LEAST_1,
+    "layers.width": _AT_LEAST_1,
+    "layers.layers": (lambda v: v is None or (len(v) > 0 and min(v) >= 0 and len(set(v)) == len(v)),
+                      "unset (null: chosen from evidence) or a non-empty list of distinct layer numbers >= 0"),
+    "lora.r": _AT_LEAST_1,
+    "lora.alpha": _finite(0, strict=True),
+    "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lora.lr": _finite(0, strict=True),
+    "lora.epochs": _AT_LEAST_1,
+    "lora.batch_size": _AT_LEAST_1,
+    "lora.grad_accum": _AT_LEAST_1,
+    "lora.ce_weight": _finite(0, strict=False),
+    "lora.kl_weight": _finite(0, strict=False),
+    "lora.max_steps": _UNSET_OR_AT_LEAST_1,
+    "lora.train_pairs": _UNSET_OR_AT_LEAST_1,
+    "output": (lambda v: bool(str(v).strip()), "a folder path"),
+    "seed": (lambda v: v >= 0, "an integer >= 0"),
+}
+
+# decoder depth of the built-in models, so that layer settings are checked before anything is loaded
+# (tests/test_loop.py checks these against the loaded models)
+BUILTIN_DEPTH = {"gemma3-270m": 18, "tiny-medgemma": 6, "tiny-llava": 4}
+
+
+def check_model_source(source: Any, *, what: str = "model") -> int | None:
+    """Raise `InterpError` unless ``source`` names a model `interp.load` can open (a built-in name, a ``.gguf``
+    file, a folder with ``config.json``, or a hub id whose config resolves); reads no weights. Returns the
+    decoder depth where the config tells it, else None."""
+    from interp.models import BUILTINS
+
+    src = str(source)
+    if src in BUILTINS:
+        return BUILTIN_DEPTH.get(src)
+    path = Path(src).expanduser()
+    if src.endswith(".gguf"):
+        if not path.is_file():
+            raise InterpError(f"{what}: GGUF file not found: '{src}'")
+        return None
+    looks_local = path.exists() or src.startswith((".", "/", "~")) or src.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise InterpError(f"{what}: model folder not found: '{src}'. Built-in names are {', '.join(BUILTINS)}.")
+        if not (path / "config.json").is_file():
+            raise InterpError(f"{what}: model folder '{src}' has no config.json; point it at a folder saved by "
+                              "transformers (save_pretrained) or downloaded from the hub")
+        return _depth(json.loads((path / "config.json").read_text()))
+    if "/" not in src:
+        close = difflib.get_close_matches(src, BUILTINS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise InterpError(f"{what}: unknown model {src!r}{hint}. Use a built-in name ({', '.join(BUILTINS)}), a hub "
+                          "id such as 'google/medgemma-4b-it', a local folder or a .gguf file")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InterpError(f"{what}: could not resolve '{src}' ({first}). If it is a hub id, this machine may have "
+                          "no hub access or the model is gated: download it elsewhere and pass its local folder.") from None
+    return _depth(config.to_dict())
+
+
+def _depth(config: dict[str, Any]) -> int | None:
+    text = config.get("text_config") or {}
+    n = text.get("num_hidden_layers") if isinstance(text, dict) else None
+    n = n or config.get("num_hidden_layers")
+    return int(n) if isinstance(n, int) else None
+
+
+def check_device(device: Any, *, what: str = "device") -> None:
+    """Raise `InterpError` if ``device`` is not a torch device this machine has (None: the default)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InterpError(f"{what}: {device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InterpError(f"{what}: {device!r}, but this machine has no CUDA GPU visible to torch "
+                              f"(torch {torch.__version__}); use 'cpu' or leave it unset")
+        if dev.index is not None and dev.index >= count:
+            raise InterpError(f"{what}: {device!r}, but this machine has {count} CUDA GPU(s): cuda:0-cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InterpError(f"{what}: 'mps' is not available on this machine; use 'cpu'")
+
+
+def check_sae_source(release: Any, sae_id: str | None, *, what: str = "sae") -> None:
+    """Raise `InterpError` unless ``release`` is a local SAE folder or a sae-lens registry release with
+    ``sae_id`` in it (reads the registry, no weights)."""
+    src = str(release)
+    path = Path(src).expanduser()
+    if path.exists() or src.startswith((".", "/", "~")) or ("/" in src and sae_id is None):
+        if not path.exists():
+            raise InterpError(f"{what}: SAE folder not found: '{src}'")
+        return
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    registry = get_pretrained_saes_directory()
+    if src not in registry:
+        close = difflib.get_close_matches(src, list(registry), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "; give a local SAE folder or a sae-lens release name"
+        raise InterpError(f"{what}: {src!r} is neither a folder nor a sae-lens release{hint}")
+    ids = list(registry[src].saes_map)
+    if sae_id not in ids:
+        close = difflib.get_close_matches(str(sae_id), ids, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"e.g. {', '.join(ids[:3])}"
+        raise InterpError(f"{what}: release {src!r} has no sae_id {sae_id!r}; {hint}")
+
+
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -158,9 +373,11 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if origin is Literal:
         return value in typing.get_args(tp)
     if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
     if origin is dict:
-        return isinstance(value, dict)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return isinstance(value, dict) and all(_type_ok(k, key_tp) and _type_ok(v, value_tp) for k, v in value.items())
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -191,20 +408,30 @@ def _build(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def parse_range(text: Any, n_layers: int) -> list[int] | str:
-    """'3-7', '3,5,9', 'all' or a list -> layer list (or 'all')."""
+def parse_layers(text: Any, *, what: str = "layers") -> list[int] | str:
+    """'17', '3-7', '3,5,9', 'all' or a list of ints -> a sorted layer list (or 'all'); a clear error otherwise."""
     if isinstance(text, (list, tuple)):
-        return [int(i) for i in text]
-    text = str(text)
+        if not text or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in text):
+            raise InterpError(f"{what} is {list(text)!r}; give a non-empty list of layer numbers >= 0")
+        return sorted(set(text))
+    text = str(text).strip()
     if text == "all":
         return "all"
     out: list[int] = []
     for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-    bad = [i for i in out if not 0 <= i < n_layers]
-    if bad:
-        raise InterpError(f"layer range {text!r} reaches layer {bad[0]}, outside 0-{n_layers - 1}")
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()) or (dash and int(hi) < int(lo)):
+            raise InterpError(f"{what} is {text!r}; use a layer number ('17'), a range ('15-19'), a list ('3,5,9') "
+                              "or 'all', with layers numbered from 0")
+        out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    return sorted(set(out))
+
+
+def parse_range(text: Any, n_layers: int, *, what: str = "layer range") -> list[int] | str:
+    """'3-7', '3,5,9', 'all' or a list -> layer list (or 'all'), each layer checked against ``n_layers``."""
+    out = parse_layers(text, what=what)
+    if out != "all" and max(out) >= n_layers:
+        raise InterpError(f"{what} is {text!r}, which reaches layer {max(out)}, outside 0-{n_layers - 1}")
     return out
 
 
@@ -229,31 +456,29 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     import torch
 
     import interp
-    from interp.export import Recorder, run_manifest
+    from interp.export import Recorder, prepare_output, run_manifest
 
     t0 = time.perf_counter()
-    out = Path(config.output)
+    config.check()  # every setting and path, before anything is loaded
+    pairs, train_pairs, eval_pairs = loop_pairs(config)
+    out = prepare_output(config.output, what="'output'")
     rec = Recorder(out)
     torch.manual_seed(config.seed)
     summary: dict[str, Any] = {"config": config.to_dict()}
+    # selection (features, layers) and training see only train_pairs; eval_pairs are for evaluation alone
+    summary["data"] = {"n_pairs": len(pairs), "n_train": len(train_pairs), "n_eval": len(eval_pairs),
+                       "selection": {"pairs": "train", **pairs_digest(train_pairs)},
+                       "evaluation": {"pairs": "held-out", **pairs_digest(eval_pairs)}}
 
     def step(title: str) -> None:
         console.rule(f"[bold]{title}[/bold]  [dim]{time.perf_counter() - t0:.0f} s[/dim]")
 
     step("1 · model")
     model = interp.load(config.model.source, device=config.model.device, dtype=config.model.dtype)
+    config.check_layers(model.n_layers)
     console.print(model)
-
-    if config.data.pairs == "register":
-        pairs = interp.data.builtin("register")
-    else:
-        pairs = interp.data.load_pairs(config.data.pairs, mapping=config.data.mapping,
-                                       image_root=config.data.image_root)
-    order = list(range(len(pairs)))
-    random.Random(config.seed).shuffle(order)
-    pairs = [pairs[i] for i in order[: config.data.limit or len(pairs)]]
-    train_pairs, eval_pairs = interp.data.split(pairs, config.data.eval_fraction, seed=config.seed)
-    summary["data"] = {"n_pairs": len(pairs), "n_train": len(train_pairs), "n_eval": len(eval_pairs)}
+    console.print(f"{len(pairs)} pairs: {len(train_pairs)} choose features and layers and train the adapter, "
+                  f"{len(eval_pairs)} are held out for evaluation only")
 
     layer = config.sae.layer if config.sae.layer is not None else model.n_layers // 2
     step(f"2 · capture and SAE at layer {layer}")
@@ -263,9 +488,6 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     # text and on medical text
     train_text = general[: config.sae.train_prompts]
     held_general = general[config.sae.train_prompts:][:n] if not config.sae.release else general[:n]
-    if not held_general:
-        raise InterpError(f"sae.train_prompts={config.sae.train_prompts} uses all {len(general)} general prompts; "
-                          "lower it so that some general text is held out for the transfer test")
     sae = interp.sae_for(model, config.sae.release, config.sae.sae_id, layer=layer, train_prompts=train_text,
                          d_sae=config.sae.d_sae, k=config.sae.k, steps=config.sae.steps, seed=config.seed,
                          progress=progress)
@@ -284,8 +506,8 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     summary["transfer"] = {"passed": transfer.passed, "r2": {c.name: c.r2 for c in transfer.corpora},
                            "formula": transfer.r2_formula}
 
-    step("4 · register-sensitive features (formal vs lay phrasing)")
-    features = interp.register_features(model, sae, pairs, layer=layer, test=config.features.test,
+    step("4 · register-sensitive features (formal vs lay phrasing, training pairs)")
+    features = interp.register_features(model, sae, train_pairs, layer=layer, test=config.features.test,
                                         progress=progress)
     console.print(features)
     rec.figure("register_features", features.figure())
@@ -295,16 +517,15 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
                            else int(len(features.significant)),
                            "top": jsonable(top.head(5))}
 
-    step(f"5 · find_layers (method={config.layers.method})")
+    step(f"5 · find_layers (method={config.layers.method}, training pairs)")
     if config.layers.layers:
         selection = interp.LayerSelection(tuple(sorted(config.layers.layers)), model.n_layers, method="manual",
                                           layers_pattern=interp.layers.layers_pattern_of(model.layers_path))
         profile = None
     else:
         kw = {"saes": {layer: sae}} if config.layers.method == "sae" else {}
-        profile = interp.layer_profile(model, pairs, method=config.layers.method, progress=progress, **kw)
-        selection = profile.select(config.layers.width) if hasattr(profile, "select") else \
-            interp.find_layers(model, pairs, width=config.layers.width, method=config.layers.method, **kw)
+        profile = interp.layer_profile(model, train_pairs, method=config.layers.method, progress=progress, **kw)
+        selection = profile.select(config.layers.width)
         rec.figure("layer_profile", profile.figure())
     console.print(selection)
     summary["selected_layers"] = list(selection.layers)
@@ -368,7 +589,8 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     summary["compare"] = {"p_z": comparison.p_z, "p_mcnemar": comparison.p_mcnemar,
                           "p_wilcoxon": comparison.p_wilcoxon, "margin_diff_relative": comparison.margin_diff_relative}
     manifest = run_manifest(model=model, sae=sae, data=[p.to_dict() for p in pairs], seed=config.seed,
-                            extra={"config": config.to_dict()})
+                            extra={"config": config.to_dict(), "selection": summary["data"]["selection"],
+                                   "evaluation": summary["data"]["evaluation"]})
     (out / "manifest.json").write_text(json.dumps(jsonable(manifest), indent=1))
     (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1))
     report = _report_markdown(model.name, layer, summary, sorted(p.name for p in (out / "figures").glob("*.html")))
@@ -378,6 +600,22 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     console.print(_summary_table(summary, layer))
     console.rule(f"[bold green]done in {seconds:.0f} s[/bold green]: report in {out / 'report.md'}")
     return LoopReport(out, summary, seconds)
+
+
+def loop_pairs(config: LoopConfig) -> tuple[list[Any], list[Any], list[Any]]:
+    """The run's pairs (shuffled with the seed, then limited) and their (train, held-out) split."""
+    import interp
+
+    if config.data.pairs == "register":
+        pairs = interp.data.builtin("register")
+    else:
+        pairs = interp.data.load_pairs(config.data.pairs, mapping=config.data.mapping,
+                                       image_root=config.data.image_root)
+    order = list(range(len(pairs)))
+    random.Random(config.seed).shuffle(order)
+    pairs = [pairs[i] for i in order[: config.data.limit or len(pairs)]]
+    train_pairs, eval_pairs = interp.data.split(pairs, config.data.eval_fraction, seed=config.seed)
+    return pairs, train_pairs, eval_pairs
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -393,6 +631,10 @@ def _summary_rows(summary: dict[str, Any], layer: int) -> list[tuple[str, str]]:
     rows += [
         ("register-sensitive features (q < 0.05)", str(summary["features"]["n_significant"])),
         ("selected layers", f"{summary['selected_layers'][0]}-{summary['selected_layers'][-1]}"),
+        ("pairs that chose features and layers", f"{summary['data']['selection']['n']} training pairs "
+                                                 f"(ids sha256 {summary['data']['selection']['ids_sha256'][:12]})"),
+        ("pairs evaluated (held out)", f"{summary['data']['evaluation']['n']} "
+                                       f"(ids sha256 {summary['data']['evaluation']['ids_sha256'][:12]})"),
         ("flip rate, before -> after", f"{_fmt(b['flip_rate'], True)} -> {_fmt(a['flip_rate'], True)} "
                                        f"(z-test p={_fmt(c['p_z'])}, McNemar p={_fmt(c['p_mcnemar'])})"),
         ("mean |margin diff|, before -> after", f"{_fmt(b['mean_margin_diff'])} -> {_fmt(a['mean_margin_diff'])} "
@@ -415,9 +657,14 @@ def _summary_table(summary: dict[str, Any], layer: int):
 
 def _report_markdown(model_name: str, layer: int, summary: dict[str, Any], figures: list[str]) -> str:
     n = summary["data"]
+    sel, ev = n["selection"], n["evaluation"]
     lines = [f"# interp report: {model_name}", "",
              f"{n['n_pairs']} paraphrase pairs ({n['n_train']} for training, {n['n_eval']} held out for "
-             f"evaluation); {summary['seconds']:.0f} s.", "", "| result | value |", "| --- | --- |"]
+             f"evaluation); {summary['seconds']:.0f} s.", "",
+             f"Register features and the layer window were chosen on the {sel['n']} training pairs (ids sha256 "
+             f"`{sel['ids_sha256'][:16]}`), which also trained the adapter; consistency before and after is "
+             f"measured on the {ev['n']} held-out pairs (ids sha256 `{ev['ids_sha256'][:16]}`), which no "
+             "selection or training step saw.", "", "| result | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |".replace("|margin", "\\|margin").replace("diff|", "diff\\|")
               for k, v in _summary_rows(summary, layer)]
     lines += ["", f"R² formula: {summary['transfer']['formula']}.", "", "## Figures", ""]

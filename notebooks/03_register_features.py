@@ -15,8 +15,10 @@
 # We encode both phrasings with the SAE at layer `layer`, pool feature activations over the question tokens
 # (and at the last token), and test every feature for a paired difference (Wilcoxon signed-rank), with
 # Benjamini-Hochberg control of the false discovery rate. The study's "feature 3818" at layer 17 of
-# MedGemma is such a feature. We then open a card for the strongest one and check it causally: zeroing it
-# inside the forward pass, how much do the yes/no margins and the flip rate move?
+# MedGemma is such a feature. Features are chosen on the training side of a seeded split by question group
+# (`interp.data.split`); we then open a card for the strongest one and check it causally on the held-out
+# pairs, which took no part in choosing it: zeroing it inside the forward pass, how much do the yes/no
+# margins and the flip rate move?
 
 # %% tags=["parameters"]
 model_name = "gemma3-270m"
@@ -24,6 +26,7 @@ sae_release = None  # None: train a small SAE here (as in notebook 02)
 sae_id = None
 layer = 9
 n_pairs = 80
+eval_fraction = 0.3  # held out: never used to choose features
 d_sae = 2048
 sae_steps = 400
 output_dir = "exports/notebooks"
@@ -35,10 +38,12 @@ import interp
 
 model, rec = interp.notebook_setup(model_name, output_dir=output_dir, seed=seed, device=device)
 pairs = interp.data.builtin("register")[:n_pairs]
+train_pairs, eval_pairs = interp.data.split(pairs, eval_fraction, seed=seed)
+rec.pairs("features.selection", train_pairs)
 sae = interp.sae_for(model, sae_release, sae_id, layer=layer, d_sae=d_sae, steps=sae_steps, seed=seed)
 
 # %%
-features = interp.register_features(model, sae, pairs, layer=layer)
+features = interp.register_features(model, sae, train_pairs, layer=layer)
 features
 
 # %%
@@ -51,12 +56,13 @@ fig
 
 # %%
 best = int(top.iloc[0]["feature"])
-card = interp.feature_card(model, sae, best, pairs, layer=layer)
+card = interp.feature_card(model, sae, best, train_pairs, layer=layer)
 rec.figure("feature_card", card.figure())
 card
 
 # %%
-ablation = interp.ablate_feature(model, sae, pairs, feature=best, layer=layer, mode="zero")
+ablation = interp.ablate_feature(model, sae, eval_pairs, feature=best, layer=layer, mode="zero")
+rec.pairs("feature_ablation.evaluation", eval_pairs)
 rec.metrics_from("feature_ablation", {"feature": best})
 rec.figure("feature_ablation", ablation.figure())
 ablation

@@ -17,11 +17,14 @@
 # to the distance between different questions; needs no SAE) and, where SAEs exist, *sae*
 # (register-sensitive feature mass). `find_layers` takes the contiguous window with the highest score.
 # The study picked 15-19 of MedGemma's 34 layers; `to_depth` maps a window by relative depth (14-18 of
-# LLaVA-Rad's 32).
+# LLaVA-Rad's 32). The evidence comes from the training side of a seeded split by question group
+# (`interp.data.split`, the same split notebook 05 trains and evaluates on), so the held-out pairs never
+# choose the layers they are later evaluated on.
 
 # %% tags=["parameters"]
 model_name = "gemma3-270m"
 n_pairs = 40
+eval_fraction = 0.3  # held out: never used to choose layers
 width = 5
 methods = ["residual", "patching"]
 output_dir = "exports/notebooks"
@@ -35,9 +38,11 @@ import interp
 
 model, rec = interp.notebook_setup(model_name, output_dir=output_dir, seed=seed, device=device)
 pairs = interp.data.builtin("register")[:n_pairs]
+train_pairs, eval_pairs = interp.data.split(pairs, eval_fraction, seed=seed)
+rec.pairs("layers.selection", train_pairs)
 
 # %%
-profiles = {m: interp.layer_profile(model, pairs, method=m) for m in methods}
+profiles = {m: interp.layer_profile(model, train_pairs, method=m) for m in methods}
 selections = {m: p.select(width) for m, p in profiles.items()}
 for m, p in profiles.items():
     rec.figure(f"layer_profile_{m}", p.figure())

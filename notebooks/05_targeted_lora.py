@@ -16,7 +16,9 @@
 # answer token; accuracy against gold answers), train rank-`r` LoRA adapters on the chosen layers only with
 # cross-entropy on the first answer token plus the symmetric KL between the two phrasings' answer
 # distributions, and measure again. Before/after differences are tested with the study's two-proportion
-# z-test and with paired tests (McNemar on flips, Wilcoxon on margin differences).
+# z-test and with paired tests (McNemar on flips, Wilcoxon on margin differences). The layers are chosen,
+# and the adapter trained, on the training side of a seeded split by question group; the held-out side is
+# used only for the measurements.
 
 # %% tags=["parameters"]
 model_name = "gemma3-270m"
@@ -38,7 +40,9 @@ import interp
 model, rec = interp.notebook_setup(model_name, output_dir=output_dir, seed=seed, device=device)
 pairs = interp.data.builtin("register")[:n_pairs]
 train_pairs, eval_pairs = interp.data.split(pairs, eval_fraction, seed=seed)
-selection = interp.find_layers(model, pairs, method="residual") if layers == "auto" else layers
+rec.pairs("lora.selection", train_pairs)
+rec.pairs("consistency.evaluation", eval_pairs)
+selection = interp.find_layers(model, train_pairs, method="residual") if layers == "auto" else layers
 selection
 
 # %%

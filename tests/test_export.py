@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import interp
+from interp.cli import main
 from interp.export import NOTEBOOK_ORDER, NOTEBOOKS, Recorder, static_export_available
 
 # Small settings so that every notebook runs in CI: tiny-medgemma (real MedGemma layout) for the
@@ -124,3 +125,111 @@ def test_recorder_writes_tables_as_csv_and_latex(tmp_path):
     assert "\\begin{tabular}" in (tmp_path / "tables" / "t.tex").read_text()
     rec.metric("a.b", 1.5)
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"a.b": 1.5}
+
+
+# ---- parameters: names a notebook declares, literal values, checked before anything runs --------------
+def test_a_code_injecting_parameter_name_is_refused_before_any_notebook_runs(tmp_path, capsys):
+    marker, out = tmp_path / "pwned", tmp_path / "export"
+    name = f"import pathlib;pathlib.Path({str(marker)!r}).touch();x"
+    with pytest.raises(interp.InterpError, match="is not a Python identifier"):
+        interp.export(out, notebooks=["04_find_layers"], parameters={name: 1}, progress=False)
+    assert main(["export", "--out", str(out), "--notebooks", "04_find_layers", "--param",
+                            f"{name}=1"]) == 2
+    assert "is not a Python identifier" in capsys.readouterr().err
+    assert not marker.exists() and not out.exists()  # nothing ran, nothing was written
+
+
+def test_a_parameter_value_that_is_not_a_literal_is_refused(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    value = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    assert main(["export", "--out", str(tmp_path / "e"), "--param", f"n_pairs={value}"]) == 2
+    assert "the value is not a Python literal" in capsys.readouterr().err
+    with pytest.raises(interp.InterpError, match="values must be literals"):
+        interp.export(tmp_path / "e", parameters={"n_pairs": object()}, progress=False)
+    assert not marker.exists() and not (tmp_path / "e").exists()
+
+
+def test_command_line_parameter_values_are_literals_or_bare_words():
+    from interp.export import parse_parameter
+
+    assert parse_parameter("n_pairs=20") == ("n_pairs", 20)
+    assert parse_parameter("layers=[3, 9]") == ("layers", [3, 9])
+    assert parse_parameter("ranges={'early': [0, 1]}") == ("ranges", {"early": [0, 1]})
+    assert parse_parameter("sae_release=None") == ("sae_release", None)
+    assert parse_parameter("device=true") == ("device", True)
+    assert parse_parameter("model_name=tiny-medgemma") == ("model_name", "tiny-medgemma")
+    assert parse_parameter("model_name=google/medgemma-4b-it") == ("model_name", "google/medgemma-4b-it")
+    assert parse_parameter("layers=(1, 2)") == ("layers", [1, 2])
+    for bad in ("n_pairs", "1x=2", "class=3", "lr=float('nan')", "x=a b"):
+        with pytest.raises(interp.InterpError):
+            parse_parameter(bad)
+
+
+def test_an_undeclared_parameter_is_refused_naming_the_declared_ones(tmp_path):
+    with pytest.raises(interp.InterpError) as err:
+        interp.export(tmp_path / "e", notebooks=["04_find_layers"], parameters={"n_pair": 8}, progress=False)
+    assert "no notebook among 04_find_layers declares a parameter 'n_pair'; did you mean 'n_pairs'?" in str(err.value)
+    assert "declared: device, eval_fraction, methods, model_name, n_pairs, width" in str(err.value)
+    with pytest.raises(interp.InterpError, match="set by export itself"):
+        interp.export(tmp_path / "e", parameters={"output_dir": "/tmp/elsewhere"}, progress=False)
+    assert not (tmp_path / "e").exists()
+
+
+def test_each_notebook_gets_only_the_parameters_it_declares(tmp_path):
+    from interp.export import _notebook_params, notebook_parameters
+
+    assert notebook_parameters("04_find_layers")["methods"] == ["residual", "patching"]
+    params = _notebook_params(["04_find_layers", "05_targeted_lora"], {"r": 4, "width": 2, "n_pairs": 10},
+                              tmp_path, 3)
+    assert params["04_find_layers"] == {"output_dir": str(tmp_path), "seed": 3, "width": 2, "n_pairs": 10}
+    assert params["05_targeted_lora"] == {"output_dir": str(tmp_path), "seed": 3, "r": 4, "n_pairs": 10}
+
+
+def test_an_unknown_model_is_one_line_before_any_notebook_runs(tmp_path, capsys):
+    import time
+
+    t0 = time.perf_counter()
+    assert main(["export", "--out", str(tmp_path / "e"), "--param", "model_name=no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notebook parameter model_name='no-such-model': unknown model" in err
+    assert time.perf_counter() - t0 < 5 and not (tmp_path / "e").exists()
+
+
+def test_export_refuses_a_folder_of_user_files_and_leaves_them(tmp_path):
+    (tmp_path / "04_find_layers.ipynb").write_text("my own notebook")
+    with pytest.raises(interp.InterpError, match="already holds files that interp did not write"):
+        interp.export(tmp_path, notebooks=["04_find_layers"], progress=False)
+    assert (tmp_path / "04_find_layers.ipynb").read_text() == "my own notebook"
+    with pytest.raises(interp.InterpError, match="is a file, not a folder"):
+        interp.export(tmp_path / "04_find_layers.ipynb", notebooks=["04_find_layers"], progress=False)
+    with pytest.raises(interp.InterpError, match="inside a system folder"):
+        interp.export("/proc/interp-export", notebooks=["04_find_layers"], progress=False)
+
+
+def test_literal_parameters_reach_the_notebook_and_selection_uses_training_pairs(tmp_path):
+    out = tmp_path / "e"
+    assert main(["export", "--out", str(out), "--notebooks", "04_find_layers", "--param",
+                            "model_name=tiny-medgemma", "n_pairs=12", "width=2", "methods=['residual']"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["layers.residual.selected"]) == 2
+    train, _ = interp.data.split(interp.data.builtin("register")[:12], 0.3, seed=0)
+    assert metrics["layers.selection.n"] == len(train) < 12
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parameters"]["04_find_layers"]["methods"] == ["residual"]
+    # a failing notebook is one line that names the notebook, the cell and the error
+    with pytest.raises(interp.InterpError, match=r"notebook 04_find_layers failed in cell \[\d+\]: InterpError"):
+        interp.export(out, notebooks=["04_find_layers"], parameters={"model_name": "tiny-medgemma", "n_pairs": 1},
+                      progress=False)
+
+
+def test_the_manifest_names_the_versions_it_ran_with():
+    from interp.export import LOCK_FILE, locked_versions, run_manifest
+
+    manifest = run_manifest(seed=0)
+    for pkg in ("torch", "transformers", "peft", "sae-lens", "accelerate", "safetensors", "numpy", "scipy",
+                "statsmodels"):
+        assert manifest["versions"][pkg], pkg
+    assert manifest["python"] and manifest["platform"] and manifest["device"]
+    assert isinstance(manifest["differs_from_lock"], dict)
+    locked = locked_versions()
+    assert LOCK_FILE.is_file() and {"torch", "transformers", "peft", "sae-lens"} <= set(locked)
