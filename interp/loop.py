@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import json
 import math
-import random
 import time
 import typing
 from collections.abc import Callable
@@ -500,11 +499,13 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     rec.figure("transfer_r2", transfer.figure())
     rec.table("transfer", transfer.table(), caption="SAE transfer: explained variance by corpus")
     for c in transfer.corpora:
-        rec.metrics_from(f"transfer.{c.name}", {"r2": c.r2, "r2_prompt_mean": c.r2_prompt_mean,
-                                                "p_bootstrap": c.p_bootstrap, "l0": c.l0,
+        rec.metrics_from(f"transfer.{c.name}", {"r2": c.r2, "r2_ci_low": c.r2_ci[0],
+                                                "r2_prompt_mean": c.r2_prompt_mean,
+                                                "r2_prompt_mean_ci_low": c.r2_prompt_mean_ci[0],
+                                                "passed": c.passed, "p_bootstrap": c.p_bootstrap, "l0": c.l0,
                                                 "dead_fraction": c.dead_fraction, "ce_score": c.ce_score, "kl": c.kl})
     summary["transfer"] = {"passed": transfer.passed, "r2": {c.name: c.r2 for c in transfer.corpora},
-                           "formula": transfer.r2_formula}
+                           "formula": transfer.r2_formula, "token_mask": transfer.token_mask}
 
     step("4 · register-sensitive features (formal vs lay phrasing, training pairs)")
     features = interp.register_features(model, sae, train_pairs, layer=layer, test=config.features.test,
@@ -513,8 +514,10 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     rec.figure("register_features", features.figure())
     top = features.top(config.features.top)
     rec.table("register_features", top, caption=f"Top register-sensitive SAE features at layer {layer}")
-    summary["features"] = {"n_significant": int(len(features.significant())) if callable(features.significant)
-                           else int(len(features.significant)),
+    summary["features"] = {"n_significant": int(len(features.significant())),
+                           "n_beating_random": int(len(features.significant(beats_random=True))),
+                           "n_tested": int(len(features.table)),
+                           "calibration": jsonable(features.calibration()),
                            "top": jsonable(top.head(5))}
 
     step(f"5 · find_layers (method={config.layers.method}, training pairs)")
@@ -559,15 +562,10 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     rec.figure("consistency_compare", comparison.figure())
     rec.table("consistency", comparison.table, caption="Paraphrase consistency before and after targeted LoRA")
     for name, rep in (("before", before), ("after", after)):
-        rec.metrics_from(f"consistency.{name}", {"flip_rate": rep.flip_rate, "mean_margin_diff": rep.mean_margin_diff,
-                                                 "accuracy": rep.accuracy, "n": rep.n})
-    rec.metrics_from("consistency.compare", {"p_z": comparison.p_z, "p_mcnemar": comparison.p_mcnemar,
-                                             "p_wilcoxon": comparison.p_wilcoxon,
-                                             "margin_diff_relative": comparison.margin_diff_relative})
-    summary["consistency_before"] = {"flip_rate": before.flip_rate, "mean_margin_diff": before.mean_margin_diff,
-                                     "accuracy": before.accuracy}
-    summary["consistency_after"] = {"flip_rate": after.flip_rate, "mean_margin_diff": after.mean_margin_diff,
-                                    "accuracy": after.accuracy}
+        rec.metrics_from(f"consistency.{name}", _consistency_summary(rep))
+    rec.metrics_from("consistency.compare", _comparison_summary(comparison))
+    summary["consistency_before"] = _consistency_summary(before)
+    summary["consistency_after"] = _consistency_summary(after)
 
     if config.ablation.enabled:
         step("9 · layer-range ablation")
@@ -586,8 +584,7 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     summary["seconds"] = seconds
     summary["transfer_detail"] = {c.name: {"r2": c.r2, "ci": list(c.r2_ci), "passed": c.passed}
                                   for c in transfer.corpora}
-    summary["compare"] = {"p_z": comparison.p_z, "p_mcnemar": comparison.p_mcnemar,
-                          "p_wilcoxon": comparison.p_wilcoxon, "margin_diff_relative": comparison.margin_diff_relative}
+    summary["compare"] = _comparison_summary(comparison)
     manifest = run_manifest(model=model, sae=sae, data=[p.to_dict() for p in pairs], seed=config.seed,
                             extra={"config": config.to_dict(), "selection": summary["data"]["selection"],
                                    "evaluation": summary["data"]["evaluation"]})
@@ -611,11 +608,28 @@ def loop_pairs(config: LoopConfig) -> tuple[list[Any], list[Any], list[Any]]:
     else:
         pairs = interp.data.load_pairs(config.data.pairs, mapping=config.data.mapping,
                                        image_root=config.data.image_root)
-    order = list(range(len(pairs)))
-    random.Random(config.seed).shuffle(order)
-    pairs = [pairs[i] for i in order[: config.data.limit or len(pairs)]]
+    pairs = interp.data.take(pairs, config.data.limit, seed=config.seed)
     train_pairs, eval_pairs = interp.data.split(pairs, config.data.eval_fraction, seed=config.seed)
     return pairs, train_pairs, eval_pairs
+
+
+def _consistency_summary(rep: Any) -> dict[str, Any]:
+    """The numbers of one ConsistencyReport the summary and metrics carry, each with its 95% interval."""
+    return {"n": rep.n, "n_clusters": rep.n_clusters, "flip_rate": rep.flip_rate,
+            "mean_margin_diff": rep.mean_margin_diff, "relative_margin_diff": rep.relative_margin_diff,
+            "mean_abs_margin": rep.mean_abs_margin, "yes_rate": rep.yes_rate, "accuracy": rep.accuracy,
+            "ci": jsonable(rep.ci), "ci_method": jsonable(rep.ci_method)}
+
+
+def _comparison_summary(c: Any) -> dict[str, Any]:
+    """Paired tests first; the study's unpaired z-tests kept under names that say so."""
+    return {"p_flip": c.p_flip, "flip_test": c.flip_test, "p_mcnemar": c.p_mcnemar,
+            "p_accuracy_paired": c.p_accuracy_paired, "accuracy_test": c.accuracy_test,
+            "p_z_unpaired": c.p_z, "p_accuracy_z_unpaired": c.p_accuracy, "p_wilcoxon": c.p_wilcoxon,
+            "margin_diff_relative": c.margin_diff_relative,
+            "relative_margin_diff_delta": c.relative_margin_diff_delta,
+            "mean_abs_margin_relative": c.mean_abs_margin_relative, "yes_rate": list(c.yes_rate),
+            "yes_rate_delta": c.yes_rate_delta, "ci": jsonable(c.ci)}
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -624,22 +638,47 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return f"{v:.1%}" if pct else f"{v:.3g}"
 
 
+def _ci(d: dict[str, Any], key: str, pct: bool = False) -> str:
+    ci = (d.get("ci") or {}).get(key)
+    if not ci or ci[0] is None:
+        return ""
+    return f" [{_fmt(ci[0], pct)}, {_fmt(ci[1], pct)}]"
+
+
 def _summary_rows(summary: dict[str, Any], layer: int) -> list[tuple[str, str]]:
     b, a, c = summary["consistency_before"], summary["consistency_after"], summary["compare"]
     rows = [(f"SAE R² at layer {layer}, {name}", f"{d['r2']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}] "
              f"{'pass' if d['passed'] else 'FAIL'}") for name, d in summary["transfer_detail"].items()]
+    f = summary["features"]
+    cal = f.get("calibration") or {}
     rows += [
-        ("register-sensitive features (q < 0.05)", str(summary["features"]["n_significant"])),
+        ("register-sensitive features (q < 0.05)",
+         f"{f['n_significant']} of {f['n_tested']} tested; {f['n_beating_random']} also beat random directions"
+         + (" (WARNING: random directions pass too often: lexical/length confound)" if cal.get("confounded") else "")),
         ("selected layers", f"{summary['selected_layers'][0]}-{summary['selected_layers'][-1]}"),
         ("pairs that chose features and layers", f"{summary['data']['selection']['n']} training pairs "
                                                  f"(ids sha256 {summary['data']['selection']['ids_sha256'][:12]})"),
         ("pairs evaluated (held out)", f"{summary['data']['evaluation']['n']} "
                                        f"(ids sha256 {summary['data']['evaluation']['ids_sha256'][:12]})"),
-        ("flip rate, before -> after", f"{_fmt(b['flip_rate'], True)} -> {_fmt(a['flip_rate'], True)} "
-                                       f"(z-test p={_fmt(c['p_z'])}, McNemar p={_fmt(c['p_mcnemar'])})"),
-        ("mean |margin diff|, before -> after", f"{_fmt(b['mean_margin_diff'])} -> {_fmt(a['mean_margin_diff'])} "
-                                                f"({_fmt(c['margin_diff_relative'], True)}, Wilcoxon p={_fmt(c['p_wilcoxon'])})"),
-        ("accuracy, before -> after", f"{_fmt(b['accuracy'], True)} -> {_fmt(a['accuracy'], True)}"),
+        ("flip rate, before -> after (held-out pairs)",
+         f"{_fmt(b['flip_rate'], True)}{_ci(b, 'flip_rate', True)} -> {_fmt(a['flip_rate'], True)}"
+         f"{_ci(a, 'flip_rate', True)} ({c['flip_test']} p={_fmt(c['p_flip'])}; unpaired z-test as in the study "
+         f"p={_fmt(c['p_z_unpaired'])})"),
+        ("mean |margin diff| (logits), before -> after",
+         f"{_fmt(b['mean_margin_diff'])}{_ci(b, 'mean_margin_diff')} -> {_fmt(a['mean_margin_diff'])}"
+         f"{_ci(a, 'mean_margin_diff')} ({_fmt(c['margin_diff_relative'], True)}{_ci(c, 'margin_diff_relative', True)}, "
+         f"Wilcoxon signed-rank p={_fmt(c['p_wilcoxon'])})"),
+        ("scale-free |margin diff| / mean |margin|, before -> after",
+         f"{_fmt(b['relative_margin_diff'])} -> {_fmt(a['relative_margin_diff'])} (change "
+         f"{_fmt(c['relative_margin_diff_delta'])}{_ci(c, 'relative_margin_diff_delta')})"),
+        ("mean |margin| (logits), before -> after",
+         f"{_fmt(b['mean_abs_margin'])} -> {_fmt(a['mean_abs_margin'])} ({_fmt(c['mean_abs_margin_relative'], True)}: "
+         "margins shrinking makes |margin diff| smaller without any change in decisions)"),
+        ("yes rate (share of phrasings answered yes), before -> after",
+         f"{_fmt(b['yes_rate'], True)} -> {_fmt(a['yes_rate'], True)}"),
+        ("accuracy, before -> after",
+         f"{_fmt(b['accuracy'], True)}{_ci(b, 'accuracy', True)} -> {_fmt(a['accuracy'], True)}{_ci(a, 'accuracy', True)}"
+         f" ({c['accuracy_test']} p={_fmt(c['p_accuracy_paired'])}; unpaired z-test p={_fmt(c['p_accuracy_z_unpaired'])})"),
     ]
     return rows
 
@@ -655,6 +694,35 @@ def _summary_table(summary: dict[str, Any], layer: int):
     return table
 
 
+def _reading(summary: dict[str, Any]) -> list[str]:
+    """Plain statements of what the before/after numbers do and do not show (shrinkage, collapse, power)."""
+    b, a, c = summary["consistency_before"], summary["consistency_after"], summary["compare"]
+    out = []
+    rel_ci = (c.get("ci") or {}).get("relative_margin_diff_delta")
+    diff_ci = (c.get("ci") or {}).get("margin_diff_relative")
+    diff_down = diff_ci is not None and diff_ci[1] is not None and diff_ci[1] < 0
+    rel_down = rel_ci is not None and rel_ci[1] is not None and rel_ci[1] < 0
+    if diff_down and not rel_down:
+        out.append(f"Mean |margin diff| fell ({_fmt(c['margin_diff_relative'], True)}), but the scale-free measure "
+                   f"(|margin diff| / mean |margin|) did not fall beyond its 95% interval, and mean |margin| changed "
+                   f"by {_fmt(c['mean_abs_margin_relative'], True)}: the drop is mostly margins shrinking, not the two "
+                   "phrasings agreeing more.")
+    elif rel_down:
+        out.append("The scale-free measure (|margin diff| / mean |margin|) fell beyond its 95% interval: the two "
+                   "phrasings agree more, not only on a smaller logit scale.")
+    else:
+        out.append("Neither mean |margin diff| nor the scale-free measure changed beyond its 95% interval.")
+    for name, rep in (("before", b), ("after", a)):
+        y = rep.get("yes_rate")
+        if y is not None and (y < 0.1 or y > 0.9):
+            out.append(f"{name.capitalize()} training the model answers yes to {_fmt(y, True)} of phrasings: "
+                       "agreement near a constant answer says little about consistency.")
+    if c.get("p_flip") is not None and c["p_flip"] >= 0.05:
+        out.append(f"The flip rate did not change significantly ({c['flip_test']} p={_fmt(c['p_flip'])}, "
+                   f"n={a['n']} held-out pairs).")
+    return out
+
+
 def _report_markdown(model_name: str, layer: int, summary: dict[str, Any], figures: list[str]) -> str:
     n = summary["data"]
     sel, ev = n["selection"], n["evaluation"]
@@ -665,9 +733,12 @@ def _report_markdown(model_name: str, layer: int, summary: dict[str, Any], figur
              f"`{sel['ids_sha256'][:16]}`), which also trained the adapter; consistency before and after is "
              f"measured on the {ev['n']} held-out pairs (ids sha256 `{ev['ids_sha256'][:16]}`), which no "
              "selection or training step saw.", "", "| result | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |".replace("|margin", "\\|margin").replace("diff|", "diff\\|")
+    lines += [f"| {k.replace('|', chr(92) + '|')} | {v.replace('|', chr(92) + '|')} |"
               for k, v in _summary_rows(summary, layer)]
-    lines += ["", f"R² formula: {summary['transfer']['formula']}.", "", "## Figures", ""]
+    lines += ["", "## What the numbers say", ""] + [f"- {r}" for r in _reading(summary)]
+    lines += ["", f"R² formula: {summary['transfer']['formula']}; token mask: "
+              f"{summary['transfer'].get('token_mask', '')}. Every test and interval is defined in "
+              "docs/STATISTICS.md.", "", "## Figures", ""]
     lines += [f"- [{f[:-5]}](figures/{f})" for f in figures]
     lines += ["", "Tables (CSV and LaTeX) are in `tables/`, every number in `metrics.json`, and what is needed to "
               "regenerate the run in `manifest.json`.", ""]

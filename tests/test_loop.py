@@ -179,7 +179,9 @@ def test_demo_runs_end_to_end_on_a_reduced_setting(tmp_path):
     for key in ("consistency_before", "consistency_after"):
         assert 0 <= summary[key]["flip_rate"] <= 1
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert "transfer.medical.r2" in metrics and "consistency.compare.p_z" in metrics
+    assert "transfer.medical.r2" in metrics and "consistency.compare.p_flip" in metrics
+    assert "consistency.compare.p_z_unpaired" in metrics and "consistency.after.relative_margin_diff" in metrics
+    assert summary["compare"]["flip_test"] and "yes_rate" in summary["consistency_after"]
     assert (tmp_path / "figures" / "consistency_after.html").is_file()
     assert (tmp_path / "adapter").is_dir()
     report = (tmp_path / "report.md").read_text()
