@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -280,12 +282,70 @@ def cmd_export(args: argparse.Namespace) -> None:
     console.print(result)
 
 
-def cmd_lab(args: argparse.Namespace) -> None:
-    import subprocess
+def lab_folder() -> Path:
+    """Where `interp lab` opens: the repository's notebooks/ in a checkout; after a plain ``pip install``,
+    ``./interp-notebooks``, with copies of the bundled notebooks that are not there yet (yours are kept)."""
+    import shutil
 
     from interp.export import NOTEBOOKS
 
-    raise SystemExit(subprocess.call([sys.executable, "-m", "jupyter", "lab", str(NOTEBOOKS), *args.extra]))
+    source = NOTEBOOKS.resolve()
+    if (source.parent / "pyproject.toml").is_file() and os.access(source, os.W_OK):
+        return source
+    target = Path.cwd() / "interp-notebooks"
+    target.mkdir(exist_ok=True)
+    copied = [shutil.copy2(f, target / f.name) for f in sorted(source.iterdir())
+              if f.is_file() and not (target / f.name).exists()]
+    if copied:
+        console.print(f"copied {len(copied)} bundled notebook files to {target}")
+    return target
+
+
+def _stop_with_parent() -> None:
+    """In the JupyterLab child (Linux): get SIGTERM when `interp lab` dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def cmd_lab(args: argparse.Namespace) -> None:
+    """JupyterLab on the notebooks, every argument passed through as given; it stops when `interp lab` does."""
+    import shutil
+    import subprocess
+
+    jupyter = shutil.which("jupyter")  # what `jupyter lab` typed in this shell would run
+    cmd = [jupyter] if jupyter else [sys.executable, "-m", "jupyter"]
+    child = subprocess.Popen([*cmd, "lab", str(lab_folder()), *args.extra],
+                             preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None)
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _Stopped(signum)
+
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))}
+    try:
+        code = child.wait()
+    except (KeyboardInterrupt, _Stopped) as e:
+        code = 128 + (e.signum if isinstance(e, _Stopped) else signal.SIGINT)
+        if child.poll() is None:  # JupyterLab shuts its kernels down on SIGTERM
+            child.terminate()
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    raise SystemExit(code)
+
+
+class _Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 # ---- parser -------------------------------------------------------------------------------------
@@ -436,8 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "to the notebooks that declare it; values are Python literals or bare words (read as text)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of every notebook")
 
-    p = command("lab", "open JupyterLab on the notebooks", cmd_lab)
-    p.add_argument("extra", nargs="*", help="options passed on to jupyter lab")
+    p = command("lab", "open JupyterLab on the notebooks (after a pip install: copies in ./interp-notebooks)",
+                cmd_lab)
+    p.add_argument("extra", nargs="*", metavar="JUPYTER_ARGS",
+                   help="passed on to jupyter lab unchanged and in order, e.g. --port 8899 --no-browser")
     return ap
 
 
@@ -447,11 +509,14 @@ def _say(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
         parser = build_parser()
+        if argv[:1] == ["lab"] and argv[1:] not in (["-h"], ["--help"]):
+            # everything after `lab` is JupyterLab's, in the order given (--port 8899 --no-browser ...)
+            cmd_lab(argparse.Namespace(command="lab", extra=argv[1:]))
+            return 0
         args, unknown = parser.parse_known_args(argv)
-        if args.command == "lab":  # everything else is JupyterLab's (e.g. --port 8889, --version)
-            args.extra = unknown + args.extra
-        elif unknown:
+        if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.fn(args)
     except InterpError as e:

@@ -202,12 +202,6 @@ class ConsistencyReport(Result):
         out["measures"] = jsonable(self.measures())
         return out
 
-    def _repr_html_(self) -> str:
-        head = (f"<b>{self.model}</b>: {self.n} pairs in {self.n_clusters} clusters, {self.n_gold} with a gold "
-                f"answer; margins: {self.method}")
-        cols = ["quantity", "value", "ci_low", "ci_high", "interval", "n", "unit"]
-        return f"<p>{head}</p>" + self.measures()[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}")
-
     def __repr__(self) -> str:
         acc = "n/a" if self.accuracy is None else f"{self.accuracy:.1%}{stats.fmt_ci(self.ci.get('accuracy'), True)}"
         return (f"ConsistencyReport({self.model!r}, n={self.n}: flip rate {self.flip_rate:.1%}"
@@ -496,11 +490,6 @@ class ConsistencyComparison(Result):
         out["changes"] = jsonable(self.changes())
         return out
 
-    def _repr_html_(self) -> str:
-        head = f"<b>{self.baseline}</b> vs <b>{self.other}</b>: {self.n} pairs in {self.n_clusters} clusters"
-        fmt = dict(index=False, float_format=lambda v: f"{v:.4g}")
-        return f"<p>{head}</p>" + self.changes().to_html(**fmt) + self.tests().to_html(**fmt)
-
     def __repr__(self) -> str:
         def delta(key: str, value: float | None, pct: bool) -> str:
             ci = self.ci.get(key)
@@ -527,37 +516,55 @@ class ConsistencyComparison(Result):
                 f"{_pct(self.yes_rate[0])} -> {_pct(self.yes_rate[1])}; 95% paired cluster-bootstrap intervals)")
 
     def figure(self):
-        """Plotly bars with 95% intervals, baseline vs other: flip rate (headline paired test), accuracy and
-        yes rate; mean |margin diff|, its scale-free version and mean |margin| (shrinkage shows here)."""
+        """Plotly bars with each model's 95% interval, baseline vs other: flip rate, accuracy and yes rate;
+        mean |margin diff|, its scale-free version and mean |margin|. Above each panel: the change with its
+        paired cluster-bootstrap 95% interval and the headline paired test."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        acc_p = "" if self.accuracy is None else f", paired p={_p(self.p_accuracy_paired)}"
+        def change(key: str, value: float | None, pct: bool, fmt: str = "{:+.0%}") -> str:
+            if value is None or not np.isfinite(value):
+                return "change n/a"
+            ci = self.ci.get(key)
+            if pct:
+                return f"{value * 100:+.1f} pp" + ("" if ci is None else f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]")
+            return fmt.format(value) + ("" if ci is None else f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]")
+
+        acc_test = (f"clustered McNemar p={_p(self.p_accuracy_paired)}" if self.accuracy is not None
+                    else "no gold answers")
         panels = [
-            ("flip_rate", self.flip_rate, f"flip rate (McNemar p={_p(self.p_flip)})"),
-            ("accuracy", self.accuracy or (_NAN, _NAN), f"accuracy{acc_p}"),
-            ("yes_rate", self.yes_rate, f"yes rate ({_pct(self.yes_rate[0])} -> {_pct(self.yes_rate[1])})"),
-            ("mean_margin_diff", self.mean_margin_diff,
-             f"mean |margin diff| ({self.margin_diff_relative:+.0%}, Wilcoxon p={_p(self.p_wilcoxon)})"),
-            ("relative_margin_diff", self.relative_margin_diff, "|margin diff| / mean |margin| (scale-free)"),
-            ("mean_abs_margin", self.mean_abs_margin, f"mean |margin| ({self.mean_abs_margin_relative:+.0%})")]
-        fig = make_subplots(rows=2, cols=3, subplot_titles=[t for _, _, t in panels])
+            ("flip_rate", self.flip_rate, "flip rate",
+             f"{change('flip_rate_delta', self.flip_rate_delta, True)}, McNemar p={_p(self.p_flip)}"),
+            ("accuracy", self.accuracy or (_NAN, _NAN), "accuracy",
+             f"{change('accuracy_delta', self.accuracy_delta, True)}, {acc_test}"),
+            ("yes_rate", self.yes_rate, "yes rate", change("yes_rate_delta", self.yes_rate_delta, True)),
+            ("mean_margin_diff", self.mean_margin_diff, "mean |margin diff| (logits)",
+             f"{change('margin_diff_relative', self.margin_diff_relative, False)}, Wilcoxon p={_p(self.p_wilcoxon)}"),
+            ("relative_margin_diff", self.relative_margin_diff, "|margin diff| / mean |margin|",
+             change("relative_margin_diff_delta", self.relative_margin_diff_delta, False, "{:+.3g}")),
+            ("mean_abs_margin", self.mean_abs_margin, "mean |margin| (logits)",
+             change("mean_abs_margin_relative", self.mean_abs_margin_relative, False))]
+        fig = make_subplots(rows=2, cols=3, vertical_spacing=0.2, horizontal_spacing=0.08,
+                            subplot_titles=[f"<b>{t}</b><br><span style='font-size:11px'>{c}</span>"
+                                            for _, _, t, c in panels])
         names = [self.baseline, self.other]
-        for k, (key, values, _) in enumerate(panels):
+        for k, (key, values, _, _) in enumerate(panels):
             row, col = divmod(k, 3)
             cis = self.ci_levels.get(key) or (None, None)
             hi = [None if c is None else c[1] - v for c, v in zip(cis, values, strict=True)]
             lo = [None if c is None else v - c[0] for c, v in zip(cis, values, strict=True)]
-            err = dict(type="data", symmetric=False, array=hi, arrayminus=lo) if any(h is not None for h in hi) \
-                else None
+            err = dict(type="data", symmetric=False, array=hi, arrayminus=lo, color="#333") \
+                if any(h is not None for h in hi) else None
             fig.add_trace(go.Bar(x=names, y=list(values), marker_color=["#4C78A8", "#F58518"], error_y=err,
                                  showlegend=False), row + 1, col + 1)
             if key in ("flip_rate", "accuracy", "yes_rate"):
-                fig.update_yaxes(tickformat=".0%", row=row + 1, col=col + 1)
-        fig.update_layout(template="plotly_white", height=620,
-                          title=f"{self.baseline} vs {self.other} (n={self.n} pairs, {self.n_clusters} clusters; "
-                                f"95% intervals; flips: {self.flip_test}; unpaired z-test as in the study "
-                                f"p={_p(self.p_z)})")
+                fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=row + 1, col=col + 1)
+        fig.update_annotations(font_size=13)
+        fig.update_layout(template="plotly_white", height=680, width=1100, margin=dict(t=120),
+                          title=dict(text=f"{self.baseline} vs {self.other}: {self.n} pairs in {self.n_clusters} "
+                                          "clusters<br><sup>bars: each model with its 95% interval; above each "
+                                          "panel: the change [paired cluster-bootstrap 95%] and the paired test; "
+                                          f"unpaired z-test as in the study p={_p(self.p_z)}</sup>", y=0.97))
         return fig
 
 

@@ -27,7 +27,16 @@ from interp._errors import InterpError
 from interp._io import atomic_write_text
 from interp._results import Result, jsonable
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+def notebook_folder() -> Path:
+    """The bundled notebooks: ``interp/notebooks`` in the installed package (a wheel carries the files; in a
+    checkout it is a link to the repository's ``notebooks/``, the one copy that is edited)."""
+    from importlib.resources import files
+
+    return Path(str(files("interp") / "notebooks"))
+
+
+NOTEBOOKS = notebook_folder()
 NOTEBOOK_ORDER = ("01_capture", "02_sae_transfer", "03_register_features", "04_find_layers",
                   "05_targeted_lora", "06_layer_ablation")
 
@@ -97,6 +106,20 @@ def static_export_available() -> bool:
     return any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome"))
 
 
+STATIC_FIX = ("install Debian's Chromium (apt-get install -y chromium) or Google Chrome; kaleido.get_chrome() "
+              "would download one, but needs the network")
+_QUIET_ENV = "INTERP_STATIC_WARNED"  # set for the notebooks `export` runs, so that their kernels do not repeat it
+
+
+def warn_no_static(reason: str = "no Chrome or Chromium was found for kaleido") -> None:
+    """Say once per process (and not again inside the notebooks an export runs) that PNG/SVG are skipped."""
+    if os.environ.get(_QUIET_ENV):
+        return
+    os.environ[_QUIET_ENV] = "1"
+    warnings.warn(f"figures are written as HTML only, PNG and SVG are skipped: {reason}. To get them, {STATIC_FIX}.",
+                  RuntimeWarning, stacklevel=3)
+
+
 class Recorder:
     """Writes a run's figures, tables and metrics into ``folder`` (``figures/``, ``tables/``, ``metrics.json``)."""
 
@@ -105,6 +128,8 @@ class Recorder:
         (self.folder / "figures").mkdir(parents=True, exist_ok=True)
         (self.folder / "tables").mkdir(parents=True, exist_ok=True)
         self.static = static_export_available() if static is None else static
+        if static is None and not self.static:
+            warn_no_static()
         path = self.folder / "metrics.json"
         self.metrics: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
 
@@ -114,8 +139,16 @@ class Recorder:
         # "directory": one shared plotly.min.js beside the figures, so pages open offline
         fig.write_html(str(html), include_plotlyjs="directory", full_html=True)
         if self.static:
-            for ext in ("png", "svg"):
-                fig.write_image(str(self.folder / "figures" / f"{name}.{ext}"), width=900, height=560, scale=2 if ext == "png" else 1)
+            # the figure's own size where it sets one (wide multi-panel figures), else 900 x 560
+            width, height = fig.layout.width or 900, fig.layout.height or 560
+            try:
+                for ext in ("png", "svg"):
+                    fig.write_image(str(self.folder / "figures" / f"{name}.{ext}"), width=width, height=height,
+                                    scale=2 if ext == "png" else 1)
+            except Exception as e:  # kaleido without a working browser: HTML is still written, said once
+                self.static = False
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                warn_no_static(f"kaleido failed ({type(e).__name__}: {first[:200]})")
         return html
 
     def table(self, name: str, df: Any, *, caption: str = "") -> Path:
@@ -383,15 +416,20 @@ def export(out: str | os.PathLike = "exports/run", *, parameters: dict[str, Any]
     executed, pages = [], []
     env_before = os.environ.get("PYTHONHASHSEED")
     os.environ["PYTHONHASHSEED"] = str(seed)
+    quiet_before = os.environ.get(_QUIET_ENV)
+    if not static_export_available():
+        warn_no_static()  # once, here, rather than in every notebook
+    os.environ[_QUIET_ENV] = "1"
     try:
         for name in names:
             target = folder / f"{name}.ipynb"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
+                    # cwd: the caller's folder (an installed package's folder may not be writable)
                     papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(target),
                                                parameters=per_notebook[name], kernel_name=kernel,
-                                               cwd=str(NOTEBOOKS.parent), progress_bar=progress)
+                                               cwd=os.getcwd(), progress_bar={"desc": name} if progress else False)
                 except papermill.PapermillExecutionError as e:
                     first = (str(e.evalue).strip().splitlines() or [""])[0]
                     raise InterpError(f"notebook {name} failed in cell [{e.exec_count}]: {e.ename}: {first} "
@@ -402,10 +440,11 @@ def export(out: str | os.PathLike = "exports/run", *, parameters: dict[str, Any]
             atomic_write_text(page, body)
             pages.append(page)
     finally:
-        if env_before is None:
-            os.environ.pop("PYTHONHASHSEED", None)
-        else:
-            os.environ["PYTHONHASHSEED"] = env_before
+        for key, before in (("PYTHONHASHSEED", env_before), (_QUIET_ENV, quiet_before)):
+            if before is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = before
     metrics_path = folder / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     manifest = run_manifest(seed=seed, extra={"parameters": per_notebook, "notebooks": names})

@@ -508,23 +508,33 @@ class FeatureCard(Result):
     model_name: str = ""
 
     def figure(self):
-        """Per-prompt peak activation by register (left) and the top-activating prompts (right)."""
+        """Per-prompt peak activation by register (top) and the top-activating prompts (below, each labelled
+        with its peak token in context; a row of their own, so long labels never run into the box plot)."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(rows=1, cols=2, column_widths=[0.35, 0.65],
-                            subplot_titles=["peak activation per prompt", f"top {len(self.top_prompts)} prompts"])
-        for reg, grp in self.per_prompt.groupby("register", sort=False):
-            fig.add_trace(go.Box(y=grp["max_act"], name=str(reg), boxpoints="all", jitter=0.4,
-                                 text=grp["question"], hovertemplate="%{text}<br>%{y:.3g}<extra></extra>"),
-                          row=1, col=1)
         tp = self.top_prompts.iloc[::-1]
-        labels = [f"#{p} {c}" for p, c in zip(tp["prompt"], tp["context"], strict=True)]
-        fig.add_trace(go.Bar(x=tp["max_act"], y=labels,
-                             orientation="h", marker_color="#444", text=tp["register"], showlegend=False,
-                             hovertemplate="%{y}<br>%{x:.3g}<extra></extra>"), row=1, col=2)
+        n_top = len(tp)
+        fig = make_subplots(rows=2, cols=1, row_heights=[0.35, 0.65], vertical_spacing=0.12,
+                            subplot_titles=["peak activation per prompt, by register",
+                                            f"top {n_top} prompts (peak token in context)"])
+        for reg, grp in self.per_prompt.groupby("register", sort=False):
+            fig.add_trace(go.Box(x=grp["max_act"], name=str(reg), boxpoints="all", jitter=0.4, orientation="h",
+                                 text=grp["question"], hovertemplate="%{text}<br>%{x:.3g}<extra></extra>"),
+                          row=1, col=1)
+
+        def short(text: str, n: int = 70) -> str:
+            text = " ".join(str(text).split())
+            return text if len(text) <= n else text[:n - 1] + "…"
+
+        labels = [f"#{p} {short(c)}" for p, c in zip(tp["prompt"], tp["context"], strict=True)]
+        fig.add_trace(go.Bar(x=tp["max_act"], y=labels, orientation="h", marker_color="#444", text=tp["register"],
+                             textposition="inside", showlegend=False,
+                             hovertemplate="%{y}<br>%{x:.3g}<extra></extra>"), row=2, col=1)
+        fig.update_xaxes(title_text="peak activation", row=2, col=1)
+        fig.update_yaxes(automargin=True)
         fig.update_layout(title=f"Feature {self.feature} at layer {self.layer} ({self.model_name})",
-                          template="plotly_white", showlegend=False, height=max(400, 30 * len(tp) + 150))
+                          template="plotly_white", showlegend=False, height=max(520, 28 * n_top + 340), width=1000)
         return fig
 
     def __repr__(self) -> str:
@@ -777,10 +787,20 @@ class FeatureAblation(Result):
         fig.update_xaxes(title_text="before", row=1, col=1)
         fig.update_yaxes(title_text="after", row=1, col=1)
         fig.update_yaxes(title_text="after - before (logits)", row=1, col=2)
-        fig.update_layout(title=f"{self.mode} feature {self.feature} at layer {self.layer}: flip rate "
-                                f"{self.flip_rate_before:.1%} -> {self.flip_rate_after:.1%} "
-                                f"(exact McNemar p={self.p_flip:.2g}); {self.evaluated_on}",
-                          template="plotly_white")
+        import textwrap
+
+        ml, mh = self.margin_diff_change_ci
+        sub = "<br>".join(textwrap.wrap(
+            f"mean |margin diff| change {self.margin_diff_change:+.3g} [{ml:+.3g}, {mh:+.3g}] logits (bootstrap 95%), "
+            f"Wilcoxon p={self.p_margin_diff:.2g}, random-feature control p={self.p_random:.2g}; flip rate "
+            f"{self.flip_rate_before:.1%} -> {self.flip_rate_after:.1%}, exact McNemar p={self.p_flip:.2g}; "
+            f"{self.evaluated_on}", 120))
+        n_lines = sub.count("<br>") + 1
+        fig.update_layout(title=dict(text=f"{self.mode} feature {self.feature} at layer {self.layer}",
+                                     subtitle=dict(text=sub, font=dict(size=12)), yref="container", y=1,
+                                     yanchor="top", pad=dict(t=14)),
+                          margin=dict(t=80 + 16 * n_lines), height=520 + 16 * n_lines, width=1000,
+                          legend=dict(orientation="h", y=-0.15), template="plotly_white")
         return fig
 
     def __repr__(self) -> str:

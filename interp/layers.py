@@ -54,7 +54,7 @@ def lora_config(layers: Any, *, layers_pattern: str = "language_model.layers", r
 
 
 @dataclass(frozen=True)
-class LayerSelection:
+class LayerSelection(Result):
     """A contiguous window of decoder layers, with the per-layer scores that chose it."""
 
     layers: tuple[int, ...]
@@ -77,10 +77,18 @@ class LayerSelection:
         """(first, last) layer as a fraction of depth: 15-19 of 34 -> (0.44, 0.56)."""
         return self.layers[0] / self.n_layers, self.layers[-1] / self.n_layers
 
-    def to_depth(self, n_layers: int) -> LayerSelection:
-        """The same relative window in a model with ``n_layers`` layers (15-19 of 34 -> 14-18 of 32)."""
-        if n_layers < 1:
-            raise InterpError(f"n_layers={n_layers} must be positive")
+    def to_depth(self, n_layers: int | Model) -> LayerSelection:
+        """The same relative window in a model with ``n_layers`` layers (15-19 of 34 -> 14-18 of 32).
+
+        Given a `Model`, it also takes that model's module layout, so that `lora_config` matches its decoder
+        (LLaVA-Rad's ``model.layers`` rather than MedGemma's ``language_model.layers``); given a number, the
+        layout stays this selection's."""
+        pattern = self.layers_pattern
+        if isinstance(n_layers, Model):
+            pattern, n_layers = layers_pattern_of(n_layers.layers_path), n_layers.n_layers
+        if isinstance(n_layers, bool) or not isinstance(n_layers, (int, np.integer)) or n_layers < 1:
+            raise InterpError(f"to_depth({n_layers!r}): pass a positive number of layers or an interp.Model")
+        n_layers = int(n_layers)
         width = len(self.layers)
         if width > n_layers:
             raise InterpError(f"a {width}-layer window does not fit in {n_layers} layers")
@@ -89,7 +97,8 @@ class LayerSelection:
         start = min(max(start, 0), n_layers - width)
         peak = None if self.peak is None else min(int(self.peak / self.n_layers * n_layers), n_layers - 1)
         return LayerSelection(tuple(range(start, start + width)), n_layers, (), f"{self.method}->depth", peak,
-                              self.layers_pattern, {"from": {"layers": list(self.layers), "n_layers": self.n_layers}})
+                              pattern, {"from": {"layers": list(self.layers), "n_layers": self.n_layers,
+                                                 "layers_pattern": self.layers_pattern}})
 
     def lora_config(self, **peft_kwargs: Any):
         """A `peft.LoraConfig` on exactly these language-decoder layers (never the vision tower)."""

@@ -63,6 +63,12 @@ card
 # %%
 ablation = interp.ablate_feature(model, sae, eval_pairs, feature=best, layer=layer, mode="zero")
 rec.pairs("feature_ablation.evaluation", eval_pairs)
-rec.metrics_from("feature_ablation", {"feature": best})
+rec.metrics_from("feature_ablation", {
+    "feature": best, "layer": layer, "mode": "zero", "n_pairs": ablation.n_pairs,
+    "margin_diff_change": ablation.margin_diff_change, "p_margin_diff": ablation.p_margin_diff,
+    "flip_rate_change": ablation.flip_rate_change, "p_flip": ablation.p_flip, "p_random": ablation.p_random})
+for key in ("margin_diff_change_ci", "flip_rate_change_ci"):  # 95% intervals
+    rec.metric(f"feature_ablation.{key}", list(getattr(ablation, key)))
+rec.metric("feature_ablation.tests", ablation.tests)  # the test or interval behind each number
 rec.figure("feature_ablation", ablation.figure())
 ablation

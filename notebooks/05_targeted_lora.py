@@ -64,8 +64,13 @@ rec.table("consistency", comparison.table, caption="Paraphrase consistency befor
 for name, rep in (("before", before), ("after", after)):
     rec.metrics_from(f"consistency.{name}", {"flip_rate": rep.flip_rate, "mean_margin_diff": rep.mean_margin_diff,
                                              "accuracy": rep.accuracy})
-rec.metrics_from("consistency.compare", {"p_z": comparison.p_z, "p_mcnemar": comparison.p_mcnemar,
-                                         "p_wilcoxon": comparison.p_wilcoxon})
+# paired tests first (the same held-out pairs before and after); the study's unpaired z-test is kept, labelled
+rec.metrics_from("consistency.compare", {"p_flip": comparison.p_flip, "flip_test": comparison.flip_test,
+                                         "p_accuracy_paired": comparison.p_accuracy_paired,
+                                         "p_wilcoxon": comparison.p_wilcoxon, "p_z_unpaired": comparison.p_z,
+                                         "relative_margin_diff_delta": comparison.relative_margin_diff_delta,
+                                         "mean_abs_margin_relative": comparison.mean_abs_margin_relative})
+rec.figure("consistency_compare", comparison.figure())
 comparison
 
 # %%

@@ -12,9 +12,11 @@
 # # 06 · Layer-range ablation
 #
 # **Method.** The study found that adapters on early layers reduced margin differences more than adapters
-# on the mechanistically selected middle layers. We train one adapter per layer range (early, selected,
-# late, all) from the same base with identical data, seed and settings, evaluate each on the same held-out
-# pairs, and compare each against the untrained baseline with the study's statistics.
+# on the mechanistically selected middle layers. We train one adapter per layer range in `ranges` (by
+# default early 0-4, middle 7-11 and late 13-17 of Gemma 3 270M's 18 layers; add the window `find_layers`
+# selects, or `"all"`, to compare with those too) from the same base with identical data, seed and settings,
+# evaluate each on the same held-out pairs, and compare each against the untrained baseline with the study's
+# statistics.
 
 # %% tags=["parameters"]
 model_name = "gemma3-270m"
@@ -44,6 +46,4 @@ rec.table("ablation", ablation.table, caption="Layer-range ablation: one adapter
 ablation
 
 # %%
-fig = ablation.figure()
-rec.figure("ablation", fig)
-fig
+rec.figure("ablation", ablation.figure())  # the report above already shows it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -233,3 +234,58 @@ def test_the_manifest_names_the_versions_it_ran_with():
     assert isinstance(manifest["differs_from_lock"], dict)
     locked = locked_versions()
     assert LOCK_FILE.is_file() and {"torch", "transformers", "peft", "sae-lens"} <= set(locked)
+
+
+def test_missing_chromium_is_said_once_and_html_is_still_written(tmp_path, monkeypatch):
+    import warnings
+
+    import plotly.graph_objects as go
+
+    ex = sys.modules["interp.export"]
+
+    monkeypatch.delenv("INTERP_STATIC_WARNED", raising=False)
+    monkeypatch.setattr(ex, "static_export_available", lambda: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = Recorder(tmp_path / "a")
+        Recorder(tmp_path / "b")  # a second recorder in the same process stays quiet
+        rec.figure("f", go.Figure(go.Bar(y=[1, 2])))
+    said = [str(w.message) for w in caught if "PNG and SVG are skipped" in str(w.message)]
+    assert len(said) == 1 and "apt-get install -y chromium" in said[0]
+    assert (tmp_path / "a" / "figures" / "f.html").is_file() and not (tmp_path / "a" / "figures" / "f.png").exists()
+
+
+def test_kaleido_failing_is_said_once_and_exports_go_on(tmp_path, monkeypatch):
+    import warnings
+
+    import plotly.graph_objects as go
+
+    monkeypatch.delenv("INTERP_STATIC_WARNED", raising=False)
+
+    def broken(*_a, **_k):
+        raise RuntimeError("Kaleido requires Google Chrome to be installed.\nmore")
+
+    monkeypatch.setattr(go.Figure, "write_image", broken)
+    rec = Recorder(tmp_path, static=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in ("a", "b"):
+            rec.figure(name, go.Figure(go.Bar(y=[1, 2])))
+    said = [str(w.message) for w in caught if "PNG and SVG are skipped" in str(w.message)]
+    assert len(said) == 1 and "Kaleido requires Google Chrome" in said[0] and "chromium" in said[0]
+    assert (tmp_path / "figures" / "b.html").is_file()
+
+
+def test_export_bars_name_their_notebook(tmp_path, monkeypatch):
+    import papermill
+
+    seen = []
+
+    def fake(src, dst, **kw):
+        seen.append(kw["progress_bar"])
+        shutil.copy(src, dst)
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    interp.export(tmp_path / "out", notebooks=["01_capture", "04_find_layers"],
+                  parameters={"model_name": "tiny-medgemma"})
+    assert seen == [{"desc": "01_capture"}, {"desc": "04_find_layers"}]
