@@ -7,12 +7,17 @@ forward pass after the last requested layer, and (with ``cache=``) writes safete
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import inspect
 import json
+import operator
 import os
 import re
+import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,8 +34,14 @@ from interp._errors import InterpError
 from interp._io import atomic_write_text, file_sha256
 from interp.models import Batch, Model, Prompt, _as_prompt, as_dtype
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so concurrent runs into one folder are not serialised
+    fcntl = None
+
 FORMAT = "interp.activations/1"
 DEFAULT_CACHE_ROOT = Path("sae_cache")
+LOCK_FILE = ".lock"  # flock()ed by the run using a cache folder; never deleted (see `_FolderLock`)
 Positions = Literal["last", "all", "question"] | Callable[..., Any]
 
 
@@ -46,6 +57,15 @@ class TokenInfo(NamedTuple):
 
 class CacheError(InterpError):
     """The on-disk activation cache is missing a piece or is corrupt."""
+
+
+class _ShardDamaged(CacheError):
+    """A listed shard is missing, truncated or fails its hash. The workbench wrote it, so `capture`
+    recomputes it (with a `CacheWarning`) instead of failing."""
+
+
+class CacheWarning(UserWarning):
+    """A cache shard was recomputed, or a run waited for another run on the same cache folder."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -256,70 +276,73 @@ def _versions() -> dict[str, str]:
             "safetensors": safetensors.__version__}
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1))
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:60] or "model"
 
 
 def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, positions: Positions = "last",
             cache: str | os.PathLike | bool | None = None, batch_size: int | None = None,
-            exclude: Sequence[str] = (), dtype: Any = None, shard_size: int = 256,
+            exclude: Sequence[str] | str = (), dtype: Any = None, shard_size: int = 256,
             recompute: bool = False, progress: bool = True) -> Activations:
     """Capture residual-stream activations (``blocks.{L}.hook_resid_post``) at the chosen positions.
 
     ``cache``: ``True`` for ``sae_cache/``, or a folder; each (model, prompts, layers, positions, dtype)
-    gets its own subfolder of safetensors shards and a ``manifest.json``. ``exclude`` (with
-    ``positions="all"``) drops ``"special"`` and/or ``"image"`` tokens; padding is never kept.
+    gets its own subfolder of safetensors shards and a ``manifest.json``. A run holds a lock on that
+    subfolder, so a second run with the same inputs waits and then reads what the first wrote; a shard
+    found damaged is recomputed with a `CacheWarning`. ``exclude`` (with ``positions="all"``) drops
+    ``"special"`` and/or ``"image"`` tokens; padding is never kept.
     """
-    items = [_as_prompt(p) for p in prompts]
-    if not items:
-        raise InterpError("prompts is empty: pass at least one prompt to capture")
+    if not isinstance(model, Model):
+        raise InterpError(f"capture() takes an interp.Model, got {type(model).__name__}; load one with "
+                          "interp.load(...) or wrap a Hugging Face model with interp.Model.wrap(hf_model, processor)")
+    items = _check_prompts(prompts)
     layer_list = model.check_layers(layers)
-    if not (callable(positions) or positions in ("last", "all", "question")):
+    if not (callable(positions) or (isinstance(positions, str) and positions in ("last", "all", "question"))):
         raise InterpError(f"positions={positions!r}: use 'last', 'all', 'question' or a callable")
-    bad = set(exclude) - {"special", "image"}
-    if bad:
-        raise InterpError(f"exclude={sorted(bad)}: only 'special' and 'image' can be excluded")
-    out_dtype = as_dtype(dtype) if dtype is not None else model.dtype
+    exclude = _check_exclude(exclude, positions)
+    if dtype is None:  # the model's own dtype (float32 for one whose first weights are quantised integers)
+        out_dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    else:
+        out_dtype = as_dtype(dtype)
+    if not out_dtype.is_floating_point:
+        raise InterpError(f"dtype={dtype!r}: activations are stored in a floating-point dtype ('float32', "
+                          "'bfloat16', 'float16'); an integer dtype would truncate them")
     if batch_size is None:
         batch_size = 16 if model.device.type == "cuda" else 8
-    if batch_size < 1 or shard_size < 1:
-        raise InterpError("batch_size and shard_size must be >= 1")
+    batch_size, shard_size = _count("batch_size", batch_size), _count("shard_size", shard_size)
     label = _positions_label(positions)
     shards = [(s, min(s + shard_size, len(items))) for s in range(0, len(items), shard_size)]
 
     folder = None
-    manifest: dict[str, Any] | None = None
-    if cache not in (None, False):
+    if cache is not None and cache is not False:
+        if not isinstance(cache, (str, os.PathLike)) and cache is not True:
+            raise InterpError(f"cache={cache!r}: pass True (for '{DEFAULT_CACHE_ROOT}/'), a folder path, or None")
         root = DEFAULT_CACHE_ROOT if cache is True else Path(cache)
         key_src = {"model": model.name, "weights": model.fingerprint, "prompts": _prompt_digest(items),
                    "layers": layer_list, "positions": label, "exclude": sorted(exclude),
                    "dtype": str(out_dtype), "shard_size": shard_size, "format": FORMAT}
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
         folder = root / f"{_slug(model.name)}-{key}"
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest = _open_manifest(folder, key, key_src, model, len(items), recompute)
+        _make_folder(folder, cache)
 
-    done = {tuple(s["prompts"]): s for s in manifest["shards"]} if manifest else {}
-    todo = [s for s in shards if s not in done]
-    results: dict[tuple[int, int], dict[str, Tensor]] = {}
-    if todo:
-        bar = tqdm(total=sum(e - s for s, e in todo), desc=f"capture {model.name}", unit="prompt",
-                   disable=not progress, leave=False)
-        try:
-            results.update(_run_shards(model, items, todo, layer_list, positions, exclude, out_dtype, batch_size,
-                                       folder, manifest, bar))
-        finally:
-            bar.close()
-    if manifest is not None:
-        manifest["complete"] = True
-        _atomic_json(folder / "manifest.json", manifest)
-    for s, e in shards:
-        if (s, e) not in results:
-            results[(s, e)] = _read_shard(folder, done[(s, e)])
+    with _FolderLock(folder) if folder is not None else contextlib.nullcontext() as lock:
+        manifest: dict[str, Any] | None = None
+        results: dict[tuple[int, int], dict[str, Tensor]] = {}
+        if folder is not None:
+            manifest = _open_manifest(folder, key, key_src, model, len(items), recompute, locked=lock.locked)
+            results = _read_done_shards(folder, manifest, shards, layer_list, model.d_model, out_dtype)
+        todo = [s for s in shards if s not in results]
+        if todo:
+            bar = tqdm(total=sum(e - s for s, e in todo), desc=f"capture {model.name}", unit="prompt",
+                       disable=not progress, leave=False)
+            try:
+                results.update(_run_shards(model, items, todo, layer_list, positions, exclude, out_dtype,
+                                           batch_size, folder, manifest, bar))
+            finally:
+                bar.close()
+        if manifest is not None and not manifest["complete"]:
+            manifest["complete"] = True
+            _atomic_json(folder / "manifest.json", manifest)
     parts = [results[s] for s in shards]
     join = (lambda key: parts[0][key]) if len(parts) == 1 else (lambda key: torch.cat([p[key] for p in parts]))
     return Activations(acts={i: join(f"layer_{i}") for i in layer_list}, prompt_index=join("prompt_index"),
@@ -328,10 +351,80 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
                        meta={"layers": layer_list, "exclude": sorted(exclude), "dtype": str(out_dtype)})
 
 
+def _check_prompts(prompts: Any) -> list[Prompt]:
+    if isinstance(prompts, (str, bytes, Prompt, dict)):
+        text = prompts.question if isinstance(prompts, Prompt) else prompts
+        short = repr(text if len(str(text)) <= 40 else f"{str(text)[:37]}...")
+        raise InterpError(f"prompts is a single {type(prompts).__name__} ({short}), not a list of prompts; pass a "
+                          f"list, e.g. capture(model, [{short}], ...)")
+    try:
+        given = list(prompts)
+    except TypeError:
+        raise InterpError(f"prompts must be a list of prompts (str, Prompt, dict or tuple), got "
+                          f"{type(prompts).__name__}") from None
+    if not given:
+        raise InterpError("prompts is empty: pass at least one prompt to capture")
+    return [_as_prompt(p, i) for i, p in enumerate(given)]
+
+
+def _check_exclude(exclude: Any, positions: Positions) -> tuple[str, ...]:
+    """``exclude`` as a tuple of names; one name given as a plain string counts as one item."""
+    if exclude is None:
+        return ()
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    try:
+        names = tuple(dict.fromkeys(exclude))
+    except TypeError:
+        raise InterpError(f"exclude={exclude!r}: pass a list of 'special' and/or 'image'") from None
+    bad = [e for e in names if e not in ("special", "image")]
+    if bad:
+        raise InterpError(f"exclude={sorted(bad, key=str)}: only 'special' and 'image' can be excluded")
+    if names and positions != "all":
+        raise InterpError(f"exclude={list(names)} applies to positions='all' only: 'question' already leaves out "
+                          "special and image tokens, 'last' is one fixed token, and a positions callable sees "
+                          "info.special_mask and info.image_mask")
+    return names
+
+
+_COUNT_MEANS = {"batch_size": "prompts per forward pass; None picks 16 on a GPU, 8 on the CPU",
+                "shard_size": "prompts per cache shard; the default is 256"}
+
+
+def _count(name: str, value: Any) -> int:
+    """A whole number >= 1 (ints of any integer type), or an `InterpError` naming ``name``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise InterpError(f"{name}={value!r}: pass a whole number >= 1 ({_COUNT_MEANS[name]})") from None
+    if n < 1:
+        raise InterpError(f"{name}={n}: must be >= 1 ({_COUNT_MEANS[name]})")
+    return n
+
+
+def _make_folder(folder: Path, given: Any) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = next((p for p in [folder, *folder.parents] if p.exists()), None)
+        if where is not None and not where.is_dir():
+            raise CacheError(f"cache={str(given)!r}: '{where}' is a file, not a folder; pass a folder "
+                             "(it is created if missing)") from None
+        raise CacheError(f"cache={str(given)!r}: cannot create the cache folder '{folder}' ({e.strerror or e}); "
+                         "pass a folder you can write to") from None
+
+
 def _prepare_batch(model: Model, items: list[Prompt], lo: int, hi: int, positions: Positions,
                    exclude: Sequence[str], pin: bool) -> tuple[Batch, Tensor, dict[str, Tensor]]:
     """Tokenise prompts ``lo:hi`` on the host: (batch, selection, row metadata)."""
     batch = model.encode(items[lo:hi], device="cpu")
+    limit = model.context_length
+    if limit is not None and int(batch.lengths.max()) > limit:
+        i = int(torch.argmax((batch.lengths > limit).int()))
+        raise InterpError(f"prompt {lo + i} is {int(batch.lengths[i])} tokens long, but '{model.name}' takes at "
+                          f"most {limit} (its context length): shorten that prompt or leave it out")
     sel = position_mask(model, batch, positions, exclude)
     rows, pos = sel.nonzero(as_tuple=True)  # row-major: prompt order, then position order
     meta = {"prompt_index": rows + lo, "position": pos, "token_id": batch.input_ids[rows, pos]}
@@ -441,23 +534,142 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _open_manifest(folder: Path, key: str, key_src: dict, model: Model, n: int, recompute: bool) -> dict:
+class _FolderLock:
+    """An advisory ``flock`` on ``folder/.lock`` for as long as a run uses the folder: exclusive for a
+    capture (it writes), shared for `load_activations`. A second run waits for the first. The kernel
+    drops the lock when its holder exits, even by kill -9, so a dead run never blocks the next, and a run
+    holding the exclusive lock knows that any ``.tmp`` file in the folder is a dead run's leftover."""
+
+    def __init__(self, folder: Path, *, shared: bool = False):
+        self.folder, self.shared = folder, shared
+        self.fd: int | None = None
+        self.locked = False
+
+    def __enter__(self) -> _FolderLock:
+        if fcntl is None:
+            return self
+        path, writable = self.folder / LOCK_FILE, True
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            try:  # a read-only cache (shipped with a paper, say): flock works on a read-only descriptor too
+                self.fd, writable = os.open(path, os.O_RDONLY), False
+            except OSError:
+                return self  # a folder nobody here can write to: no run of ours can be writing it
+        mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
+        try:
+            try:
+                fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+                warnings.warn(f"another capture (pid {holder}) is using the cache folder '{self.folder}': waiting "
+                              "for it to finish, then this run reads or completes what it wrote", CacheWarning,
+                              stacklevel=3)
+                fcntl.flock(self.fd, mode)
+        except OSError as e:  # a file system without locks (some network mounts)
+            warnings.warn(f"cannot lock the cache folder '{self.folder}' ({e.strerror or e}); runs into it at the "
+                          "same time are not serialised, and leftover .tmp files are kept", CacheWarning,
+                          stacklevel=3)
+            return self
+        except BaseException:  # interrupted while waiting
+            self.__exit__()
+            raise
+        self.locked = True
+        if writable and not self.shared:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            if self.locked:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd, self.locked = None, False
+
+
+SHARD_FIELDS = {"file": str, "prompts": list, "rows": int, "sha256": str}
+MANIFEST_FIELDS = {"format": str, "key": str, "shards": list, "complete": bool, "n_prompts": int, "layers": list,
+                   "positions": str, "exclude": list, "dtype": str, "model": str}
+
+
+def _shard_name(span: tuple[int, int]) -> str:
+    return f"shard_{span[0]:08d}_{span[1]:08d}.safetensors"
+
+
+def _is(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _check_manifest(manifest: Any, path: Path, fix: str) -> dict:
+    """A manifest read from disk is data, not trusted: its shape, its types, and every shard entry's file
+    name (a plain name inside the folder, the one its prompt range is stored under) are checked."""
+    if not isinstance(manifest, dict):
+        raise CacheError(f"cache manifest '{path}' holds a JSON {type(manifest).__name__}, not an object; {fix}")
+    for name, kind in MANIFEST_FIELDS.items():
+        if name not in manifest:
+            raise CacheError(f"cache manifest '{path}' has no '{name}' entry; {fix}")
+        if not _is(manifest[name], kind):
+            raise CacheError(f"cache manifest '{path}': '{name}' is {manifest[name]!r}, not a {kind.__name__}; {fix}")
+    if manifest["format"] != FORMAT:
+        raise CacheError(f"cache manifest '{path}' has format {manifest['format']!r}; this version of interp reads "
+                         f"{FORMAT!r}; {fix}")
+    if not all(_is(i, int) and i >= 0 for i in manifest["layers"]) or not manifest["layers"]:
+        raise CacheError(f"cache manifest '{path}': 'layers' is {manifest['layers']!r}, not a list of layer "
+                         f"numbers; {fix}")
+    n, end = manifest["n_prompts"], 0
+    for k, entry in enumerate(manifest["shards"]):
+        shown = repr(entry) if len(repr(entry)) <= 160 else repr(entry)[:157] + "..."
+        where = f"cache manifest '{path}', shards[{k}] = {shown}"
+        if not isinstance(entry, dict):
+            raise CacheError(f"{where} is not an object; {fix}")
+        for name, kind in SHARD_FIELDS.items():
+            if not _is(entry.get(name), kind):
+                raise CacheError(f"{where}: '{name}' is missing or not a {kind.__name__}; {fix}")
+        span = entry["prompts"]
+        if len(span) != 2 or not all(_is(i, int) for i in span) or not 0 <= span[0] < span[1] <= n:
+            raise CacheError(f"{where}: 'prompts' must be [first, end) inside 0-{n}; {fix}")
+        file, expected = entry["file"], _shard_name(tuple(span))
+        if file != expected:
+            if Path(file).is_absolute() or Path(file).name != file or file in (".", ".."):
+                raise CacheError(f"{where}: '{file}' points outside the cache folder; shard files are plain names "
+                                 f"inside it (here '{expected}'); {fix}")
+            raise CacheError(f"{where}: it names '{file}', but the rows of prompts {span[0]}-{span[1]} are stored in "
+                             f"'{expected}'; {fix}")
+        if entry["rows"] < 0:
+            raise CacheError(f"{where}: 'rows' is negative; {fix}")
+    spans = sorted(tuple(e["prompts"]) for e in manifest["shards"])
+    for lo, hi in spans:
+        if lo < end:
+            raise CacheError(f"cache manifest '{path}' lists overlapping shards (prompts {lo}-{hi} and an earlier "
+                             f"one ending at {end}); {fix}")
+        end = hi
+    if manifest["complete"] and (sum(hi - lo for lo, hi in spans) != n):
+        raise CacheError(f"cache manifest '{path}' says complete, but its shards cover "
+                         f"{sum(hi - lo for lo, hi in spans)} of {n} prompts; {fix}")
+    return manifest
+
+
+def _open_manifest(folder: Path, key: str, key_src: dict, model: Model, n: int, recompute: bool,
+                   locked: bool = True) -> dict:
+    """The folder's manifest (checked), or a fresh one. Called with the folder's exclusive lock held
+    (``locked=False`` where the file system has no locks: stray files are then left alone)."""
     path = folder / "manifest.json"
-    for stray in folder.glob(".*.tmp*"):  # leftovers of a killed writer: never trusted
-        stray.unlink(missing_ok=True)
+    if locked:  # leftovers of a killed writer: no live run can own them, since we hold the lock
+        for stray in folder.glob(".*.tmp*"):
+            with contextlib.suppress(OSError):
+                stray.unlink()
+    fix = "pass recompute=True to capture() to rebuild the cache"
     if path.is_file() and not recompute:
         try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CacheError(f"cache manifest '{path}' is corrupt ({e}); delete '{folder}' or pass "
-                             "recompute=True") from e
-        if manifest.get("key") != key:
-            raise CacheError(f"cache folder '{folder}' belongs to other inputs; delete it or pass recompute=True")
-        for s in manifest["shards"]:
-            f = folder / s["file"]
-            if not f.is_file():
-                raise CacheError(f"cache shard '{f}' is missing (manifest lists it); delete '{folder}' or pass "
-                                 "recompute=True to rebuild it")
+            manifest = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CacheError(f"cache manifest '{path}' is not valid JSON ({e}); {fix}") from e
+        _check_manifest(manifest, path, fix)
+        if manifest["key"] != key or manifest["n_prompts"] != n or manifest["layers"] != key_src["layers"] \
+                or manifest["dtype"] != key_src["dtype"]:
+            raise CacheError(f"cache folder '{folder}' belongs to other inputs (its manifest's key, prompt count, "
+                             f"layers or dtype differ from this run's); {fix}")
         return manifest
     for old in folder.glob("shard_*.safetensors"):
         old.unlink()
@@ -468,41 +680,137 @@ def _open_manifest(folder: Path, key: str, key_src: dict, model: Model, n: int, 
     return manifest
 
 
-def _write_shard(folder: Path, manifest: dict, span: tuple[int, int], tensors: dict[str, Tensor]) -> None:
-    name = f"shard_{span[0]:08d}_{span[1]:08d}.safetensors"
-    tmp = folder / f".{name}.tmp{os.getpid()}"
-    save_file(tensors, str(tmp))
-    digest = file_sha256(tmp)
-    os.replace(tmp, folder / name)
-    manifest["shards"].append({"file": name, "prompts": list(span), "rows": int(tensors["prompt_index"].numel()),
-                               "sha256": digest})
-    manifest["shards"].sort(key=lambda s: s["prompts"][0])
-    _atomic_json(folder / "manifest.json", manifest)
+def _read_done_shards(folder: Path, manifest: dict, shards: list[tuple[int, int]], layers: list[int], d_model: int,
+                      dtype: torch.dtype) -> dict[tuple[int, int], dict[str, Tensor]]:
+    """Read every shard the manifest lists. A missing, truncated or corrupt one (the workbench wrote it) is
+    dropped from the manifest with a `CacheWarning` so that this run recomputes it."""
+    fix = "pass recompute=True to capture() to rebuild the cache"
+    done, damaged = {}, []
+    for entry in manifest["shards"]:
+        span = tuple(entry["prompts"])
+        if span not in shards:
+            raise CacheError(f"cache manifest '{folder / 'manifest.json'}' lists prompts {span[0]}-{span[1]}, which is "
+                             f"not a shard of this run; {fix}")
+        try:
+            done[span] = _read_shard(folder, entry, layers=layers, d_model=d_model, dtype=dtype, fix=fix)
+        except _ShardDamaged as e:
+            damaged.append(entry)
+            warnings.warn(f"{e}; recomputing it", CacheWarning, stacklevel=3)
+    if damaged:
+        manifest["shards"] = [e for e in manifest["shards"] if e not in damaged]
+        manifest["complete"] = False
+        _atomic_json(folder / "manifest.json", manifest)
+    return done
 
 
-def _read_shard(folder: Path, entry: dict) -> dict[str, Tensor]:
-    path = folder / entry["file"]
-    if not path.is_file():
-        raise CacheError(f"cache shard '{path}' is missing; delete '{folder}' or pass recompute=True")
-    if file_sha256(path) != entry["sha256"]:
-        raise CacheError(f"cache shard '{path}' is corrupt (sha256 mismatch); delete it and rerun to "
-                         "recompute it, or pass recompute=True")
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _write_failed(folder: Path, what: str, e: Exception, need: int | None = None) -> CacheError:
     try:
-        return load_file(str(path))
+        free = _human(shutil.disk_usage(folder).free)
+    except OSError:
+        free = "unknown"
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+        size = f"; it needs about {_human(need)}" if need else ""
+        return CacheError(f"no space left on the disk of cache folder '{folder}' while writing {what} ({free} free"
+                          f"{size}). Free some space or pass cache= a folder on a larger disk, then rerun: shards "
+                          "already written are kept and the run resumes from the first missing one")
+    return CacheError(f"could not write {what} in cache folder '{folder}' ({e}; {free} free). Check that the folder "
+                      "is writable, then rerun: shards already written are kept")
+
+
+def _write_shard(folder: Path, manifest: dict, span: tuple[int, int], tensors: dict[str, Tensor]) -> None:
+    name = _shard_name(span)
+    tmp = folder / f".{name}.tmp{os.getpid()}"
+    try:
+        save_file(tensors, str(tmp))
+        digest = file_sha256(tmp)
+        os.replace(tmp, folder / name)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        raise _write_failed(folder, f"shard '{name}'", e, need) from e
+    entry = {"file": name, "prompts": list(span), "rows": int(tensors["prompt_index"].numel()), "sha256": digest}
+    # the manifest lists the shard only once that listing is on disk: a failed write leaves no stale entry
+    listed = sorted([*manifest["shards"], entry], key=lambda s: s["prompts"][0])
+    _atomic_json(folder / "manifest.json", {**manifest, "shards": listed})
+    manifest["shards"] = listed
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    try:
+        atomic_write_text(path, json.dumps(obj, indent=1))
+    except OSError as e:
+        for stray in path.parent.glob(f".{path.name}.tmp{os.getpid()}*"):
+            stray.unlink(missing_ok=True)
+        raise _write_failed(path.parent, f"'{path.name}'", e) from e
+
+
+def _read_shard(folder: Path, entry: dict, *, layers: Sequence[int], d_model: int | None, dtype: Any,
+                fix: str) -> dict[str, Tensor]:
+    """One shard's tensors, checked against its manifest entry (hash, keys, row count, prompt range)."""
+    path = folder / entry["file"]
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise CacheError(f"cache shard '{path}' is not a plain file (the workbench writes only plain files); {fix}")
+    if not path.is_file():
+        raise _ShardDamaged(f"cache shard '{path}' is missing")
+    if file_sha256(path) != entry["sha256"]:
+        raise _ShardDamaged(f"cache shard '{path}' is corrupt (sha256 mismatch: truncated or overwritten)")
+    try:
+        tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise CacheError(f"cache shard '{path}' is corrupt ({e}); delete it or pass recompute=True") from e
+        raise _ShardDamaged(f"cache shard '{path}' is unreadable ({e})") from e
+    lo, hi = entry["prompts"]
+    where = f"cache shard '{path}' (manifest entry for prompts {lo}-{hi})"
+    need = ["prompt_index", "position", "token_id", *(f"layer_{i}" for i in layers)]
+    missing = [k for k in need if k not in tensors]
+    if missing:
+        raise CacheError(f"{where} has no tensor {missing[0]!r}; {fix}")
+    rows = entry["rows"]
+    for k in need:
+        t = tensors[k]
+        if t.dim() != (2 if k.startswith("layer_") else 1) or t.shape[0] != rows:
+            raise CacheError(f"{where}: {k!r} has shape {tuple(t.shape)}, but the entry records {rows} rows; {fix}")
+        if k.startswith("layer_") and ((d_model is not None and t.shape[1] != d_model)
+                                       or (dtype is not None and str(t.dtype) != str(dtype))):
+            raise CacheError(f"{where}: {k!r} is {tuple(t.shape)} {t.dtype}, expected d_model={d_model} and {dtype}; "
+                             f"{fix}")
+    index = tensors["prompt_index"]
+    if rows and (int(index.min()) < lo or int(index.max()) >= hi or bool((index.diff() < 0).any())):
+        raise CacheError(f"{where} holds rows of prompts {int(index.min())}-{int(index.max())}, outside {lo}-{hi - 1}: "
+                         f"the file belongs to another shard; {fix}")
+    return tensors
 
 
 def load_activations(folder: str | os.PathLike) -> Activations:
-    """Read a cache folder written by `capture` (checks every shard's hash)."""
+    """Read a cache folder written by `capture` (checks the manifest and every shard's hash, rows and prompts)."""
     folder = Path(folder)
     path = folder / "manifest.json"
     if not path.is_file():
         raise CacheError(f"no manifest.json in '{folder}': not an activation cache folder")
-    manifest = json.loads(path.read_text())
-    if not manifest.get("complete"):
-        raise CacheError(f"cache '{folder}' is incomplete (an interrupted run); rerun capture() to resume it")
-    parts = [_read_shard(folder, s) for s in manifest["shards"]]
+    fix = "rebuild it by rerunning the capture() that wrote it with recompute=True"
+    with _FolderLock(folder, shared=True):
+        try:
+            manifest = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CacheError(f"cache manifest '{path}' is not valid JSON ({e}); {fix}") from e
+        _check_manifest(manifest, path, fix)
+        if not manifest["complete"]:
+            raise CacheError(f"cache '{folder}' is incomplete (an interrupted run); rerun capture() to resume it")
+        d_model = manifest.get("d_model") if _is(manifest.get("d_model"), int) else None
+        parts = []
+        for entry in sorted(manifest["shards"], key=lambda e: e["prompts"][0]):
+            try:
+                parts.append(_read_shard(folder, entry, layers=manifest["layers"], d_model=d_model,
+                                         dtype=manifest["dtype"], fix=fix))
+            except _ShardDamaged as e:
+                raise CacheError(f"{e}; rerun the capture() that wrote it: it recomputes damaged shards") from e
     acts = {i: torch.cat([p[f"layer_{i}"] for p in parts]) for i in manifest["layers"]}
     return Activations(acts=acts, prompt_index=torch.cat([p["prompt_index"] for p in parts]),
                        position=torch.cat([p["position"] for p in parts]),

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from interp import models
 from interp._errors import InterpError
 from interp._results import Result, jsonable
 from interp.export import pairs_digest
@@ -319,23 +320,8 @@ def _depth(config: dict[str, Any]) -> int | None:
 
 def check_device(device: Any, *, what: str = "device") -> None:
     """Raise `InterpError` if ``device`` is not a torch device this machine has (None: the default)."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise InterpError(f"{what}: {device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise InterpError(f"{what}: {device!r}, but this machine has no CUDA GPU visible to torch "
-                              f"(torch {torch.__version__}); use 'cpu' or leave it unset")
-        if dev.index is not None and dev.index >= count:
-            raise InterpError(f"{what}: {device!r}, but this machine has {count} CUDA GPU(s): cuda:0-cuda:{count - 1}")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InterpError(f"{what}: 'mps' is not available on this machine; use 'cpu'")
+    if device is not None:
+        models.check_device(device, what=what)
 
 
 def check_sae_source(release: Any, sae_id: str | None, *, what: str = "sae") -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import shutil
 import tempfile
@@ -231,23 +232,66 @@ class Model:
         return f"blocks.{self.check_layers([i])[0]}.hook_{site}"
 
     def check_layers(self, layers: Any) -> list[int]:
-        """Normalise ``layers`` (int, iterable, 'all') to a sorted list; clear error if out of range."""
-        if isinstance(layers, str):
-            if layers != "all":
-                raise InterpError(f"layers={layers!r}: pass an int, a list of ints, or 'all'")
+        """Normalise ``layers`` (an int, an iterable of ints, a `LayerSelection` or ``'all'``) to a sorted list.
+
+        Integral values of any integer type (numpy, 0-d tensors, ``2.0``, ``"2"``) are accepted; bools,
+        fractions, other strings and negative indices are refused (name the layer: the last is
+        ``n_layers - 1``), so that no typo silently selects a layer."""
+        if isinstance(layers, str) and layers.strip() == "all":
             return list(range(self.n_layers))
-        if hasattr(layers, "layers") and not isinstance(layers, nn.Module):  # a LayerSelection
+        given = layers
+        if hasattr(layers, "layers") and not isinstance(layers, (nn.Module, str)):  # a LayerSelection
             layers = layers.layers
-        if isinstance(layers, int):
+        if isinstance(layers, (str, bytes, bool, int, float, np.integer, np.floating)) or (
+                isinstance(layers, Tensor) and layers.dim() == 0):
             layers = [layers]
-        out = sorted({int(i) for i in layers})
+        try:
+            items = list(layers)
+        except TypeError:
+            raise InterpError(f"layers={given!r}: pass an int, a list of ints, or 'all'") from None
+        out = sorted({self._layer_index(i, given) for i in items})
         if not out:
             raise InterpError("layers is empty: name at least one decoder layer")
-        bad = [i for i in out if not 0 <= i < self.n_layers]
+        bad = [i for i in out if i >= self.n_layers]
         if bad:
             raise InterpError(f"layer {bad[0]} is out of range: '{self.name}' has {self.n_layers} decoder "
                               f"layers (0-{self.n_layers - 1})")
         return out
+
+    def _layer_index(self, value: Any, given: Any) -> int:
+        what = f"layers={given!r}"
+        if isinstance(value, (bool, np.bool_)) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+            raise InterpError(f"{what}: a bool is not a layer index; pass an int such as 0-{self.n_layers - 1}")
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise InterpError(f"{what}: {value!r} is not a layer number; pass ints such as 0-"
+                                  f"{self.n_layers - 1} or 'all'") from None
+        elif isinstance(value, (float, np.floating)) or (isinstance(value, Tensor) and value.is_floating_point()):
+            if not float(value).is_integer():
+                raise InterpError(f"{what}: {float(value)} is not a whole layer number; pass ints such as 0-"
+                                  f"{self.n_layers - 1}")
+            value = int(value)
+        try:
+            index = operator.index(value)
+        except TypeError:
+            raise InterpError(f"{what}: {type(value).__name__} {value!r} is not a layer index; pass ints "
+                              f"such as 0-{self.n_layers - 1} or 'all'") from None
+        if index < 0:
+            raise InterpError(f"{what}: negative layer indices are not accepted (is {index} meant as layer "
+                              f"{self.n_layers + index}?); '{self.name}' has layers 0-{self.n_layers - 1}")
+        return index
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest input the model takes, in tokens: the smaller of the config's
+        ``max_position_embeddings`` and the tokenizer's ``model_max_length`` (None when neither is set)."""
+        limits = [getattr(self.text_config, "max_position_embeddings", None),
+                  getattr(self.tokenizer, "model_max_length", None)]
+        # tokenizers without a limit report a huge sentinel (int(1e30))
+        limits = [int(v) for v in limits if isinstance(v, (int, np.integer)) and 0 < v < 10**9]
+        return min(limits) if limits else None
 
     def final_norm(self) -> nn.Module | None:
         """The norm applied after the last decoder layer (HF's last hidden state includes it)."""
@@ -329,7 +373,7 @@ class Model:
         and position masks."""
         if len(prompts) == 0:
             raise InterpError("prompts is empty: pass at least one prompt")
-        items = [_as_prompt(p) for p in prompts]
+        items = [_as_prompt(p, i) for i, p in enumerate(prompts)]
         if not self.is_multimodal:
             with_image = [i for i, p in enumerate(items) if p.image is not None]
             if with_image:
@@ -410,16 +454,30 @@ class Model:
                 f"dtype={self.dtype}, device={self.device})")
 
 
-def _as_prompt(p: Any) -> Prompt:
+def _as_prompt(p: Any, index: int | None = None) -> Prompt:
+    where = f"prompt {index}" if index is not None else "a prompt"
     if isinstance(p, Prompt):
-        return p
-    if isinstance(p, str):
-        return Prompt(p)
-    if isinstance(p, dict):
-        return Prompt(p["question"], p.get("image"), p.get("context"))
-    if isinstance(p, tuple):
-        return Prompt(*p)
-    raise InterpError(f"a prompt must be a str, a Prompt, a dict or a tuple, got {type(p).__name__}")
+        out = p
+    elif isinstance(p, str):
+        out = Prompt(p)
+    elif isinstance(p, dict):
+        if "question" not in p:
+            raise InterpError(f"{where} is a dict without a 'question' key (keys: {sorted(map(str, p))}); "
+                              "give {'question': ..., 'image': ..., 'context': ...}")
+        out = Prompt(p["question"], p.get("image"), p.get("context"))
+    elif isinstance(p, tuple):
+        if not 1 <= len(p) <= 3:
+            raise InterpError(f"{where} is a tuple of {len(p)} items; give (question, image, context) with "
+                              "image and context optional")
+        out = Prompt(*p)
+    else:
+        raise InterpError(f"{where} must be a str, a Prompt, a dict or a tuple, got {type(p).__name__}")
+    if not isinstance(out.question, str):
+        raise InterpError(f"{where}: the question must be a str, got {type(out.question).__name__} "
+                          f"{out.question!r}; join a list of parts into one string first")
+    if out.context is not None and not isinstance(out.context, str):
+        raise InterpError(f"{where}: the context must be a str or None, got {type(out.context).__name__}")
+    return out
 
 
 def _default_answer_words(tok_or_proc: Any, chat: bool) -> tuple[str, str]:
@@ -442,11 +500,40 @@ def as_dtype(dtype: Any) -> torch.dtype:
     return found
 
 
+def check_device(device: Any, *, what: str = "device") -> torch.device:
+    """The torch device ``device`` names (None: the first GPU if there is one, else the CPU); an
+    `InterpError` if it is not a device this machine has."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InterpError(f"{what}={device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InterpError(f"{what}={device!r}, but this machine has no CUDA GPU visible to torch "
+                              f"(torch {torch.__version__}); use 'cpu' or leave {what} unset")
+        if dev.index is not None and dev.index >= count:
+            raise InterpError(f"{what}={device!r}, but this machine has {count} CUDA GPU(s): "
+                              f"cuda:0-cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InterpError(f"{what}='mps' is not available on this machine; use 'cpu'")
+    elif dev.type != "cpu":
+        raise InterpError(f"{what}={device!r}: the workbench runs on 'cpu', 'cuda' or 'mps'")
+    return dev
+
+
 def _resolve_device_dtype(device: Any, dtype: Any) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = check_device(device)
     if dtype is None:
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, as_dtype(dtype)
+    dt = as_dtype(dtype)
+    if not dt.is_floating_point:
+        raise InterpError(f"dtype={dtype!r}: models run in a floating-point dtype ('float32', 'bfloat16', "
+                          "'float16')")
+    return dev, dt
 
 
 def load(source: str | os.PathLike = "gemma3-270m", *, device: Any = None, dtype: Any = None,
@@ -464,6 +551,8 @@ def load(source: str | os.PathLike = "gemma3-270m", *, device: Any = None, dtype
         looks_local = path.exists() or src.startswith((".", "/", "~")) or src.count("/") > 1
         if looks_local and not path.is_dir():
             raise InterpError(f"model folder not found: '{src}'. Built-in names are {', '.join(BUILTINS)}.")
+        if looks_local:
+            _check_model_folder(path)
         if not looks_local and "/" not in src:
             raise InterpError(f"unknown model {src!r}: use a built-in name ({', '.join(BUILTINS)}), "
                               "a hub id such as 'google/medgemma-4b-it', a local folder or a .gguf file")
@@ -472,7 +561,22 @@ def load(source: str | os.PathLike = "gemma3-270m", *, device: Any = None, dtype
     return model
 
 
+def _check_model_folder(path: Path) -> None:
+    """A local model folder needs a config.json and weights; say which is missing before transformers does."""
+    saved = "point it at a folder written by save_pretrained() or downloaded from the hub"
+    if not any(path.iterdir()):
+        raise InterpError(f"model folder '{path}' is empty; {saved}")
+    if not (path / "config.json").is_file():
+        raise InterpError(f"model folder '{path}' has no config.json; {saved}")
+    weights = [f for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.pth")
+               for f in path.glob(pattern)]
+    if not weights:
+        raise InterpError(f"model folder '{path}' has a config.json but no weights (no *.safetensors or "
+                          f"pytorch_model*.bin); copy the weight files in, or {saved}")
+
+
 def _load_pretrained(src: str, dtype: torch.dtype, *, revision: str | None, trust_remote_code: bool) -> Model:
+    from safetensors import SafetensorError
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -481,21 +585,37 @@ def _load_pretrained(src: str, dtype: torch.dtype, *, revision: str | None, trus
         AutoTokenizer,
     )
 
+    local = Path(src).is_dir()
     kw = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(src, **kw)
-    except OSError as e:
-        raise InterpError(f"could not load '{src}': {e}. If it is a hub id, this machine may have no hub "
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if local:
+            raise InterpError(f"could not read the config of model folder '{src}': {first} Fix or replace its "
+                              "config.json (save_pretrained() writes a valid one).") from e
+        raise InterpError(f"could not load '{src}': {first}. If it is a hub id, this machine may have no hub "
                           "access: download the repository elsewhere and pass its local folder.") from e
     multimodal = getattr(config, "vision_config", None) is not None
-    if multimodal:
-        hf = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, **kw)
-        processor = AutoProcessor.from_pretrained(src, **kw)
-        model = Model.wrap(hf, processor, name=src)
-    else:
-        hf = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
-        tok = AutoTokenizer.from_pretrained(src, **kw)
-        model = Model.wrap(hf, tok, name=src)
+    auto_model = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    try:
+        hf = auto_model.from_pretrained(src, dtype=dtype, **kw)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InterpError(f"could not read the weights of '{src}' ({type(e).__name__}: {first}). A corrupt or "
+                          "truncated weight file (an interrupted download or copy) gives this: download or copy "
+                          "the weights again.") from e
+    try:
+        if multimodal:
+            model = Model.wrap(hf, AutoProcessor.from_pretrained(src, **kw), name=src)
+        else:
+            model = Model.wrap(hf, AutoTokenizer.from_pretrained(src, **kw), name=src)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = "processor (tokenizer and image processor)" if multimodal else "tokenizer"
+        raise InterpError(f"could not load the {what} of '{src}': {first} Save it beside the weights "
+                          "(processor.save_pretrained(folder)) or wrap the model yourself with "
+                          "interp.Model.wrap(hf_model, processor).") from e
     model.source = src
     commit = getattr(config, "_commit_hash", None)
     model.weights_id = f"{src}@{commit}" if commit else None
@@ -534,7 +654,15 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> Model:
     digest = file_sha256(path)[:16]
     folder = cache_home() / "models" / f"gguf-{digest}"
     if not (folder / "model.safetensors").is_file():
-        _convert_gguf(path, folder)
+        try:
+            _convert_gguf(path, folder)
+        except InterpError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InterpError(f"could not read GGUF file '{path}' ({type(e).__name__}: {first}). A truncated "
+                              "download or a quantisation transformers cannot dequantise gives this: download "
+                              "it again, or convert it with llama.cpp's tools to a Hugging Face folder.") from e
     return _from_converted(folder, dtype, name=path.name, weights_id=f"gguf-{digest}")
 
 

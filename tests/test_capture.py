@@ -175,7 +175,7 @@ def test_interrupted_capture_resumes_without_recomputing(tiny_medgemma, tmp_path
     folder = next(tmp_path.iterdir())
     manifest = json.loads((folder / "manifest.json").read_text())
     assert not manifest["complete"] and [s["prompts"] for s in manifest["shards"]] == [[0, 2]]
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "shard_00000000_00000002.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "manifest.json", "shard_00000000_00000002.safetensors"]
     with pytest.raises(CacheError, match="incomplete"):
         load_activations(folder)
     calls.clear()
@@ -187,20 +187,98 @@ def test_interrupted_capture_resumes_without_recomputing(tiny_medgemma, tmp_path
     torch.testing.assert_close(resumed[2], fresh[2])
 
 
-def test_missing_or_corrupt_shard_is_a_clear_error(tiny_llava, tmp_path):
-    acts = interp.capture(tiny_llava, QUESTIONS, layers=[0], cache=tmp_path, shard_size=2, progress=False)
+def test_damaged_or_missing_shard_is_recomputed_with_a_warning(tiny_llava, tmp_path, monkeypatch):
+    kw = dict(layers=[0], cache=tmp_path, shard_size=2, progress=False)
+    acts = interp.capture(tiny_llava, QUESTIONS, **kw)
     shard = acts.path / "shard_00000002_00000004.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-5] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    with pytest.raises(CacheError, match="shard_00000002_00000004.safetensors' is corrupt"):
-        interp.capture(tiny_llava, QUESTIONS, layers=[0], cache=tmp_path, shard_size=2, progress=False)
-    shard.unlink()
-    with pytest.raises(CacheError, match="is missing"):
-        interp.capture(tiny_llava, QUESTIONS, layers=[0], cache=tmp_path, shard_size=2, progress=False)
-    rebuilt = interp.capture(tiny_llava, QUESTIONS, layers=[0], cache=tmp_path, shard_size=2, recompute=True,
-                             progress=False)
-    assert shard.is_file() and len(rebuilt) == len(QUESTIONS)
+    for damage in ("flip a byte", "truncate", "delete"):
+        data = bytearray(shard.read_bytes())
+        if damage == "flip a byte":
+            data[-5] ^= 0xFF
+            shard.write_bytes(bytes(data))
+        elif damage == "truncate":
+            shard.write_bytes(bytes(data[: len(data) // 2]))
+        else:
+            shard.unlink()
+        # a reader without the model cannot recompute: a clear error whose advice works
+        with pytest.raises(CacheError, match="shard_00000002_00000004.safetensors' is (corrupt|missing).*rerun the "
+                                             "capture\\(\\) that wrote it"):
+            load_activations(acts.path)
+        calls = _count_forwards(monkeypatch)
+        with pytest.warns(capture_mod.CacheWarning, match="shard_00000002_00000004.safetensors' is .*recomputing it"):
+            again = interp.capture(tiny_llava, QUESTIONS, **kw)
+        monkeypatch.undo()
+        assert len(calls) == 1  # only the damaged shard (2 prompts, one batch) is recomputed
+        assert torch.equal(again[0], acts[0]) and torch.equal(again.prompt_index, acts.prompt_index)
+        assert torch.equal(load_activations(acts.path)[0], acts[0])
+    rebuilt = interp.capture(tiny_llava, QUESTIONS, recompute=True, **kw)
+    assert shard.is_file() and torch.equal(rebuilt[0], acts[0])
+
+
+def _tamper(folder, edit):
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(manifest)))
+
+
+def _swap_shard_content(folder):
+    """Another shard's file (its hash updated to match) under this shard's name: rows of the wrong prompts."""
+    a, b = folder / "shard_00000000_00000002.safetensors", folder / "shard_00000002_00000004.safetensors"
+    a.write_bytes(b.read_bytes())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = manifest["shards"][1]["sha256"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _set_shard(k, **fields):
+    def edit(m):
+        m["shards"][k].update(fields)
+        return m
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set_shard(0, file="../../other/shard_00000000_00000002.safetensors"), "points outside the cache folder"),
+    (_set_shard(0, file="/etc/passwd"), "points outside the cache folder"),
+    (_set_shard(0, file="shard_00000002_00000004.safetensors"),
+     "names 'shard_00000002_00000004.safetensors', but the rows of prompts 0-2 are stored in "
+     "'shard_00000000_00000002.safetensors'"),
+    ("swap", "holds rows of prompts 2-3, outside 0-1: the file belongs to another shard"),
+    (_set_shard(1, rows=3), "'prompt_index' has shape \\(2,\\), but the entry records 3 rows"),
+    (_set_shard(0, prompts=[0]), "'prompts' must be \\[first, end\\)"),
+    (_set_shard(0, prompts=[0, 99]), "'prompts' must be \\[first, end\\) inside 0-5"),
+    (_set_shard(0, rows="2"), "'rows' is missing or not a int"),
+    (_set_shard(0, sha256=None), "'sha256' is missing or not a str"),
+    (lambda m: [m], "holds a JSON list, not an object"),
+    (lambda m: {k: v for k, v in m.items() if k != "shards"}, "has no 'shards' entry"),
+    (lambda m: m | {"shards": "all of them"}, "'shards' is 'all of them', not a list"),
+    (lambda m: m | {"complete": "yes"}, "'complete' is 'yes', not a bool"),
+    (lambda m: m | {"shards": m["shards"] + [42]}, "shards\\[3\\] = 42 is not an object"),
+    (lambda m: m | {"shards": m["shards"][:1]}, "says complete, but its shards cover 2 of 5 prompts"),
+    (lambda m: m | {"format": "interp.activations/9"}, "has format 'interp.activations/9'"),
+])
+def test_tampered_or_malformed_manifest_is_refused_by_name(tiny_llava, tmp_path, edit, message):
+    kw = dict(layers=[0], cache=tmp_path, shard_size=2, progress=False)
+    acts = interp.capture(tiny_llava, QUESTIONS, **kw)
+    if edit == "swap":
+        _swap_shard_content(acts.path)
+    else:
+        _tamper(acts.path, edit)
+    for read in (lambda: interp.capture(tiny_llava, QUESTIONS, **kw), lambda: load_activations(acts.path)):
+        with pytest.raises(CacheError, match=message) as err:
+            read()
+        assert "recompute=True" in str(err.value) and "manifest" in str(err.value)
+    fixed = interp.capture(tiny_llava, QUESTIONS, recompute=True, **kw)  # the advice works
+    assert torch.equal(fixed[0], acts[0]) and torch.equal(load_activations(acts.path)[0], acts[0])
+
+
+def test_manifest_that_is_not_json_is_refused(tiny_llava, tmp_path):
+    kw = dict(layers=[0], cache=tmp_path, shard_size=2, progress=False)
+    acts = interp.capture(tiny_llava, QUESTIONS, **kw)
+    (acts.path / "manifest.json").write_bytes(b"\xff{not json")
+    with pytest.raises(CacheError, match="is not valid JSON.*recompute=True"):
+        interp.capture(tiny_llava, QUESTIONS, **kw)
+    assert torch.equal(interp.capture(tiny_llava, QUESTIONS, recompute=True, **kw)[0], acts[0])
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -209,6 +287,29 @@ def test_missing_or_corrupt_shard_is_a_clear_error(tiny_llava, tmp_path):
     (dict(prompts=QUESTIONS, layers=[0], positions="first"), "positions='first'"),
     (dict(prompts=["  "], layers=[0]), "question is empty"),
     (dict(prompts=QUESTIONS, layers=[0], exclude=("pad",)), "exclude=\\['pad'\\]"),
+    (dict(prompts=QUESTIONS, layers=[0], exclude="pad"), "exclude=\\['pad'\\]"),
+    (dict(prompts=QUESTIONS, layers=[0], exclude="special"), "applies to positions='all' only"),
+    (dict(prompts=QUESTIONS, layers=[0], exclude=3), "exclude=3: pass a list"),
+    (dict(prompts=QUESTIONS, layers=[0], dtype="int8"), "dtype='int8': activations are stored in a floating-point"),
+    (dict(prompts=QUESTIONS, layers=[0], dtype="float13"), "dtype='float13' is not a torch dtype"),
+    (dict(prompts="Is there an effusion?", layers=[0]), "prompts is a single str .*pass a list, e.g. "
+                                                        "capture\\(model, \\['Is there an effusion\\?'\\]"),
+    (dict(prompts=Prompt("Is there an effusion?"), layers=[0]), "prompts is a single Prompt"),
+    (dict(prompts=42, layers=[0]), "prompts must be a list of prompts"),
+    (dict(prompts=[{"q": "a?"}], layers=[0]), "prompt 0 is a dict without a 'question' key"),
+    (dict(prompts=["a?", ["Is there", "A?"]], layers=[0]), "prompt 1 must be a str, a Prompt"),
+    (dict(prompts=[Prompt(["Is there", "A?"])], layers=[0]), "prompt 0: the question must be a str, got list"),
+    (dict(prompts=QUESTIONS, layers=[1.7]), "layers=\\[1.7\\]: 1.7 is not a whole layer number"),
+    (dict(prompts=QUESTIONS, layers=True), "layers=True: a bool is not a layer index"),
+    (dict(prompts=QUESTIONS, layers="abc"), "layers='abc': 'abc' is not a layer number"),
+    (dict(prompts=QUESTIONS, layers=[-1]), "negative layer indices are not accepted \\(is -1 meant as layer 5\\?\\)"),
+    (dict(prompts=QUESTIONS, layers=None), "layers=None: pass an int"),
+    (dict(prompts=QUESTIONS, layers=[0], batch_size=0), "batch_size=0: must be >= 1"),
+    (dict(prompts=QUESTIONS, layers=[0], batch_size=-4), "batch_size=-4: must be >= 1"),
+    (dict(prompts=QUESTIONS, layers=[0], batch_size=2.5), "batch_size=2.5: pass a whole number"),
+    (dict(prompts=QUESTIONS, layers=[0], batch_size="8"), "batch_size='8': pass a whole number"),
+    (dict(prompts=QUESTIONS, layers=[0], shard_size=0), "shard_size=0: must be >= 1"),
+    (dict(prompts=QUESTIONS, layers=[0], cache=3), "cache=3: pass True"),
 ])
 def test_bad_capture_input_is_named(tiny_medgemma, kwargs, message):
     with pytest.raises(interp.InterpError, match=message):
@@ -221,3 +322,41 @@ def test_image_given_to_text_only_model_and_missing_image(tiny_medgemma, xray_im
         interp.capture(text_only, [Prompt("a?"), Prompt("b?", xray_images[0])], layers=[0])
     with pytest.raises(interp.InterpError, match="image file not found"):
         interp.capture(tiny_medgemma, [Prompt("a?", str(tmp_path / "nope.png"))], layers=[0])
+
+
+def test_capture_refuses_a_hugging_face_module(tiny_medgemma):
+    with pytest.raises(interp.InterpError, match="capture\\(\\) takes an interp.Model, got "
+                                                 "Gemma3ForConditionalGeneration.*Model.wrap"):
+        interp.capture(tiny_medgemma.hf, QUESTIONS, layers=[0])
+
+
+def test_layer_spellings_that_mean_one_layer(tiny_medgemma):
+    import numpy as np
+
+    ref = interp.capture(tiny_medgemma, QUESTIONS[:2], layers=[2], progress=False)
+    for layers in (2, [2.0], ["2"], np.int64(2), [np.int32(2)], torch.tensor([2]), (2, 2)):
+        got = interp.capture(tiny_medgemma, QUESTIONS[:2], layers=layers, progress=False)
+        assert got.layers == [2] and torch.equal(got[2], ref[2]), layers
+
+
+def test_exclude_given_as_one_string_is_one_item(tiny_medgemma):
+    one = interp.capture(tiny_medgemma, QUESTIONS[:2], layers=[0], positions="all", exclude="special", progress=False)
+    listed = interp.capture(tiny_medgemma, QUESTIONS[:2], layers=[0], positions="all", exclude=["special"],
+                            progress=False)
+    assert torch.equal(one.token_id, listed.token_id) and one.meta["exclude"] == ["special"]
+
+
+def test_prompt_longer_than_the_context_is_refused_by_index(tiny_medgemma):
+    limit = tiny_medgemma.context_length
+    assert limit == 1024  # the tiny model's max_position_embeddings; its tokenizer sets no limit
+    long = "Is there " + "a small effusion and " * 400 + "anything else?"
+    with pytest.raises(interp.InterpError, match=f"prompt 2 is [0-9]+ tokens long, but 'tiny-medgemma' takes at "
+                                                 f"most {limit}"):
+        interp.capture(tiny_medgemma, QUESTIONS[:2] + [long], layers=[0], batch_size=2, progress=False)
+
+
+def test_cache_path_that_is_a_file_is_named(tiny_medgemma, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="notes.txt' is a file, not a folder"):
+        interp.capture(tiny_medgemma, QUESTIONS[:2], layers=[0], cache=tmp_path / "notes.txt", progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

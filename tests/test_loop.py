@@ -69,7 +69,7 @@ def test_run_rejects_a_bad_value_at_once_without_loading_a_model(tmp_path, text,
 @pytest.mark.parametrize("settings, message", [
     ({"model": {"source": "no-such-model"}}, "'model.source' in config: unknown model 'no-such-model'"),
     ({"model": {"source": "/no/such/folder"}}, "model folder not found: '/no/such/folder'"),
-    ({"model": {"device": "cuda:7"}}, "'model.device' in config: 'cuda:7'"),
+    ({"model": {"device": "cuda:7"}}, "'model.device' in config='cuda:7'"),
     ({"model": {"dtype": "int8"}}, "'model.dtype' in config is 'int8'; models run in a floating-point dtype"),
     ({"data": {"pairs": "no/such/pairs.jsonl"}}, "'data.pairs' in config is 'no/such/pairs.jsonl': no such file"),
     ({"data": {"image_root": "no/such/images"}}, "'data.image_root' in config is 'no/such/images': no such folder"),
