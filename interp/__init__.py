@@ -5,7 +5,7 @@ with data (paraphrase pairs), viz, export (paper artefacts) and loop/cli (the wh
 """
 
 from interp import data, layers, prompts, viz
-from interp._errors import InterpError
+from interp._errors import AdapterMismatchError, ForeignFilesError, InterpError
 from interp.capture import Activations, capture, load_activations
 from interp.consistency import ConsistencyComparison, ConsistencyReport, evaluate
 from interp.data import ParaphraseGroup, ParaphrasePair, load_pairs
@@ -64,7 +64,9 @@ __all__ = [
     "Recorder",  # write figures, tables and metrics for a paper
     "export",  # execute the notebooks headless and export everything
     "notebook_setup",  # a notebook's first cell: seeds, renderer, Recorder, model
-    "InterpError",
+    "InterpError",  # every error the workbench raises for a bad input: it names the input and the fix
+    "ForeignFilesError",  # an output folder holds files the workbench did not write (they are left alone)
+    "AdapterMismatchError",  # an adapter's keys do not match the model's modules (names them)
     "data",
     "layers",
     "prompts",

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from interp._errors import InterpError
-from interp._io import atomic_write_text
+from interp._io import atomic_write_text, has_marker, mark_folder, usable_folder
 from interp._results import Result, jsonable
 
 
@@ -41,10 +41,6 @@ NOTEBOOK_ORDER = ("01_capture", "02_sae_transfer", "03_register_features", "04_f
                   "05_targeted_lora", "06_layer_ablation")
 
 
-OUTPUT_MARKER = ".interp-output.json"  # written into every folder `export` and `run_loop` write to
-_SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
-
-
 def prepare_output(folder: str | os.PathLike, *, create: bool = True, what: str = "output folder") -> Path:
     """Check that ``folder`` can take the workbench's output and (``create``) make it, marked as ours.
 
@@ -58,37 +54,13 @@ def prepare_output(folder: str | os.PathLike, *, create: bool = True, what: str 
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise InterpError(f"{what} '{folder}' already holds files that interp did not write ({shown}); "
                               "choose a new or empty folder so that nothing of yours is overwritten")
-    if not create:
-        return path
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if not (path / OUTPUT_MARKER).is_file():
-            atomic_write_text(path / OUTPUT_MARKER, json.dumps({"written_by": "interp", "created":
-                                                                time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
-    except OSError as e:
-        raise InterpError(f"{what} '{folder}' cannot be written ({e.strerror or e}); choose another folder") from None
-    return path
-
-
-def usable_folder(folder: str | os.PathLike, *, what: str = "output folder") -> Path:
-    """``folder`` as a Path if it is, or can be made, a writable folder (not a file, not in /proc, /sys or
-    /dev); an `InterpError` saying why not otherwise. Writes nothing."""
-    path = Path(folder).expanduser()
-    resolved = path.resolve()
-    if any(str(resolved) == r or str(resolved).startswith(r + "/") for r in _SYSTEM_ROOTS):
-        raise InterpError(f"{what} '{folder}' is inside a system folder ({resolved}); choose a folder of your own")
-    if path.exists() and not path.is_dir():
-        raise InterpError(f"{what} '{folder}' is a file, not a folder; choose a new or empty folder")
-    parent = next((a for a in (resolved, *resolved.parents) if a.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise InterpError(f"{what} '{folder}' cannot be created or written: '{parent}' is not a writable folder")
-    return path
+    return mark_folder(path, what=what) if create else path
 
 
 def is_workbench_folder(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` was written by the workbench (our marker, or the manifest of an earlier run)."""
     folder = Path(folder)
-    if (folder / OUTPUT_MARKER).is_file():
+    if has_marker(folder):
         return True
     try:
         manifest = json.loads((folder / "manifest.json").read_text())

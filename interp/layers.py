@@ -48,7 +48,10 @@ def lora_config(layers: Any, *, layers_pattern: str = "language_model.layers", r
     layer_list = sorted({int(i) for i in layers})
     if not layer_list:
         raise InterpError("lora_config needs at least one layer")
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+    if isinstance(target_modules, str):  # one module name (PEFT would read a bare string as a full-match regex)
+        target_modules = [target_modules] if target_modules.isidentifier() else target_modules
+    modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
                       layers_to_transform=layer_list, layers_pattern=layers_pattern, bias="none",
                       task_type="CAUSAL_LM", **peft_kwargs)
 

@@ -8,13 +8,18 @@ once per example and cached, and only the answer position is unembedded.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import random
+import re
 import shutil
 import tempfile
+import types
 import warnings
 import zlib
 from collections import deque
@@ -34,8 +39,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from interp import hf
-from interp._errors import InterpError
-from interp._io import atomic_write_text
+from interp._errors import AdapterMismatchError, ForeignFilesError, InterpError
+from interp._io import OUTPUT_MARKER, atomic_write_text, has_marker, mark_folder, shown, usable_folder
 from interp._results import Result, jsonable
 from interp.capture import StopForward
 from interp.consistency import ConsistencyReport
@@ -111,13 +116,19 @@ def _targets(pairs: Sequence[ParaphrasePair], answer_ids: tuple[int, int]) -> tu
     return ta, tb, inverted
 
 
-def pair_metrics(margins_a: Tensor, margins_b: Tensor, pairs: Sequence[ParaphrasePair]) -> dict[str, float]:
-    """Flip rate, mean |margin difference| (polarity-corrected) and accuracy from per-phrasing margins,
-    with the definitions of `ConsistencyReport` (no bootstrap)."""
+def pair_metrics(margins_a: Tensor, margins_b: Tensor, pairs: Sequence[ParaphrasePair], *, n_boot: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
+    """Flip rate, mean |margin difference| (polarity-corrected), its scale-free ratio to mean |margin| and
+    accuracy from per-phrasing margins, with the definitions and 95% intervals of `ConsistencyReport`
+    (Clopper-Pearson for the two shares, a cluster bootstrap of ``n_boot`` resamples for the margins)."""
     rep = ConsistencyReport.from_margins(pairs, margins_a.double().cpu().numpy(), margins_b.double().cpu().numpy(),
-                                         n_boot=0)
+                                         n_boot=n_boot, seed=seed)
+    ci = {k: None if v is None else (float(v[0]), float(v[1])) for k, v in rep.ci.items()}
     return {"flip_rate": rep.flip_rate, "mean_margin_diff": rep.mean_margin_diff,
-            "accuracy": float("nan") if rep.accuracy is None else rep.accuracy, "n_eval": rep.n}
+            "accuracy": float("nan") if rep.accuracy is None else rep.accuracy, "n_eval": rep.n,
+            "flip_rate_ci": ci.get("flip_rate"), "accuracy_ci": ci.get("accuracy"),
+            "mean_margin_diff_ci": ci.get("mean_margin_diff"), "relative_margin_diff": rep.relative_margin_diff,
+            "relative_margin_diff_ci": ci.get("relative_margin_diff"), "n_clusters": rep.n_clusters}
 
 
 # ==== dropout that depends on the example, not on the batch ========================================
@@ -415,6 +426,14 @@ class EpochStats(Result):
     mean_margin_diff: float  # held-out mean |margin_a - corrected margin_b| (logits)
     n_eval: int
     lr: float
+    # 95% intervals (docs/STATISTICS.md): Clopper-Pearson for the shares (Korn-Graubard effective n when
+    # held-out pairs cluster), a cluster bootstrap for the margin measures; None without held-out pairs
+    flip_rate_ci: tuple[float, float] | None = None
+    accuracy_ci: tuple[float, float] | None = None
+    mean_margin_diff_ci: tuple[float, float] | None = None
+    relative_margin_diff: float = float("nan")  # mean |margin diff| / mean |margin|: unchanged by a logit rescale
+    relative_margin_diff_ci: tuple[float, float] | None = None
+    n_clusters: int = 0  # clusters of dependent held-out pairs the intervals resample
 
 
 @dataclass(frozen=True)
@@ -449,21 +468,64 @@ class TrainResult(Result):
         return load_adapter(model, self.adapter_path)
 
     def figure(self):
-        """Training loss and held-out flip rate, accuracy and margin difference per epoch."""
+        """Training loss (CE and KL beside it) and held-out flip rate, accuracy and margin difference per
+        epoch, each held-out point with its 95% interval (epoch 0 = before training)."""
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(rows=1, cols=4, subplot_titles=("training loss", "flip rate", "first-token accuracy",
-                                                            "mean |margin diff|"))
-        ep = [h.epoch for h in self.history]
-        series = [[h.loss for h in self.history], [h.flip_rate for h in self.history],
-                  [h.accuracy for h in self.history], [h.mean_margin_diff for h in self.history]]
-        for col, ys in enumerate(series, start=1):
-            fig.add_scatter(x=ep, y=ys, mode="lines+markers", showlegend=False, row=1, col=col)
-            fig.update_xaxes(title_text="epoch", row=1, col=col)
-        for col in (2, 3):
-            fig.update_yaxes(tickformat=".0%", row=1, col=col)
-        fig.update_layout(title=f"LoRA on layers {_span(self.layers)} ({self.trainable_params:,} params, "
-                                f"{self.n_train} train / {self.n_eval} held-out pairs)", height=320, width=1200)
+        h = self.history
+        ep = [x.epoch for x in h]
+        fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.12, vertical_spacing=0.2,
+                            specs=[[{}, {}], [{}, {"secondary_y": True}]],
+                            subplot_titles=("training loss (mean per micro-batch)", "held-out flip rate",
+                                            "held-out first-token accuracy", "held-out |margin diff|"))
+
+        def bars(values: list[float], cis: list[Any]) -> dict[str, Any] | None:
+            if not any(c for c in cis):
+                return None
+            hi = [None if c is None else c[1] - v for v, c in zip(values, cis, strict=True)]
+            lo = [None if c is None else v - c[0] for v, c in zip(values, cis, strict=True)]
+            return dict(type="data", symmetric=False, array=hi, arrayminus=lo, thickness=1.2, width=4)
+
+        trained = [x for x in h if x.loss is not None]
+        for name, key, dash in (("total", "loss", "solid"), ("CE", "ce", "dot"), ("KL", "kl", "dash")):
+            fig.add_scatter(x=[x.epoch for x in trained], y=[getattr(x, key) for x in trained], name=name,
+                            mode="lines+markers", line=dict(dash=dash), legendgroup="loss", row=1, col=1)
+        fig.add_scatter(x=ep, y=[x.flip_rate for x in h], error_y=bars([x.flip_rate for x in h],
+                        [x.flip_rate_ci for x in h]), mode="lines+markers", name="flip rate", showlegend=False,
+                        row=1, col=2)
+        fig.add_scatter(x=ep, y=[x.accuracy for x in h], error_y=bars([x.accuracy for x in h],
+                        [x.accuracy_ci for x in h]), mode="lines+markers", name="accuracy", showlegend=False,
+                        row=2, col=1)
+        fig.add_scatter(x=ep, y=[x.mean_margin_diff for x in h], error_y=bars([x.mean_margin_diff for x in h],
+                        [x.mean_margin_diff_ci for x in h]), mode="lines+markers", name="mean |margin diff| (logits)",
+                        row=2, col=2, secondary_y=False)
+        fig.add_scatter(x=ep, y=[x.relative_margin_diff for x in h], mode="lines+markers", line=dict(dash="dot"),
+                        error_y=bars([x.relative_margin_diff for x in h], [x.relative_margin_diff_ci for x in h]),
+                        name="relative (÷ mean |margin|)", row=2, col=2, secondary_y=True)
+        for row, col in ((1, 2), (2, 1)):
+            fig.update_yaxes(tickformat=".0%", range=[0, 1.02], row=row, col=col)
+        def upper(values: list[float], cis: list[Any]) -> list[float] | None:
+            tops = [c[1] if c else v for v, c in zip(values, cis, strict=True) if v is not None and math.isfinite(v)]
+            return [0, 1.1 * max(tops)] if tops and max(tops) > 0 else None
+
+        fig.update_yaxes(title_text="logits", row=2, col=2, secondary_y=False, tickformat=".2~f",
+                         range=upper([x.mean_margin_diff for x in h], [x.mean_margin_diff_ci for x in h]))
+        fig.update_yaxes(title_text="ratio", row=2, col=2, secondary_y=True, showgrid=False, tickformat=".2~f",
+                         range=upper([x.relative_margin_diff for x in h], [x.relative_margin_diff_ci for x in h]))
+        fig.update_yaxes(rangemode="tozero", row=1, col=1)
+        ticks = sorted(set(ep))
+        for row in (1, 2):
+            for col in (1, 2):
+                fig.update_xaxes(title_text="epoch", tickvals=ticks if len(ticks) <= 12 else None,
+                                 range=[min(ep) - 0.15, max(ep) + 0.15], row=row, col=col)
+        n_cl = h[-1].n_clusters if h else 0
+        fig.update_layout(
+            title=dict(text=f"LoRA on layers {_span(self.layers)}: {self.trainable_params:,} params, {self.n_train} "
+                            f"train / {self.n_eval} held-out pairs<br><sup>bars: 95% intervals (Clopper-Pearson for "
+                            f"rates, cluster bootstrap for margins{f'; {n_cl} clusters' if n_cl else ''}); "
+                            "epoch 0 = before training</sup>", x=0.02, font=dict(size=15)),
+            height=660, width=900, margin=dict(t=100, l=60, r=60, b=110),
+            legend=dict(orientation="h", yanchor="top", y=-0.13, x=0.0), template="plotly_white")
         return fig
 
     def __repr__(self) -> str:
@@ -559,36 +621,205 @@ def _save_checkpoint(folder: Path, peft_model: nn.Module, optimizer: torch.optim
                                          "scheduler": sched, "rng": rng_meta})
 
 
-def _latest_checkpoint(output_dir: Path) -> Path | None:
-    found = []
-    for d in (output_dir / "checkpoints").glob("step-*"):
-        try:
-            state = json.loads((d / "state.json").read_text())
-        except (OSError, ValueError):
-            continue  # a half-written or foreign folder: ignore it
-        if state.get("format") == CHECKPOINT_FORMAT:
-            found.append((int(state["global_step"]), d))
-    return max(found)[1] if found else None
+class _BadCheckpoint(Exception):
+    """A checkpoint folder that cannot be resumed from (the message says why)."""
 
 
-def _load_checkpoint(folder: Path, peft_model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-                     ) -> dict[str, Any]:
-    from peft import set_peft_model_state_dict
+def _step_of(folder: Path) -> int:
+    m = re.fullmatch(r"step-(\d+)", folder.name)
+    return int(m.group(1)) if m else -1
 
-    state = json.loads((folder / "state.json").read_text())
-    set_peft_model_state_dict(peft_model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
-    flat = load_file(str(folder / "optimizer.safetensors"))
+
+def _checkpoint_folders(output_dir: Path) -> list[Path]:
+    """Checkpoint folders under ``output_dir/checkpoints``, newest first (by the step in the name)."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((d for d in root.iterdir() if d.is_dir() and _step_of(d) >= 0), key=_step_of, reverse=True)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise _BadCheckpoint(f"{path.name} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _BadCheckpoint(f"{path.name} is not valid JSON ({type(e).__name__}: {e})") from None
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise _BadCheckpoint(f"{path.name} is missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _BadCheckpoint(f"{path.name} is corrupt or truncated ({str(e).splitlines()[0] if str(e) else e})"
+                             ) from None
+
+
+def _read_checkpoint(folder: Path, peft_model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Every file of a checkpoint, read and checked against the model and optimizer before anything is
+    applied, so that a bad checkpoint changes nothing (`_BadCheckpoint` says what is wrong)."""
+    from peft import get_peft_model_state_dict
+
+    state = _read_json(folder / "state.json")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise _BadCheckpoint(f"state.json is not an {CHECKPOINT_FORMAT} checkpoint")
+    need = {"config": dict, "epoch": int, "step_in_epoch": int, "global_step": int, "history": list,
+            "param_groups": list, "scheduler": dict, "rng": dict, "epoch_sums": list}
+    bad = [k for k, t in need.items() if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)]
+    if bad:
+        raise _BadCheckpoint(f"state.json lacks or mistypes {', '.join(bad)}")
+    try:
+        history = [EpochStats(**h) for h in state["history"]]
+    except TypeError as e:
+        raise _BadCheckpoint(f"state.json has a malformed history ({e})") from None
+    adapter = _read_tensors(folder / "adapter" / "adapter_model.safetensors")
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    got = {k: tuple(v.shape) for k, v in adapter.items()}
+    if got != want:
+        odd = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
+        raise _BadCheckpoint(f"its adapter weights do not fit this run (e.g. '{odd[0]}')")
+    flat = _read_tensors(folder / "optimizer.safetensors")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     opt_state: dict[int, dict[str, Tensor]] = {}
     for key, value in flat.items():
         if key == "empty":
             continue
-        _, i, name = key.split(".", 2)
-        opt_state.setdefault(int(i), {})[name] = value
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) >= len(params):
+            raise _BadCheckpoint(f"optimizer.safetensors holds an unknown entry '{key}'")
+        i = int(parts[1])
+        if value.dim() and value.shape != params[i].shape:
+            raise _BadCheckpoint(f"optimizer state '{key}' has shape {tuple(value.shape)}, the parameter "
+                                 f"{tuple(params[i].shape)}")
+        opt_state.setdefault(i, {})[parts[2]] = value
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        raise _BadCheckpoint("state.json's optimizer groups do not match this run")
+    rng = _read_tensors(folder / "rng.safetensors")
+    if "torch" not in rng or "numpy_keys" not in rng or not {"python", "numpy"} <= set(state["rng"]):
+        raise _BadCheckpoint("rng.safetensors or state.json lacks the random-number state")
+    return {"state": state, "history": history, "adapter": adapter, "optimizer": opt_state, "rng": rng}
+
+
+def _apply_checkpoint(ckpt: dict[str, Any], peft_model: nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: Any) -> None:
+    from peft import set_peft_model_state_dict
+
+    state = ckpt["state"]
+    set_peft_model_state_dict(peft_model, ckpt["adapter"])
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state["param_groups"]]
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    optimizer.load_state_dict({"state": ckpt["optimizer"], "param_groups": groups})
     scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
-    _set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"])
-    return state
+    _set_rng_state(ckpt["rng"], state["rng"])
+
+
+def _resume_checkpoint(output_dir: Path, cfg: dict[str, Any], peft_model: nn.Module,
+                       optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any] | None:
+    """Load the newest good checkpoint of this run; a corrupt or truncated one is skipped with a warning
+    naming it (the one before it is used). A good checkpoint of other settings is an error."""
+    for folder in _checkpoint_folders(output_dir):
+        try:
+            ckpt = _read_checkpoint(folder, peft_model, optimizer)
+        except _BadCheckpoint as e:
+            warnings.warn(f"skipping checkpoint '{folder}': {e}; resuming from the one before it (if any). "
+                          "It is left in place and is replaced when training passes that step again.",
+                          stacklevel=4)
+            continue
+        saved = ckpt["state"]["config"]
+        diff = {k: (saved.get(k), v) for k, v in jsonable(cfg).items() if saved.get(k) != v}
+        if diff:
+            key, (old, new) = next(iter(diff.items()))
+            raise InterpError(f"output_dir '{output_dir}' holds a run with other settings ({key}: {old!r} there, "
+                              f"{new!r} now); pass resume=False to start over, or use another output_dir")
+        _apply_checkpoint(ckpt, peft_model, optimizer, scheduler)
+        return {**ckpt["state"], "history": ckpt["history"], "folder": folder}
+    return None
+
+
+# ---- what train_lora writes into output_dir, and nothing else ----------------------------------------
+_RUN_ENTRIES = ("checkpoints", "adapter", "result.json", OUTPUT_MARKER)  # train_lora's own top-level names
+_CHECKPOINT_ENTRIES = {"adapter", "optimizer.safetensors", "rng.safetensors", "state.json"}
+_ADAPTER_ENTRIES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}  # PEFT's save_pretrained
+
+
+def _ours_temp(name: str, targets: Iterable[str]) -> bool:
+    """A temporary name our atomic writers make beside ``target`` (``.target.XXXX``, ``.target.old123``)."""
+    return any(name.startswith(f".{t}.") for t in targets)
+
+
+def _foreign_entries(output_dir: Path) -> tuple[list[str], list[str]]:
+    """(entries at the top of ``output_dir`` that train_lora did not write, entries inside its own
+    subfolders that it did not write). Only the second kind blocks a folder that carries our marker."""
+    top = [e.name + ("/" if e.is_dir() else "") for e in sorted(output_dir.iterdir())
+           if e.name not in _RUN_ENTRIES and not _ours_temp(e.name, _RUN_ENTRIES)]
+    inner: list[str] = []
+    ck = output_dir / "checkpoints"
+    if ck.exists() and not ck.is_dir():
+        inner.append("checkpoints (a file)")
+    elif ck.is_dir():
+        for e in sorted(ck.iterdir()):
+            if e.is_dir() and _step_of(e) >= 0:
+                inner += [f"checkpoints/{e.name}/{x.name}" for x in sorted(e.iterdir())
+                          if x.name not in _CHECKPOINT_ENTRIES and not _ours_temp(x.name, _CHECKPOINT_ENTRIES)]
+                sub = e / "adapter"
+                if sub.is_dir():
+                    inner += [f"checkpoints/{e.name}/adapter/{x.name}" for x in sorted(sub.iterdir())
+                              if x.name not in _ADAPTER_ENTRIES and not _ours_temp(x.name, _ADAPTER_ENTRIES)]
+            elif not (e.is_dir() and e.name.startswith(".step-")):
+                inner.append(f"checkpoints/{e.name}")
+    ad = output_dir / "adapter"
+    if ad.exists() and not ad.is_dir():
+        inner.append("adapter (a file)")
+    elif ad.is_dir():
+        inner += [f"adapter/{x.name}" for x in sorted(ad.iterdir())
+                  if x.name not in _ADAPTER_ENTRIES and not _ours_temp(x.name, _ADAPTER_ENTRIES)]
+    res = output_dir / "result.json"
+    if res.exists():
+        try:
+            mine = res.is_file() and {"adapter_path", "history", "layers"} <= set(json.loads(res.read_text()))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError):
+            mine = False
+        if not mine:
+            inner.append("result.json (not a train_lora result)")
+    return top, inner
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Check, writing nothing, that `train_lora` may write into ``output_dir``.
+
+    Accepted: a new or empty folder; a folder carrying the workbench's marker (``.interp-output.json``:
+    our runs, `run_loop`'s and `export`'s folders), whose other files are left alone; an earlier
+    `train_lora` run without the marker. Refused (`ForeignFilesError`, naming the files): a non-empty folder
+    holding anything else, and any file of the user's inside the subfolders train_lora replaces
+    (``checkpoints/``, ``adapter/``) or the ``result.json`` it rewrites.
+    """
+    path = usable_folder(output_dir, what="output_dir")
+    if not path.is_dir():
+        return path
+    top, inner = _foreign_entries(path)
+    if top and not has_marker(path):
+        raise ForeignFilesError(
+            f"output_dir '{output_dir}' already holds files that interp did not write ({shown(top)}); train_lora "
+            f"writes checkpoints/, adapter/ and result.json there and never touches a user's files: choose a new "
+            "or empty folder (or one interp made)")
+    if inner:
+        raise ForeignFilesError(
+            f"output_dir '{output_dir}' holds {shown(inner)}, which interp did not write, inside what train_lora "
+            "replaces or deletes; move them out or choose another output_dir. Nothing was changed.")
+    return path
+
+
+def _remove_checkpoints(output_dir: Path) -> None:
+    """Delete this run's stale checkpoints (folders `_foreign_entries` found to be ours), nothing else."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return
+    for e in root.iterdir():
+        if e.is_dir() and (_step_of(e) >= 0 or e.name.startswith(".step-")):
+            shutil.rmtree(e, ignore_errors=True)
 
 
 # ==== distributed (accelerate / torch.distributed) ====================================================
@@ -632,27 +863,180 @@ def _resolve_layers(model: Model, layers: Any) -> list[int]:
     return model.check_layers(layers)
 
 
-def _peft_wrap(model: Model, layers: list[int], *, r: int, alpha: int, dropout: float, target_modules: Any,
+def _number(name: str, value: Any, *, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (integer and not (
+            isinstance(value, numbers.Integral) or float(value).is_integer())):
+        kind = "an integer" if integer else "a number"
+        raise InterpError(f"{name}={value!r} must be {kind}")
+    return float(value)
+
+
+def check_settings(*, r: Any = 16, alpha: Any = 32, dropout: Any = 0.05, lr: Any = 2e-4, epochs: Any = 3,
+                   batch_size: Any = 1, grad_accum: Any = 8, ce_weight: Any = 1.0, kl_weight: Any = 1.0,
+                   kl_space: Any = "yes_no", warmup_ratio: Any = 0.0, weight_decay: Any = 0.0,
+                   max_grad_norm: Any = 1.0, max_steps: Any = None) -> None:
+    """Raise an `InterpError` naming the first LoRA setting that cannot train (before any work is done)."""
+    for name, value in (("r", r), ("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+        if _number(name, value, integer=True) < 1:
+            raise InterpError(f"{name}={value} must be a positive integer")
+    if max_steps is not None and _number("max_steps", max_steps, integer=True) < 1:
+        raise InterpError(f"max_steps={max_steps} must be a positive integer (or None for all epochs)")
+    checks = [("lr", lr, lambda v: v > 0, "a positive finite number (the study: 2e-4)"),
+              ("alpha", alpha, lambda v: v > 0, "a positive finite number (the study: 32 with r=16)"),
+              ("dropout", dropout, lambda v: 0 <= v < 1, "in [0, 1) (the study: 0.05)"),
+              ("ce_weight", ce_weight, lambda v: v >= 0, "a finite number >= 0"),
+              ("kl_weight", kl_weight, lambda v: v >= 0, "a finite number >= 0"),
+              ("warmup_ratio", warmup_ratio, lambda v: 0 <= v < 1, "in [0, 1)"),
+              ("weight_decay", weight_decay, lambda v: v >= 0, "a finite number >= 0")]
+    if max_grad_norm is not None:
+        checks.append(("max_grad_norm", max_grad_norm, lambda v: v > 0, "a positive finite number, or None"))
+    for name, value, ok, what in checks:
+        v = _number(name, value)
+        if not math.isfinite(v) or not ok(v):
+            raise InterpError(f"{name}={value!r} must be {what}")
+    if float(ce_weight) + float(kl_weight) == 0:
+        raise InterpError(f"ce_weight={ce_weight}, kl_weight={kl_weight}: both >= 0 and not both 0")
+    if kl_space not in ("yes_no", "vocab"):
+        raise InterpError(f"kl_space={kl_space!r}; use 'yes_no' or 'vocab'")
+
+
+_LORA_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
+
+
+def resolve_target_modules(model: Model, layers: Sequence[int], target_modules: Any) -> tuple[Any, list[str]]:
+    """(the value recorded in the run's config, the module names handed to PEFT) for ``target_modules``.
+
+    A list of names (``["q_proj", "v_proj"]`` or dotted suffixes like ``"self_attn.q_proj"``), one name as a
+    string (``"q_proj"``), ``"all-linear"``, or a regular expression that the full module name must match
+    (PEFT's rule for a string). Every name must exist in the adapted ``layers``; an unknown one is an error
+    listing those available. A regex is resolved to the matching modules inside ``layers`` only.
+    """
+    prefix = model.layers_path + "."
+    inside = {n: m for n, m in model.hf.named_modules()
+              if n.startswith(prefix) and n[len(prefix):].split(".")[0].isdigit()
+              and int(n[len(prefix):].split(".")[0]) in set(layers) and isinstance(m, _LORA_TYPES)}
+    available = sorted({n.rsplit(".", 1)[-1] for n in inside})
+    where = f"layers {_span(layers)} of '{model.name}'"
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in inside.items() if isinstance(m, nn.Linear)})
+            return target_modules, names
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", target_modules):
+            target_modules = [target_modules]  # one module name, not a sequence of characters
+        else:
+            try:
+                rx = re.compile(target_modules)
+            except re.error as e:
+                raise InterpError(f"target_modules={target_modules!r} is neither a module name nor a valid regular "
+                                  f"expression ({e}); modules in {where}: {', '.join(available)}") from None
+            hits = sorted(n for n in inside if rx.fullmatch(n))
+            if not hits:
+                raise InterpError(f"target_modules={target_modules!r} (a regular expression, matched against full "
+                                  f"module names such as '{next(iter(inside), '')}') matches no module in {where}; "
+                                  f"modules there: {', '.join(available)}")
+            missed = sorted(set(layers) - {int(n[len(prefix):].split(".")[0]) for n in hits})
+            if missed:
+                raise InterpError(f"target_modules={target_modules!r} matches no module in layer(s) {_span(missed)}"
+                                  f" of the adapted layers {_span(layers)}: widen the expression or the layers")
+            return target_modules, hits
+    try:
+        names = list(target_modules)
+    except TypeError:
+        raise InterpError(f"target_modules={target_modules!r}: pass module names like ['q_proj', 'v_proj'], one "
+                          "name, or a regular expression") from None
+    if not names or not all(isinstance(t, str) and t for t in names):
+        raise InterpError(f"target_modules={target_modules!r}: pass a non-empty list of module names "
+                          f"(modules in {where}: {', '.join(available)})")
+    unknown = [t for t in names if not any(n == t or n.endswith("." + t) for n in inside)]
+    if unknown:
+        raise InterpError(f"target_modules {shown(unknown)} name no module in {where}; modules there: "
+                          f"{', '.join(available)}")
+    return names, names
+
+
+def _peft_wrap(model: Model, layers: list[int], *, r: int, alpha: float, dropout: float, target_modules: Any,
                seed: int) -> Model:
+    """``model`` with fresh LoRA adapters on ``layers``, as a new `Model` that shares the base weights:
+    the adapters go into a structural copy of the module tree, so ``model`` itself is never modified."""
     from peft import get_peft_model
 
     if hasattr(model.hf, "peft_config"):
         raise InterpError(f"'{model.name}' already carries a PEFT adapter; train on the base model (or merge() "
                           "the adapter first)")
+    _, names = resolve_target_modules(model, layers, target_modules)
     cfg = lora_config(layers, layers_pattern=layers_pattern_of(model.layers_path), r=r, alpha=alpha,
-                      dropout=dropout, target_modules=target_modules)
+                      dropout=dropout, target_modules=names)
+    flags = _grad_flags(model.hf)
     with torch.random.fork_rng(devices=_rng_devices(model)):
         torch.manual_seed(seed)  # LoRA A matrices start from the same draw on every run and every GPU
         with _quiet_peft():
-            peft = get_peft_model(model.hf, cfg)
+            peft = get_peft_model(shallow_copy(model.hf), cfg)
     peft.eval()  # new LoRA dropout modules start in training mode; training switches them on itself
     wrapped = _rewrap(model, peft)
     report = adapter_report(wrapped)
     if report.vision_modules or report.other_modules or sorted(report.language_layers) != layers:
-        peft.unload()
+        _restore_grad_flags(flags)
         raise InterpError(f"adapters landed on {report.modules[:3]}... instead of only language layers {layers}; "
-                          f"check target_modules={list(target_modules)}")
+                          f"check target_modules={target_modules!r}")
     return wrapped
+
+
+# ---- a model tree that shares its weights: adapters without touching the caller's model --------------
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_SHARES_WEIGHTS = "_interp_shares_weights"  # set on a shallow copy: merge() must not write into its weights
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module tree with the same parameters and buffers (no tensor is copied).
+
+    PEFT injects adapters by replacing submodules of the tree it is given; on this copy that leaves the
+    original tree, and so the caller's base model, exactly as it was. Hooks are copied per module (a hook
+    registered on one tree does not fire in the other); an instance-level ``forward`` bound to the original
+    module (accelerate's device hooks) is rebound to the copy.
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def rebind(value: Any, old: nn.Module, new: nn.Module) -> Any:
+        if isinstance(value, types.MethodType) and value.__self__ is old:
+            return types.MethodType(value.__func__, new)
+        if isinstance(value, functools.partial) and value.args and value.args[0] is old:
+            return functools.update_wrapper(functools.partial(value.func, new, *value.args[1:], **value.keywords),
+                                            value)
+        return value
+
+    def cp(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        new = copy.copy(m)
+        memo[id(m)] = new
+        d = new.__dict__
+        d["_parameters"] = type(m._parameters)(m._parameters)
+        d["_buffers"] = type(m._buffers)(m._buffers)
+        d["_non_persistent_buffers_set"] = set(m._non_persistent_buffers_set)
+        for k in _HOOK_DICTS:
+            if k in m.__dict__:
+                d[k] = type(m.__dict__[k])(m.__dict__[k])
+        for k, v in list(d.items()):
+            if k != "_modules":
+                d[k] = rebind(v, m, new)
+        d["_modules"] = type(m._modules)((k, None if c is None else cp(c)) for k, c in m._modules.items())
+        return new
+
+    out = cp(module)
+    out.__dict__[_SHARES_WEIGHTS] = True
+    return out
+
+
+def _grad_flags(module: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    """``requires_grad`` of every parameter: PEFT freezes the (shared) base weights; we put them back."""
+    return [(p, p.requires_grad) for p in module.parameters()]
+
+
+def _restore_grad_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 def _rewrap(model: Model, hf: nn.Module, name: str | None = None) -> Model:
@@ -822,15 +1206,14 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
     Under ``accelerate launch`` (or torchrun) each process takes its share of every accumulation group and
     the LoRA gradients are summed across processes (DDP): same result as one GPU up to reduction order.
     """
+    check_settings(r=r, alpha=alpha, dropout=dropout, lr=lr, epochs=epochs, batch_size=batch_size,
+                   grad_accum=grad_accum, ce_weight=ce_weight, kl_weight=kl_weight, kl_space=kl_space,
+                   warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                   max_steps=max_steps)
     pairs = check_pairs(pairs)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum), ("r", r)):
-        if int(value) < 1:
-            raise InterpError(f"{name}={value} must be a positive integer")
-    if ce_weight < 0 or kl_weight < 0 or ce_weight + kl_weight == 0:
-        raise InterpError(f"ce_weight={ce_weight}, kl_weight={kl_weight}: both >= 0 and not both 0")
-    if kl_space not in ("yes_no", "vocab"):
-        raise InterpError(f"kl_space={kl_space!r}; use 'yes_no' or 'vocab'")
     layer_list = _resolve_layers(model, layers)
+    targets, _ = resolve_target_modules(model, layer_list, target_modules)  # before the model is wrapped
+    output_dir = check_output_dir(output_dir)  # a user's files are never overwritten or deleted
     if isinstance(eval_pairs, float):
         train, held = split(pairs, eval_pairs, seed=seed)
     else:
@@ -839,17 +1222,18 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
     if grad_accum % world:
         raise InterpError(f"grad_accum={grad_accum} must be a multiple of the {world} processes so that every "
                           "optimizer step sees the same examples as on one GPU")
-    output_dir = Path(output_dir)
-    cfg = dict(layers=layer_list, r=r, alpha=alpha, dropout=dropout, lr=lr, epochs=epochs, batch_size=batch_size,
-               grad_accum=grad_accum, ce_weight=ce_weight, kl_weight=kl_weight, kl_space=kl_space,
-               target_modules=list(target_modules), seed=seed, warmup_ratio=warmup_ratio,
+    cfg = dict(layers=layer_list, r=int(r), alpha=alpha, dropout=dropout, lr=lr, epochs=int(epochs),
+               batch_size=int(batch_size), grad_accum=int(grad_accum), ce_weight=ce_weight, kl_weight=kl_weight,
+               kl_space=kl_space, target_modules=targets, seed=seed, warmup_ratio=warmup_ratio,
                weight_decay=weight_decay, max_grad_norm=max_grad_norm, qlora=qlora,
                train_digest=_digest([p.to_dict() for p in train]), eval_digest=_digest([p.to_dict() for p in held]),
                model=model.name, model_fingerprint=model.fingerprint)
     if qlora:
         model = _as_4bit(model)
-
-    peft_model = _peft_wrap(model, layer_list, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+    if rank == 0:
+        mark_folder(output_dir, what="output_dir", by="train_lora")
+    flags = _grad_flags(model.hf)
+    peft_model = _peft_wrap(model, layer_list, r=int(r), alpha=alpha, dropout=dropout, target_modules=targets,
                             seed=seed)
     try:
         with torch.random.fork_rng(devices=_rng_devices(model)):
@@ -858,8 +1242,7 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
                           eval_batch_size=eval_batch_size, progress=progress,
                           rank=rank, world=world)
     finally:
-        peft_model.hf.unload()  # leaves the caller's model exactly as it came in
-        model.hf.eval()
+        _restore_grad_flags(flags)  # the adapters lived in a copy; the caller's model is as it came in
 
 
 def _train(pm: Model, train: list[ParaphrasePair], held: list[ParaphrasePair], cfg: dict[str, Any], *,
@@ -908,7 +1291,7 @@ def _train(pm: Model, train: list[ParaphrasePair], held: list[ParaphrasePair], c
         pm.hf.eval()
         if held:
             ma, mb = trainer.margins(held, "eval", eval_rows, progress=progress and rank == 0)
-            m = pair_metrics(ma, mb, held)
+            m = pair_metrics(ma, mb, held, seed=seed)
         else:
             m = {"flip_rate": float("nan"), "accuracy": float("nan"), "mean_margin_diff": float("nan"), "n_eval": 0}
         mean = (lambda i: loss[i] / max(loss[3], 1)) if loss else (lambda i: None)
@@ -924,21 +1307,14 @@ def _train(pm: Model, train: list[ParaphrasePair], held: list[ParaphrasePair], c
     history: list[EpochStats] = []
     epoch0, step_in_epoch, global_step = 0, 0, 0
     resumed_sums = [0.0, 0.0, 0.0, 0.0]
-    latest = _latest_checkpoint(output_dir) if resume else None
-    if latest is not None:
-        saved = json.loads((latest / "state.json").read_text())
-        diff = {k: (saved["config"].get(k), v) for k, v in jsonable(cfg).items() if saved["config"].get(k) != v}
-        if diff:
-            key, (old, new) = next(iter(diff.items()))
-            raise InterpError(f"output_dir '{output_dir}' holds a run with other settings ({key}: {old!r} there, "
-                              f"{new!r} now); pass resume=False to start over, or use another output_dir")
-        saved = _load_checkpoint(latest, pm.hf, optimizer, scheduler)
-        history = [EpochStats(**h) for h in saved["history"]]
+    saved = _resume_checkpoint(output_dir, cfg, pm.hf, optimizer, scheduler) if resume else None
+    if saved is not None:
+        history = list(saved["history"])
         epoch0, step_in_epoch, global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
         if rank == 0 and step_in_epoch:  # resumed mid-epoch: the epoch's loss so far (all processes)
             resumed_sums = list(saved["epoch_sums"])
-    elif rank == 0 and ckpt_root.exists():
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # stale checkpoints must not be resumed by a later run
+    elif rank == 0 and not resume:
+        _remove_checkpoints(output_dir)  # stale checkpoints of ours must not be resumed by a later run
     _barrier(world)
     if not history:
         history.append(evaluate_now(0, 0, None))
@@ -1085,17 +1461,178 @@ def adapter_report(model: Model | nn.Module) -> AdapterReport:
     return AdapterReport(tuple(modules), tuple(sorted(lang)), tuple(vision), tuple(other), n_params, configs)
 
 
+# Known renamings of the same module between layouts (full names under the model, one tuple per part):
+# transformers 5.x VLMs (model.language_model.layers), 4.x VLMs (language_model.model.layers), LLaMA and
+# the original LLaVA code base, LLaVA-Rad's included (model.layers).
+_LAYOUT_ALIASES = (
+    ("model.language_model.layers.", "language_model.model.layers.", "model.layers.", "language_model.layers."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+_PEFT_PREFIX = "base_model.model."
+
+
+def _read_adapter_config(folder: Path, src: str) -> Any:
+    """The folder's adapter_config.json as a `peft.LoraConfig`, or an `InterpError` saying what is wrong."""
+    from peft import PeftConfig
+
+    file = folder / "adapter_config.json"
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InterpError(f"adapter '{src}': {file} is not valid JSON ({type(e).__name__}: {e}); re-download the "
+                          "adapter or save it again with PEFT's save_pretrained") from None
+    if not isinstance(raw, dict):
+        raise InterpError(f"adapter '{src}': {file} holds a {type(raw).__name__}, not a PEFT config object")
+    if str(raw.get("peft_type", "")).upper() != "LORA":
+        raise InterpError(f"adapter '{src}': peft_type={raw.get('peft_type')!r} in {file}; interp loads LoRA "
+                          "adapters (peft_type 'LORA')")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown keys from other PEFT versions are dropped, which is fine
+            cfg = PeftConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise InterpError(f"adapter '{src}': {file} is not a valid LoRA config ({type(e).__name__}: {e})") from None
+    r, alpha = getattr(cfg, "r", None), getattr(cfg, "lora_alpha", None)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or isinstance(alpha, bool) or \
+            not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise InterpError(f"adapter '{src}': {file} has r={r!r}, lora_alpha={alpha!r}; need an integer r >= 1 "
+                          "and a finite lora_alpha")
+    tm = cfg.target_modules
+    if tm is not None and not isinstance(tm, str) and not all(isinstance(t, str) for t in tm):
+        raise InterpError(f"adapter '{src}': target_modules={tm!r} in {file} must be names or a regular expression")
+    return cfg
+
+
+def _read_adapter_weights(folder: Path, src: str) -> dict[str, Tensor]:
+    try:
+        return _read_tensors(folder / "adapter_model.safetensors")
+    except _BadCheckpoint as e:
+        raise InterpError(f"adapter '{src}': {e}; re-download the adapter (or save it again) and retry") from None
+
+
+def _fit_config(cfg: Any, model: Model) -> list[str]:
+    """Point a config written for another layout of the same model at this one (``layers_pattern`` and
+    full module names); returns what was changed."""
+    notes: list[str] = []
+    target_path = model.layers_path + "."
+    pattern = cfg.layers_pattern
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
+    fits = [p for p in patterns if (target_path).endswith("." + p + ".") or target_path == p + "."]
+    if patterns and not fits:
+        known = {a.rstrip(".") for a in _LAYOUT_ALIASES[0]} | {".".join(a.rstrip(".").split(".")[-2:])
+                                                               for a in _LAYOUT_ALIASES[0]}
+        if all(p in known for p in patterns):
+            cfg.layers_pattern = layers_pattern_of(model.layers_path)
+            notes.append(f"layers_pattern {pattern!r} (another module layout) -> {cfg.layers_pattern!r}")
+    tm = cfg.target_modules
+    if tm is not None and not isinstance(tm, str) and any("." in t for t in tm):
+        names = {n for n, _ in model.hf.named_modules()}
+        mapped = [_alias(t, names) or t for t in tm]
+        if mapped != list(tm):
+            notes.append(f"{sum(a != b for a, b in zip(mapped, tm, strict=True))} full target module names")
+            cfg.target_modules = set(mapped) if isinstance(tm, set) else mapped
+    return notes
+
+
+def _alias(name: str, known: Iterable[str]) -> str | None:
+    """``name`` renamed into the layout whose names are ``known`` (a set, or the keys of a dict)."""
+    for group in _LAYOUT_ALIASES:
+        for old in sorted(group, key=len, reverse=True):
+            if name.startswith(old):
+                for new in group:
+                    if new != old and (cand := new + name[len(old):]) in known:
+                        return cand
+                break
+    return None
+
+
+def _match_keys(weights: dict[str, Tensor], expected: dict[str, tuple[int, ...]], src: str, model: Model, *,
+                tolerate_outside: bool = False) -> tuple[dict[str, Tensor], int, list[str]]:
+    """The adapter's weights keyed as ``expected`` (PEFT's saved names for this model), mapping keys of a
+    known other layout; an `AdapterMismatchError` naming every key that stays missing or unexpected.
+
+    ``tolerate_outside``: when every weight in the file found its module and the only missing keys are
+    outside the language decoder (a broad ``layers_pattern`` such as ``"layers"`` also matched the vision
+    tower's layers, which the adapter never trained), return those keys instead of raising."""
+    def strip(k: str) -> str:
+        return k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k
+
+    want = {strip(k): k for k in expected}
+    out: dict[str, Tensor] = {}
+    unexpected: list[str] = []
+    renamed = 0
+    for key, value in weights.items():
+        short = strip(key)
+        if short in want:
+            out[want[short]] = value
+        elif (cand := _alias(short, want)) is not None and want[cand] not in out:
+            out[want[cand]] = value
+            renamed += 1
+        else:
+            unexpected.append(key)
+    missing = sorted(k for k in expected if k not in out)
+    inside = f"{_PEFT_PREFIX}{model.layers_path}."
+    if tolerate_outside and weights and not unexpected and missing and not any(k.startswith(inside) for k in missing):
+        return out, renamed, missing
+    if not out and weights:
+        raise AdapterMismatchError(
+            f"adapter '{src}': none of the {len(weights)} weights in adapter_model.safetensors match a module of "
+            f"'{model.name}' (e.g. {shown(sorted(weights), 3)}; this model's adapted modules are named like "
+            f"{shown(sorted(expected), 2)}). Every LoRA update would stay zero: the adapter was saved for another "
+            "model or layout")
+    if unexpected or missing:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} weight(s) in the file match no adapted module ({shown(sorted(unexpected))})")
+        if missing:
+            parts.append(f"{len(missing)} adapted module weight(s) are not in the file, so their LoRA update would "
+                         f"stay zero ({shown(missing)})")
+        raise AdapterMismatchError(f"adapter '{src}' does not fit '{model.name}': {'; '.join(parts)}. Load it onto "
+                                   "the model it was trained for")
+    bad = [k for k, v in out.items() if tuple(v.shape) != expected[k]]
+    if bad:
+        k = bad[0]
+        raise AdapterMismatchError(f"adapter '{src}': weight '{k}' has shape {tuple(out[k].shape)} but '{model.name}'"
+                                   f" needs {expected[k]} ({len(bad)} such); it was trained for another base model")
+    return out, renamed, []
+
+
+def _same_base(declared: str | None, model: Model) -> bool:
+    if not declared:
+        return True
+    cfg = getattr(_base_of(model.hf), "config", None)
+    mine = {str(x) for x in (model.source, model.name, getattr(cfg, "_name_or_path", None)) if x}
+    if not mine:
+        return True
+
+    def tail(x: str) -> str:
+        return x.rstrip("/").rsplit("/", 1)[-1].lower()
+
+    return declared in mine or tail(declared) in {tail(m) for m in mine}
+
+
 def load_adapter(model: Model, path_or_hub_id: str | os.PathLike, *, adapter_name: str = "default",
                  is_trainable: bool = False) -> Model:
-    """``model`` with a standard PEFT adapter (a local folder or a hub id), as a new `Model`.
+    """``model`` with a standard PEFT LoRA adapter (a local folder or a hub id), as a new `Model`.
 
-    PEFT injects the adapter into ``model.hf`` in place: use the returned Model from here on.
+    ``model`` stays the base: the adapter goes into a structural copy of its module tree that shares the base
+    weights (no tensor is copied), so ``evaluate(model)`` still scores the base and ``train_lora(model)``
+    trains a fresh adapter; moving either model to another device moves both. Checked before use: the config
+    (valid JSON, a LoRA config, layers the model has), the weights file (readable safetensors), and that the
+    file's keys are exactly the adapted modules' (keys of a known other layout, transformers 4.x
+    ``language_model.model.layers`` or original LLaVA ``model.layers``, are mapped with a warning; any other
+    missing or unexpected key is an `AdapterMismatchError` naming it). A ``base_model_name_or_path`` that
+    differs from the model's name warns.
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
     if hasattr(model.hf, "peft_config"):
         raise InterpError(f"'{model.name}' already carries an adapter; load the new one onto a fresh base model "
                           "or merge() the current one first")
+    if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", adapter_name):
+        raise InterpError(f"adapter_name={adapter_name!r} must be a plain name like 'default'")
     src = str(path_or_hub_id)
     path = Path(src).expanduser()
     if path.exists():
@@ -1109,18 +1646,54 @@ def load_adapter(model: Model, path_or_hub_id: str | os.PathLike, *, adapter_nam
     if not (folder / "adapter_model.safetensors").is_file():
         raise InterpError(f"'{folder}' has no adapter_model.safetensors; interp loads safetensors adapters only "
                           "(a pickled adapter_model.bin can run code when loaded)")
-    pcfg = PeftConfig.from_pretrained(str(folder))
+    pcfg = _read_adapter_config(folder, src)
+    weights = _read_adapter_weights(folder, src)
     wanted = pcfg.layers_to_transform
     wanted = [wanted] if isinstance(wanted, int) else (wanted or [])
     if wanted and max(wanted) >= model.n_layers:
         raise InterpError(f"adapter '{src}' targets layer {max(wanted)} but '{model.name}' has {model.n_layers} "
                           "layers: it was trained for another base model")
+    if not _same_base(pcfg.base_model_name_or_path, model):
+        warnings.warn(f"adapter '{src}' was trained on '{pcfg.base_model_name_or_path}', not on '{model.name}' "
+                      f"(source {model.source or 'unknown'!r}); its keys fit, but check that this is the same base "
+                      "model", stacklevel=2)
+    notes = _fit_config(pcfg, model)
+    pcfg.inference_mode = not is_trainable
+    flags = _grad_flags(model.hf)
+
+    def inject() -> tuple[Any, dict[str, tuple[int, ...]]]:
+        try:
+            with _quiet_peft():
+                pm = PeftModel(shallow_copy(model.hf), pcfg, adapter_name=adapter_name)
+        except ValueError as e:
+            raise AdapterMismatchError(f"adapter '{src}' does not fit '{model.name}': {e}") from None
+        return pm, {k: tuple(v.shape) for k, v in get_peft_model_state_dict(pm, adapter_name=adapter_name).items()}
+
     try:
-        with _quiet_peft():
-            peft = PeftModel.from_pretrained(model.hf, str(folder), adapter_name=adapter_name,
-                                             is_trainable=is_trainable)
-    except ValueError as e:
-        raise InterpError(f"adapter '{src}' does not fit '{model.name}': {e}") from e
+        peft, expected = inject()
+        mapped, renamed, stray_modules = _match_keys(weights, expected, src, model, tolerate_outside=True)
+        if stray_modules:
+            # adapt exactly the modules the file has weights for (PEFT matches full names exactly)
+            names = sorted({k[len(_PEFT_PREFIX):].split(".lora_")[0] for k in mapped})
+            notes.append(f"its layers_pattern {pcfg.layers_pattern!r} also matched {len(stray_modules) // 2} modules "
+                         f"with no weights in the file (e.g. '{stray_modules[0].split('.lora_')[0]}'), left out")
+            pcfg.target_modules, pcfg.layers_to_transform, pcfg.layers_pattern = names, None, None
+            peft, expected = inject()
+            mapped, renamed, _ = _match_keys(weights, expected, src, model)
+        weights = mapped
+        result = set_peft_model_state_dict(peft, weights, adapter_name=adapter_name)
+        stray = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if stray:
+            raise AdapterMismatchError(f"adapter '{src}': PEFT could not place {shown(stray)}")
+    finally:
+        if not is_trainable:
+            _restore_grad_flags(flags)  # PEFT froze the shared base weights; the caller's model is unchanged
+    if renamed:
+        notes.append(f"{renamed} weight keys renamed from another module layout to this model's "
+                     f"'{model.layers_path}'")
+    if notes:
+        warnings.warn(f"adapter '{src}' was fitted to '{model.name}': {'; '.join(notes)}. The weights are loaded "
+                      "unchanged (check adapter_report)", stacklevel=2)
     peft.eval()
     return _rewrap(model, peft, name=f"{model.name}+{Path(src).name or src}")
 
@@ -1148,6 +1721,9 @@ class MergeReport(Result):
 
 def merge(model: Model, verify: bool = True, *, min_relative_delta: float = 1e-6) -> Model:
     """Merge the adapter into the base weights (``merge_and_unload``) and return the merged `Model`.
+
+    A model from `load_adapter` shares its weights with the base model it was loaded onto: the merge writes
+    into copies of the adapted modules' weights, so that base model is left unchanged.
 
     Refuses a 4-bit base (merge into a clean bf16 base instead). With ``verify``: every adapted module's
     weight must move by a non-trivial amount that agrees with its LoRA update (so a zero adapter, or one
@@ -1182,6 +1758,12 @@ def merge(model: Model, verify: bool = True, *, min_relative_delta: float = 1e-6
                               "nothing. Was the adapter trained (or saved before training)?")
         adapted_params = {f"{n}.base_layer.weight" for n in adapted}
         sums = {n: _checksum(p) for n, p in base.named_parameters() if "lora_" not in n and n not in adapted_params}
+    if base.__dict__.get(_SHARES_WEIGHTS):
+        # the base weights are shared with the caller's base model (load_adapter): merge into copies of the
+        # adapted modules' weights only, so that the base model stays the base
+        for mod in adapted.values():
+            layer = mod.get_base_layer()
+            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
     merged = hf.merge_and_unload()
     out = _rewrap(model, merged, name=f"{model.name} (merged)")
     if verify:
@@ -1216,42 +1798,75 @@ def _checksum(p: Tensor) -> tuple[float, float]:
 # ==== layer-range ablation ============================================================================
 @dataclass(frozen=True)
 class AblationReport(Result):
-    """One adapter per layer range, same data and settings, evaluated against the base model."""
+    """One adapter per layer range, same data and settings, evaluated on the same held-out pairs: each arm
+    against the base model (``table``) and against the reference arm (``between``), with paired tests."""
 
-    table: Any  # pandas DataFrame, one row per arm (baseline first)
+    table: Any  # pandas DataFrame, one row per arm (baseline first): measures, 95% CIs, tests vs the baseline
     results: dict[str, TrainResult] = field(default_factory=dict)
     reports: dict[str, Any] = field(default_factory=dict)  # arm -> ConsistencyReport (baseline included)
+    reference: str = ""  # the arm every other arm is tested against (default: 'selected')
+    between: Any = None  # pandas DataFrame, one row per other arm: arm minus reference, CIs and paired tests
+    comparisons: dict[str, Any] = field(default_factory=dict)  # "arm vs reference" -> ConsistencyComparison
 
     def to_dict(self) -> dict[str, Any]:
-        return {"table": jsonable(self.table), "results": {k: v.to_dict() for k, v in self.results.items()}}
+        return {"table": jsonable(self.table), "reference": self.reference,
+                "between": jsonable(self.between) if self.between is not None else [],
+                "results": {k: v.to_dict() for k, v in self.results.items()}}
 
     def figure(self):
-        """Flip rate, mean margin difference and accuracy per arm (with p-values against the baseline)."""
+        """Flip rate, mean margin difference and accuracy per arm with 95% intervals (paired p-values
+        against the baseline above the bars)."""
         from plotly.subplots import make_subplots
 
         t = self.table
-        fig = make_subplots(rows=1, cols=3, subplot_titles=("flip rate", "mean |margin diff|", "accuracy"))
+        fig = make_subplots(rows=1, cols=3, subplot_titles=("flip rate", "mean |margin diff| (logits)",
+                                                            "accuracy"))
         for col, metric in enumerate(("flip_rate", "mean_margin_diff", "accuracy"), start=1):
             pcol = {"flip_rate": "p_flip", "mean_margin_diff": "p_margin", "accuracy": "p_accuracy"}[metric]
-            text = [f"p={v:.3g}" if isinstance(v, float) and math.isfinite(v) else "" for v in t[pcol]] \
+            text = [f"p={v:.2g}" if isinstance(v, float) and math.isfinite(v) else "" for v in t[pcol]] \
                 if pcol in t.columns else None
-            fig.add_bar(x=t["arm"], y=t[metric], text=text, showlegend=False, row=1, col=col)
+            err = None
+            if f"{metric}_ci" in t.columns:
+                cis = list(t[f"{metric}_ci"])
+                err = dict(type="data", symmetric=False,
+                           array=[None if c is None else c[1] - v for v, c in zip(t[metric], cis, strict=True)],
+                           arrayminus=[None if c is None else v - c[0] for v, c in zip(t[metric], cis, strict=True)])
+            fig.add_bar(x=t["arm"], y=t[metric], text=text, textposition="outside", error_y=err, showlegend=False,
+                        row=1, col=col)
         for col in (1, 3):
-            fig.update_yaxes(tickformat=".0%", row=1, col=col)
-        fig.update_layout(title="LoRA layer-range ablation (held-out pairs)", height=360, width=1100)
+            fig.update_yaxes(tickformat=".0%", range=[0, 1.05], row=1, col=col)
+        fig.update_layout(title=dict(text="LoRA layer-range ablation (held-out pairs)<br><sup>bars: 95% intervals; "
+                                          "p: paired tests against the baseline</sup>", x=0.02),
+                          height=400, width=1000, template="plotly_white")
         return fig
 
     def __repr__(self) -> str:
-        cols = [c for c in ("arm", "layers", "flip_rate", "mean_margin_diff", "accuracy") if c in self.table.columns]
-        return "AblationReport(\n" + self.table[cols].to_string(index=False) + "\n)"
+        cols = [c for c in ("arm", "layers", "flip_rate", "mean_margin_diff", "relative_margin_diff", "accuracy",
+                            "p_flip") if c in self.table.columns]
+        text = "AblationReport(\n" + self.table[cols].to_string(index=False)
+        if self.between is not None and len(self.between):
+            bcols = [c for c in ("arm", "vs", "flip_rate_delta", "p_flip", "margin_diff_relative", "p_margin",
+                                 "accuracy_delta", "p_accuracy") if c in self.between.columns]
+            text += f"\nagainst '{self.reference}' (paired, same held-out pairs):\n" + \
+                self.between[bcols].to_string(index=False)
+        return text + "\n)"
 
 
 def ablate_layers(model: Model, pairs: Sequence[ParaphrasePair], ranges: Mapping[str, Any], *,
                   eval_pairs: Sequence[ParaphrasePair] | float = 0.2, output_dir: str | os.PathLike = "lora_ablation",
-                  seed: int = 0, progress: bool = True, **train_kw: Any) -> AblationReport:
+                  seed: int = 0, reference: str | None = None, progress: bool = True,
+                  **train_kw: Any) -> AblationReport:
     """Train one adapter per layer range (e.g. early / selected / late / all) from the same base, with the
-    same data and settings, and compare each arm's held-out consistency with the base model's
-    (`ConsistencyReport.compare`: two-proportion z-test on flips, McNemar, Wilcoxon on margin differences)."""
+    same data and settings, and evaluate each on the same held-out pairs.
+
+    ``table``: each arm against the base model (`ConsistencyReport.compare`): ``p_flip`` is the paired flip
+    test (exact McNemar, or its cluster version when held-out pairs cluster; named in ``flip_test``),
+    ``p_margin`` the Wilcoxon signed-rank test on per-pair |margin diff|, ``p_accuracy`` the paired test on
+    per-phrasing correctness; the study's unpaired z-tests are kept as ``p_flip_z_unpaired`` and
+    ``p_accuracy_z_unpaired``; deltas carry paired cluster-bootstrap 95% CIs. ``between``: every other arm
+    against ``reference`` (default the arm named 'selected', else the first `LayerSelection`, else the first
+    arm) with the same paired tests on the same pairs, so that "early beats selected" has a test and an interval.
+    """
     from interp.consistency import evaluate
 
     pairs = check_pairs(pairs)
@@ -1262,36 +1877,63 @@ def ablate_layers(model: Model, pairs: Sequence[ParaphrasePair], ranges: Mapping
     else:
         train, held = pairs, check_pairs(eval_pairs, name="eval_pairs")
     arms = {str(name): _resolve_layers(model, spec) for name, spec in ranges.items()}  # fail before training
+    if reference is None:
+        reference = "selected" if "selected" in arms else next(
+            (str(k) for k, v in ranges.items() if isinstance(v, LayerSelection)), next(iter(arms)))
+    elif str(reference) not in arms:
+        raise InterpError(f"reference={reference!r} is not one of the arms {list(arms)}")
+    reference = str(reference)
+    check_settings(**{k: v for k, v in train_kw.items() if k in _SETTING_NAMES})
+    for layer_list in arms.values():
+        resolve_target_modules(model, layer_list, train_kw.get("target_modules", DEFAULT_TARGET_MODULES))
+    root = check_output_dir(output_dir)
+    for name in arms:
+        check_output_dir(root / _safe_name(name))
+    mark_folder(root, what="output_dir", by="ablate_layers")
     baseline = evaluate(model, held, progress=progress)
     rows = [{"arm": "baseline", "layers": "", "n_layers": 0, "trainable_params": 0, **_report_metrics(baseline)}]
     results, reports = {}, {"baseline": baseline}
     for name, layer_list in arms.items():
         res = train_lora(model, train, layers=layer_list, eval_pairs=held, seed=seed, progress=progress,
-                         output_dir=Path(output_dir) / _safe_name(name), **train_kw)
-        adapted = load_adapter(model, res.adapter_path)
-        try:
-            report = evaluate(adapted, held, progress=progress)
-        finally:
-            adapted.hf.unload()  # back to the same clean base for the next arm
+                         output_dir=root / _safe_name(name), **train_kw)
+        report = evaluate(load_adapter(model, res.adapter_path), held, progress=progress)  # model stays the base
         results[name], reports[name] = res, report
         rows.append({"arm": name, "layers": _span(layer_list), "n_layers": len(layer_list),
                      "trainable_params": res.trainable_params, **_report_metrics(report),
                      **_comparison(baseline.compare(report))})
+    comparisons = {f"{name} vs {reference}": reports[reference].compare(reports[name])
+                   for name in arms if name != reference}
+    between = [{"arm": name, "vs": reference, **_comparison(comparisons[f"{name} vs {reference}"])}
+               for name in arms if name != reference]
     import pandas as pd
 
-    return AblationReport(pd.DataFrame(rows), results, reports)
+    return AblationReport(pd.DataFrame(rows), results, reports, reference=reference, between=pd.DataFrame(between),
+                          comparisons=comparisons)
 
 
-def _report_metrics(report: Any) -> dict[str, float]:
-    return {k: float("nan") if getattr(report, k) is None else float(getattr(report, k))
-            for k in ("flip_rate", "mean_margin_diff", "accuracy")}
+_SETTING_NAMES = ("r", "alpha", "dropout", "lr", "epochs", "batch_size", "grad_accum", "ce_weight", "kl_weight",
+                  "kl_space", "warmup_ratio", "weight_decay", "max_grad_norm", "max_steps")
+_REPORTED = ("flip_rate", "mean_margin_diff", "accuracy", "relative_margin_diff", "mean_abs_margin", "yes_rate")
 
 
-def _comparison(cmp: Any) -> dict[str, float | None]:
-    """The study's statistics of one arm against the baseline (`ConsistencyComparison`)."""
-    return {"flip_rate_delta": cmp.flip_rate_delta, "p_flip": cmp.p_z, "p_flip_mcnemar": cmp.p_mcnemar,
-            "margin_diff_relative": cmp.margin_diff_relative, "p_margin": cmp.p_wilcoxon,
-            "accuracy_delta": cmp.accuracy_delta, "p_accuracy": cmp.p_accuracy}
+def _report_metrics(report: Any) -> dict[str, Any]:
+    """One arm's measures (`ConsistencyReport`) and their 95% intervals (``<name>_ci``)."""
+    out: dict[str, Any] = {k: float("nan") if getattr(report, k) is None else float(getattr(report, k))
+                           for k in _REPORTED}
+    out |= {f"{k}_ci": report.ci.get(k) for k in ("flip_rate", "mean_margin_diff", "accuracy")}
+    return out
+
+
+def _comparison(cmp: Any) -> dict[str, Any]:
+    """One arm against another on the same pairs (`ConsistencyComparison`): paired tests first, the
+    study's unpaired z-tests kept and labelled."""
+    return {"flip_rate_delta": cmp.flip_rate_delta, "flip_rate_delta_ci": cmp.ci.get("flip_rate_delta"),
+            "p_flip": cmp.p_flip, "flip_test": cmp.flip_test, "p_flip_z_unpaired": cmp.p_z,
+            "margin_diff_relative": cmp.margin_diff_relative, "margin_diff_relative_ci": cmp.ci.get("margin_diff_relative"),
+            "p_margin": cmp.p_wilcoxon, "relative_margin_diff_delta": cmp.relative_margin_diff_delta,
+            "mean_abs_margin_relative": cmp.mean_abs_margin_relative, "yes_rate_delta": cmp.yes_rate_delta,
+            "accuracy_delta": cmp.accuracy_delta, "accuracy_delta_ci": cmp.ci.get("accuracy_delta"),
+            "p_accuracy": cmp.p_accuracy_paired, "p_accuracy_z_unpaired": cmp.p_accuracy}
 
 
 def _safe_name(name: str) -> str:

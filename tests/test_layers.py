@@ -317,3 +317,10 @@ def test_real_270m_residual_profile_and_patching_window(gemma270m):
     values = sel.meta["values"]
     assert values[-1] == pytest.approx(1.0, abs=1e-4)  # the last layer's answer position carries all of it
     assert abs(values[0]) < 0.2  # the first layer's answer position has seen almost nothing of the question
+
+
+def test_lora_config_takes_one_module_name_as_a_string():
+    from interp.layers import lora_config
+
+    assert lora_config([1, 2], target_modules="q_proj").target_modules == {"q_proj"}  # not q, _, p, r, o, j
+    assert lora_config([1, 2], target_modules=("q_proj", "v_proj")).target_modules == {"q_proj", "v_proj"}

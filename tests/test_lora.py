@@ -14,7 +14,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from scipy.special import log_softmax as np_log_softmax
-from scipy.stats import entropy
+from scipy.stats import binomtest, entropy, wilcoxon
+from statsmodels.stats.proportion import proportion_confint
 
 import interp
 from interp import consistency
@@ -282,7 +283,8 @@ def test_fused_micro_batches_and_checkpointing_give_the_accumulated_gradient(ima
         trainer = L._Trainer(pm, 2, cfg, fast=True, cache=True, fuse_tokens=fuse, checkpoint=ckpt)
         trainer.runner.prefill(items, rows_per_pass=4)
         calls = []
-        hook = pm.layers[2].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        # counted inside the layer: the recomputation in the backward pass runs the layer's forward itself
+        hook = pm.layers[2].self_attn.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         for i in range(2, model.n_layers):
             pm.layers[i].train()
         with L._row_dropout(pm.hf, trainer.dropout_rows):
@@ -327,7 +329,36 @@ def test_a_few_steps_lower_the_training_loss(text_pairs, tmp_path):
     assert res.n_eval == len(text_pairs) - 8 and 0 <= res.final.flip_rate <= 1
     assert json.loads((tmp_path / "result.json").read_text())["steps"] == 6
     fig = res.figure()
-    assert len(fig.data) == 4
+    flip = next(tr for tr in fig.data if tr.name == "flip rate")
+    assert fig.layout[flip.yaxis.replace("y", "yaxis")].range == (0, 1.02)  # rates on 0..100%, never below 0
+    assert flip.error_y.array is not None and len(fig.data) == 7
+
+
+def test_held_out_epoch_metrics_carry_exact_intervals_and_the_scale_free_measure():
+    # distinct questions, no images: every pair is its own cluster, so Clopper-Pearson applies as is
+    pairs = [ParaphrasePair(f"p{i}", f"Is there finding {i}?", f"any finding {i} at all?", answer="yes")
+             for i in range(36)]
+    rng = np.random.default_rng(0)
+    ma = torch.tensor(rng.normal(1.0, 1.0, 36))
+    mb = torch.tensor(rng.normal(1.0, 1.0, 36))
+    m = L.pair_metrics(ma, mb, pairs)
+    k = int(((ma > 0) != (mb > 0)).sum())
+    assert m["flip_rate"] == k / 36
+    assert m["flip_rate_ci"] == pytest.approx(proportion_confint(k, 36, method="beta"))
+    n_ok = int((ma > 0).sum() + (mb > 0).sum())
+    naive = proportion_confint(n_ok, 72, method="beta")  # a pair's two phrasings share a cluster: never narrower
+    lo, hi = m["accuracy_ci"]
+    assert lo <= n_ok / 72 <= hi and hi - lo >= naive[1] - naive[0] - 1e-12
+    d = (ma - mb).abs().numpy()
+    assert m["relative_margin_diff"] == pytest.approx(d.mean() / ((ma.abs() + mb.abs()).numpy() / 2).mean())
+    lo, hi = m["mean_margin_diff_ci"]
+    assert lo < d.mean() < hi and hi - lo == pytest.approx(2 * 1.96 * d.std(ddof=1) / 6, rel=0.25)  # ~ a t interval
+    # halving every margin changes no decision: the scale-free measure does not move
+    half = L.pair_metrics(ma / 2, mb / 2, pairs)
+    assert half["relative_margin_diff"] == pytest.approx(m["relative_margin_diff"])
+    assert half["mean_margin_diff"] == pytest.approx(m["mean_margin_diff"] / 2)
+    none = L.pair_metrics(torch.ones(36), torch.ones(36), pairs)  # 0/36 flips: the exact interval, not [0, 0]
+    assert none["flip_rate_ci"][0] == 0 and none["flip_rate_ci"][1] == pytest.approx(0.0974, abs=1e-4)
 
 
 def test_resume_from_a_checkpoint_continues_identically(text_pairs, tmp_path):
@@ -477,8 +508,27 @@ def test_ablate_layers_trains_one_adapter_per_range_from_the_same_base(text_pair
     assert t["flip_rate"].iloc[0] == pytest.approx(rep.results["early"].history[0].flip_rate)
     # the statistics are the consistency module's comparison of each arm with the baseline
     cmp = rep.reports["baseline"].compare(rep.reports["all"])
-    assert t["p_flip"].iloc[3] == cmp.p_z and t["p_margin"].iloc[3] == cmp.p_wilcoxon
+    assert t["p_flip"].iloc[3] == cmp.p_flip and t["p_flip_z_unpaired"].iloc[3] == cmp.p_z
+    assert t["p_margin"].iloc[3] == cmp.p_wilcoxon and t["p_accuracy"].iloc[3] == cmp.p_accuracy_paired
     assert np.isnan(t["p_flip"].iloc[0])
+    for col in ("relative_margin_diff", "mean_abs_margin", "yes_rate", "flip_rate_ci", "flip_rate_delta_ci"):
+        assert col in t.columns
+    # arms against the reference arm ('selected'), paired on the same held-out pairs, checked independently
+    assert rep.reference == "selected" and list(rep.between["arm"]) == ["early", "all"]
+    early, sel = rep.reports["early"].table.set_index("id"), rep.reports["selected"].table.set_index("id")
+    early = early.loc[sel.index]
+    row = rep.between.set_index("arm").loc["early"]
+    assert row["flip_rate_delta"] == pytest.approx(early["flip"].mean() - sel["flip"].mean())
+    b, c = int((sel["flip"] & ~early["flip"]).sum()), int((~sel["flip"] & early["flip"]).sum())
+    if rep.comparisons["early vs selected"].n_clusters == len(sel):  # no clusters: exact McNemar = binomial test
+        assert row["p_flip"] == pytest.approx(binomtest(b, b + c, 0.5).pvalue if b + c else 1.0)
+    diff = early["margin_diff"].to_numpy() - sel["margin_diff"].to_numpy()
+    assert row["p_margin"] == pytest.approx(wilcoxon(early["margin_diff"], sel["margin_diff"]).pvalue
+                                            if np.any(diff) else 1.0)
+    assert row["margin_diff_relative"] == pytest.approx(early["margin_diff"].mean() / sel["margin_diff"].mean() - 1)
+    lo, hi = row["margin_diff_relative_ci"]
+    assert lo <= row["margin_diff_relative"] <= hi
+    assert "against 'selected'" in repr(rep) and rep.to_dict()["between"][0]["vs"] == "selected"
     assert all(torch.equal(p, before[n]) for n, p in model.hf.named_parameters())  # the base is untouched
     assert len(rep.figure().data) == 3 and "baseline" in repr(rep)
 
