@@ -214,19 +214,10 @@ class LoopConfig:
 
     @classmethod
     def demo(cls, quick: bool = False) -> LoopConfig:
-        """The embedded-default run: the 270M, a small SAE, a short targeted LoRA."""
-        cfg = cls(output="reports/demo")
-        cfg.data.limit = 48 if quick else 120
-        cfg.sae.steps = 150 if quick else 600
-        cfg.sae.train_prompts = 40 if quick else 80
-        cfg.transfer.n_prompts = 24 if quick else 40  # per corpus; general ones are held out from SAE training
-        cfg.transfer.n_boot = 200 if quick else 1000
-        cfg.lora.epochs = 1
-        cfg.lora.grad_accum = 4
-        cfg.lora.r = 8
-        cfg.lora.lr = 1e-3  # a few dozen steps must move the margins visibly
-        cfg.lora.train_pairs = 16 if quick else 60
-        return cfg
+        """The embedded-default run (`interp demo`): its settings live in `interp.demo`."""
+        from interp.demo import demo_config
+
+        return demo_config(quick)
 
 
 def _finite(lo: float, *, strict: bool) -> tuple[Callable[[Any], bool], str]:
@@ -477,6 +468,9 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
                          d_sae=config.sae.d_sae, k=config.sae.k, steps=config.sae.steps, seed=config.seed,
                          progress=progress)
 
+    summary["sae_source"] = getattr(sae.cfg.metadata, "interp_source", None) or "given"
+    console.print(f"SAE: {summary['sae_source']}")
+
     step("3 · SAE transfer: medical vs general text")
     transfer = interp.transfer_report(model, sae, {"medical": medical[:n], "general": held_general}, layer=layer,
                                       threshold=config.transfer.threshold, n_boot=config.transfer.n_boot,
@@ -633,7 +627,8 @@ def _ci(d: dict[str, Any], key: str, pct: bool = False) -> str:
 
 def _summary_rows(summary: dict[str, Any], layer: int) -> list[tuple[str, str]]:
     b, a, c = summary["consistency_before"], summary["consistency_after"], summary["compare"]
-    rows = [(f"SAE R² at layer {layer}, {name}", f"{d['r2']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}] "
+    rows = [("SAE", summary.get("sae_source") or "n/a")]
+    rows += [(f"SAE R² at layer {layer}, {name}", f"{d['r2']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}] "
              f"{'pass' if d['passed'] else 'FAIL'}") for name, d in summary["transfer_detail"].items()]
     f = summary["features"]
     cal = f.get("calibration") or {}
@@ -688,7 +683,11 @@ def _reading(summary: dict[str, Any]) -> list[str]:
     diff_ci = (c.get("ci") or {}).get("margin_diff_relative")
     diff_down = diff_ci is not None and diff_ci[1] is not None and diff_ci[1] < 0
     rel_down = rel_ci is not None and rel_ci[1] is not None and rel_ci[1] < 0
-    if diff_down and not rel_down:
+    rel_up = rel_ci is not None and rel_ci[0] is not None and rel_ci[0] > 0
+    if rel_up:
+        out.append("The scale-free measure (|margin diff| / mean |margin|) rose beyond its 95% interval: the two "
+                   "phrasings agree less after training, relative to how decided the answers are.")
+    elif diff_down and not rel_down:
         out.append(f"Mean |margin diff| fell ({_fmt(c['margin_diff_relative'], True)}), but the scale-free measure "
                    f"(|margin diff| / mean |margin|) did not fall beyond its 95% interval, and mean |margin| changed "
                    f"by {_fmt(c['mean_abs_margin_relative'], True)}: the drop is mostly margins shrinking, not the two "

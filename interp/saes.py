@@ -35,6 +35,16 @@ R2_FORMULA = "1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)"
 R2_NAME = (f"explained variance R^2 = {R2_FORMULA} over tokens, accumulated in float64 "
            "(sae-lens' current explained_variance)")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# sae-lens SAEs trained through HookedProxyLM or AutoModel-based runners name the Hugging Face module they read
+# (`model.language_model.layers.17`, `model.layers.17.output`, `...layers.17.hook_resid_post`): the decoder
+# layer is the number after `layers.`, the site is what follows it (nothing, `output`: the layer's output)
+_HF_HOOK_RE = re.compile(r"^(?P<prefix>(?:[A-Za-z_]\w*\.)*?)layers\.(?P<layer>\d+)(?:\.(?P<site>.+))?$")
+_HF_SITES = {
+    None: "hook_resid_post", "output": "hook_resid_post", "hook_resid_post": "hook_resid_post",
+    "input": "hook_resid_pre", "hook_resid_pre": "hook_resid_pre",
+    "post_feedforward_layernorm.output": "hook_mlp_out", "mlp": "hook_mlp_out", "mlp.output": "hook_mlp_out",
+    "hook_mlp_out": "hook_mlp_out", "self_attn.o_proj.input": "attn.hook_z", "attn.hook_z": "attn.hook_z",
+}
 
 # Gemma Scope 2's config.json names the Hugging Face module it reads (`hf_hook_point_in`); these are the
 # same site mappings as sae-lens' gemma_3 loader, from the HF module path to the TransformerLens hook.
@@ -69,11 +79,17 @@ def _default_device(device: Any) -> str:
 
 def load_sae(release_or_path: str | os.PathLike, sae_id: str | None = None, *, device: Any = None,
              dtype: Any = None, layer: int | None = None) -> SAE:
-    """Load an SAE: a sae-lens release + id, a local Gemma Scope 2 folder, or a folder sae-lens saved.
+    """Load an SAE: a sae-lens release + id, a hub repo id + folder, a local Gemma Scope 2 folder, or a folder
+    sae-lens saved.
 
-    ``layer`` declares the decoder layer when the files do not name it (the SAE's hook is then
-    ``blocks.{layer}.<site>``); when they do and it differs, that is an error, not a silent relabel.
-    Local folders never touch the hub.
+    A release or repo is read from a local copy when there is one (`sae_home()`, then the Hugging Face cache),
+    else from the hub with the loader sae-lens uses for that release (Gemma Scope 2: its ``gemma_3`` loader,
+    which reads ``config.json``); with no hub reachable (or ``HF_HUB_OFFLINE=1``) it fails at once, saying
+    what to download and where to put it. Hooks named by Hugging Face module paths (``model.layers.17``,
+    ``model.language_model.layers.17.output``, as HookedProxyLM-trained SAEs have) become block hooks
+    (``blocks.17.hook_resid_post``). ``layer`` declares the decoder layer when the files do not name it
+    (the hook is then ``blocks.{layer}.<site>``); when they do and it differs, that is an error, not a
+    silent relabel. Local folders never touch the hub.
     """
     src = str(release_or_path)
     dev, dt = _default_device(device), _dtype_name(dtype)
@@ -88,6 +104,7 @@ def load_sae(release_or_path: str | os.PathLike, sae_id: str | None = None, *, d
         sae = _load_folder(path, dev, dt, layer)
     else:
         sae = _load_registry(src, sae_id, dev, dt or "float32")
+    _map_hf_hook(sae, src)
     if layer is not None:
         hook = sae.cfg.metadata.hook_name
         m = _HOOK_RE.match(hook) if hook else None
@@ -237,33 +254,170 @@ def _gemma_scope_disk_loader(path: str | Path, device: str, cfg_overrides: dict[
     return cfg, state
 
 
-def _load_registry(release: str, sae_id: str | None, device: str, dtype: str) -> SAE:
-    from sae_lens import SAE
+def sae_home() -> Path:
+    """Where local copies of published SAEs are looked for first: ``$INTERP_HOME/saes`` (or ~/.cache/interp/saes),
+    laid out as ``<release or hub repo id>/<folder>``, e.g. ``gemma-scope-2-270m-pt-res/layer_9_width_16k_l0_medium``
+    or ``google/gemma-scope-2-270m-pt/resid_post/layer_9_width_16k_l0_medium``."""
+    from interp.models import cache_home
+
+    return cache_home() / "saes"
+
+
+def _published(release: str, sae_id: str | None) -> tuple[str, str, str | None]:
+    """(hub repo id, folder in it, sae-lens loader name) of a registry release + id, or of a hub repo id + folder
+    (a registry id such as ``layer_9_width_16k_l0_medium`` is mapped to its folder for a registered repo)."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     directory = get_pretrained_saes_directory()  # the registry ships with sae-lens: no hub needed here
-    if release not in directory and "/" in release and sae_id:  # a hub repo id, as sae-lens allows
-        repo, folder = release, sae_id
-    elif release not in directory:
-        close = difflib.get_close_matches(release, list(directory), n=3, cutoff=0.5)
-        raise InterpError(f"unknown SAE release {release!r} (and no such folder). "
-                          f"{'Did you mean ' + ', '.join(map(repr, close)) + '? ' if close else ''}"
-                          "Releases are listed in sae-lens' pretrained_saes.yaml, e.g. 'gemma-scope-2-4b-it-res'.")
-    else:
+    if release in directory:
         ids = list(directory[release].saes_map)
         if sae_id is None or sae_id not in ids:
             close = difflib.get_close_matches(str(sae_id), ids, n=4, cutoff=0.3) if sae_id else ids[:4]
             what = "sae_id is missing for" if sae_id is None else f"sae_id {sae_id!r} is not in"
             raise InterpError(f"{what} release {release!r}; for example {close} ({len(ids)} ids in all)")
-        repo, folder = directory[release].repo_id, directory[release].saes_map[sae_id]
-    try:
-        return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
-    except OSError as e:  # requests' and huggingface_hub's network errors are all OSErrors
-        raise InterpError(
-            f"could not fetch {release}/{sae_id} from the Hugging Face hub ({type(e).__name__}): no hub is "
-            f"reachable from here. Download the folder '{folder}' of '{repo}' on a machine with access, e.g. "
-            f"`hf download {repo} --include '{folder}/*'`, and pass its local path: "
-            f"load_sae('<download>/{folder}')") from e
+        info = directory[release]
+        return info.repo_id, info.saes_map[sae_id], info.conversion_func
+    if "/" in release and sae_id:  # a hub repo id, as sae-lens allows
+        registered = [info for info in directory.values() if info.repo_id == release]
+        folder = next((info.saes_map[sae_id] for info in registered if sae_id in info.saes_map), sae_id)
+        loader = next((info.conversion_func for info in registered if info.conversion_func), None)
+        if loader is None and "gemma-scope-2" in release:
+            loader = "gemma_3"  # Gemma Scope 2 folders ship config.json + params.safetensors, not cfg.json
+        return release, folder.strip("/"), loader
+    close = difflib.get_close_matches(release, list(directory), n=3, cutoff=0.5)
+    raise InterpError(f"unknown SAE release {release!r} (and no such folder). "
+                      f"{'Did you mean ' + ', '.join(map(repr, close)) + '? ' if close else ''}"
+                      "Releases are listed in sae-lens' pretrained_saes.yaml, e.g. 'gemma-scope-2-4b-it-res'; "
+                      "a hub repo id needs the folder as sae_id, e.g. ('google/gemma-scope-2-270m-pt', "
+                      "'resid_post/layer_9_width_16k_l0_medium').")
+
+
+def _is_sae_folder(path: Path) -> bool:
+    return (path / "params.safetensors").is_file() or ((path / "cfg.json").is_file()
+                                                        and (path / "sae_weights.safetensors").is_file())
+
+
+def local_sae_copy(release: str, sae_id: str | None) -> Path | None:
+    """The folder of a published SAE (registry release + id, or hub repo id + folder) already on this machine,
+    under `sae_home()` or in the Hugging Face cache; None when there is none. Reads no weights, no network."""
+    repo, folder, _ = _published(release, sae_id)
+    leaf = folder.rsplit("/", 1)[-1]
+    home = sae_home()
+    for root in dict.fromkeys([home / release, home / repo, home / repo.rsplit("/", 1)[-1]]):
+        for cand in (root / folder, root / leaf, root / str(sae_id)):
+            if _is_sae_folder(cand):
+                return cand
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("params.safetensors", "cfg.json"):
+        try:
+            hit = try_to_load_from_cache(repo, f"{folder}/{name}")
+        except Exception:  # a malformed cache entry is no copy
+            continue
+        if isinstance(hit, str) and _is_sae_folder(Path(hit).parent):
+            return Path(hit).parent
+    return None
+
+
+def hub_unreachable(timeout: float = 2.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (``HF_HUB_OFFLINE`` set, or no TCP connection to the
+    endpoint, or to the HTTPS proxy, within ``timeout`` s), or None when it answers. Takes at most ``timeout`` s,
+    where a hub download would spend ~26 s on retries before failing."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    if flag in ("1", "true", "yes", "on") or constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy if proxy else constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    what = f"{'the HTTPS proxy ' if proxy else ''}{host}:{port}"
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{what} is not reachable ({e})")
+
+    thread = threading.Thread(target=probe, daemon=True)  # name resolution ignores socket timeouts
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else f"{what} did not answer within {timeout:g} s"
+
+
+def _fetch_hint(repo: str, folder: str, release: str) -> str:
+    leaf = folder.rsplit("/", 1)[-1]
+    return (f"Download the folder '{folder}' of '{repo}' on a machine with access, e.g. `hf download {repo} "
+            f"--include '{folder}/*'`, and pass its local path: load_sae('<download>/{folder}'), or put it at "
+            f"'{sae_home() / release / leaf}' where load_sae and the demo look first")
+
+
+def _load_registry(release: str, sae_id: str | None, device: str, dtype: str) -> SAE:
+    from sae_lens import SAE
+
+    repo, folder, loader = _published(release, sae_id)
+    local = local_sae_copy(release, sae_id)
+    if local is not None:  # a copy on disk (ours or the HF cache) never touches the network
+        sae = _load_folder(local, device, dtype, None)
+    else:
+        why = hub_unreachable()
+        if why is not None:
+            raise InterpError(f"could not fetch {release}/{sae_id}: no hub is reachable from here ({why}) and no "
+                              f"local copy was found under '{sae_home()}' or in the Hugging Face cache. "
+                              + _fetch_hint(repo, folder, release))
+        converter = None
+        if loader == "gemma_3":  # what sae-lens uses for its Gemma Scope 2 releases (config.json, not cfg.json)
+            from sae_lens.loading.pretrained_sae_loaders import gemma_3_sae_huggingface_loader as converter
+        hub_id = sae_id if release in _registry() else folder
+        try:
+            sae = SAE.from_pretrained(release, hub_id, device=device, dtype=dtype, converter=converter)
+        except OSError as e:  # requests' and huggingface_hub's network errors are all OSErrors
+            raise InterpError(f"could not fetch {release}/{sae_id} from the Hugging Face hub ({type(e).__name__}): "
+                              f"no hub is reachable from here. {_fetch_hint(repo, folder, release)}") from e
+    sae.cfg.metadata.release, sae.cfg.metadata.sae_id = release, sae_id
+    sae.cfg.metadata.source_path = str(local) if local is not None else f"hf://{repo}/{folder}"
+    return sae
+
+
+def _registry() -> dict[str, Any]:
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return get_pretrained_saes_directory()
+
+
+def _block_hook(hook: str | None, *, where: str = "the SAE") -> str | None:
+    """A TransformerLens block hook for ``hook``: unchanged when it is one (or empty), else mapped from a Hugging
+    Face module path (``model.language_model.layers.17`` -> ``blocks.17.hook_resid_post``)."""
+    if not hook or _HOOK_RE.match(hook):
+        return hook
+    m = _HF_HOOK_RE.match(hook)
+    if m is None:
+        return hook  # check_sae says what it is not
+    prefix, layer, site = m.group("prefix"), int(m.group("layer")), m.group("site")
+    if any(part in prefix for part in ("vision", "visual", "image", "siglip", "mm_projector")):
+        raise InterpError(f"{where} reads {hook!r}, a layer of the vision tower; the workbench splices SAEs on "
+                          "the language decoder's residual stream (e.g. model.language_model.layers.<L>)")
+    if site not in _HF_SITES:
+        raise InterpError(f"{where} reads {hook!r}: decoder layer {layer}, but the site {site!r} is not one this "
+                          f"workbench maps (nothing or 'output' for the residual stream after the layer, "
+                          f"{', '.join(repr(k) for k in _HF_SITES if k)})")
+    return f"blocks.{layer}.{_HF_SITES[site]}"
+
+
+def _map_hf_hook(sae: SAE, src: str) -> None:
+    """Rename an SAE's Hugging Face module hook to its block hook; the original is kept as ``hf_hook_name``."""
+    hook = sae.cfg.metadata.hook_name
+    mapped = _block_hook(hook, where=f"the SAE in '{src}'")
+    if mapped != hook:
+        if not sae.cfg.metadata.hf_hook_name:
+            sae.cfg.metadata.hf_hook_name = hook
+        sae.cfg.metadata.hook_name = mapped
 
 
 def _set_layer(sae: SAE, layer: int) -> None:
@@ -282,11 +436,11 @@ class SAESite(NamedTuple):
 
 def check_sae(model: Model, sae: SAE, layer: int | None = None) -> SAESite:
     """Map the SAE's hook (``blocks.L.hook_resid_post``) onto ``model``'s decoder layer; clear error on mismatch."""
-    hook = sae.cfg.metadata.hook_name
+    hook = _block_hook(sae.cfg.metadata.hook_name)
     m = _HOOK_RE.match(hook) if hook else None
     if hook and not m:
-        raise InterpError(f"SAE hook {hook!r} is not a TransformerLens block hook; the workbench reads "
-                          "blocks.<L>.hook_resid_post")
+        raise InterpError(f"SAE hook {hook!r} is neither a TransformerLens block hook (blocks.<L>.hook_resid_post) "
+                          "nor a decoder-layer module path (model.language_model.layers.<L>, model.layers.<L>)")
     if m and m.group(2) != "hook_resid_post":
         raise InterpError(f"the SAE reads {hook!r}; the workbench splices residual-stream SAEs "
                           f"(blocks.<L>.hook_resid_post, Gemma Scope's resid_post folders)")
@@ -818,10 +972,18 @@ class TransferReport(Result):
                          arrayminus=[c.r2 - c.r2_ci[0] for c in self.corpora])))
         fig.add_hline(y=self.threshold, line_dash="dash", line_color="firebrick",
                       annotation_text=f"threshold {self.threshold:g}", annotation_position="bottom right")
+        import textwrap
+
         verdict = "passed" if self.passed else "did not pass"
+        # the subtitle wrapped to the figure's width: SAE, formula and token mask each on their own lines
+        sub = "<br>".join(line for part in (f"SAE: {self.sae}", f"R^2 = {R2_FORMULA}", self.token_mask) if part
+                          for line in textwrap.wrap(str(part), 110))
+        n_lines = sub.count("<br>") + 1
         fig.update_layout(
-            title=f"SAE transfer to '{self.model}' at {self.hook_name}: {verdict}<br><sup>{self.sae}; "
-                  f"R^2 = {R2_FORMULA}; {self.token_mask}</sup>",
+            title=dict(text=f"SAE transfer to '{self.model}' at {self.hook_name}: {verdict}",
+                       subtitle=dict(text=sub, font=dict(size=12)), yref="container", y=1, yanchor="top",
+                       pad=dict(t=14)),
+            margin=dict(t=80 + 16 * n_lines), height=500 + 16 * n_lines, width=900,
             yaxis_title="R^2 (explained variance)", xaxis_title="corpus", template="plotly_white",
             legend=dict(orientation="h", y=-0.18))
         return fig
@@ -1017,17 +1179,24 @@ __all__ = ["CorpusTransfer", "SAEFileError", "SAESite", "TransferReport", "check
 def sae_for(model: Model, release: str | os.PathLike | None = None, sae_id: str | None = None, *, layer: int,
             train_prompts: Sequence[Prompt | str] | None = None, d_sae: int = 2048, k: int = 32, steps: int = 600,
             seed: int = 0, progress: bool = True) -> SAE:
-    """A published SAE (``release``: a sae-lens release or a local folder) checked against ``model``, or,
-    with ``release=None``, a TopK SAE trained here on ``train_prompts`` (default: the general corpus)."""
+    """A published SAE (``release``: a sae-lens release, a hub repo id + folder, or a local folder) checked
+    against ``model``, or, with ``release=None``, a TopK SAE trained here on ``train_prompts`` (default: the
+    general corpus; every token but special ones). ``sae.cfg.metadata.interp_source`` says which, in words."""
     from interp import prompts
 
     if release is not None:
         sae = load_sae(release, sae_id, device=model.device, layer=layer)
+        meta = sae.cfg.metadata
+        name = f"{meta.release}/{meta.sae_id}" if meta.release else str(release)
+        where = meta.source_path or str(release)
+        meta.interp_source = f"published: {name} ({where})" if where != name else f"published: {name}"
     else:
         text = list(train_prompts) if train_prompts is not None else prompts.general()
         acts = capture(model, text, layers=[layer], positions="all", exclude=("special", "image"), cache=True,
                        progress=progress)
         sae = train_sae(acts, layer=layer, d_sae=d_sae, architecture="topk", k=k, steps=steps, seed=seed,
                         device=model.device, model_name=model.name, progress=progress)
+        sae.cfg.metadata.interp_source = (f"trained here: TopK d_sae={d_sae}, k={k}, {steps} steps on "
+                                          f"{len(text)} prompts ({acts[layer].shape[0]} tokens)")
     check_sae(model, sae, layer)
     return sae

@@ -466,3 +466,189 @@ def test_gemma270m_small_sae_trained_on_general_text_reports_transfer_to_medical
         assert 0 < c.l0 < 256 and 0 <= c.dead_fraction < 1
         assert c.ce_zero > c.ce_orig > 0 and math.isfinite(c.ce_score) and c.ce_score <= 1.05
         assert c.kl > 0 and c.kl_zero > c.kl
+
+
+# ---- SAEs named by Hugging Face module paths; Gemma Scope 2 from local copies and the hub ------------------
+@pytest.mark.parametrize("hook", ["model.language_model.layers.3", "model.layers.3", "model.layers.3.output",
+                                  "model.language_model.layers.3.hook_resid_post"])
+def test_sae_lens_sae_with_a_hugging_face_module_hook_loads_as_its_block_hook(tmp_path, tiny_medgemma, hook):
+    """HookedProxyLM / AutoModel-based sae-lens runners name the module they read; the layer comes from it."""
+    sae = load_sae(_gemma_scope_folder(tmp_path / "src", _random_params()), device="cpu")
+    sae.cfg.metadata.hook_name = hook
+    sae.cfg.metadata.hf_hook_name = None
+    sae.save_model(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "cfg.json").read_text())["metadata"]["hook_name"] == hook
+    back = load_sae(tmp_path / "saved", device="cpu")
+    assert back.cfg.metadata.hook_name == f"blocks.{LAYER}.hook_resid_post"
+    assert back.cfg.metadata.hf_hook_name == hook
+    assert check_sae(tiny_medgemma, back).layer == LAYER
+    assert load_sae(tmp_path / "saved", device="cpu", layer=LAYER).cfg.metadata.hook_name.startswith("blocks.3.")
+    with pytest.raises(interp.InterpError, match=r"reads .*layer 3\) but layer=2"):
+        load_sae(tmp_path / "saved", device="cpu", layer=2)
+    sae.cfg.metadata.hook_name = hook  # an SAE built in Python, never saved, is mapped by check_sae too
+    assert check_sae(tiny_medgemma, sae).hook_name == f"blocks.{LAYER}.hook_resid_post"
+
+
+def test_hugging_face_hooks_off_the_residual_stream_or_in_the_vision_tower_are_refused(tmp_path, tiny_medgemma):
+    sae = load_sae(_gemma_scope_folder(tmp_path / "src", _random_params()), device="cpu")
+    for hook, match in [("model.vision_tower.vision_model.encoder.layers.3", "vision tower"),
+                        ("model.layers.3.self_attn.q_proj", "site 'self_attn.q_proj' is not one"),
+                        ("model.layers.3.post_feedforward_layernorm.output", "residual-stream SAEs")]:
+        sae.cfg.metadata.hook_name = hook
+        folder = tmp_path / hook.replace(".", "_")
+        sae.save_model(folder)
+        with pytest.raises(interp.InterpError, match=match):
+            check_sae(tiny_medgemma, load_sae(folder, device="cpu"))
+
+
+def _empty_hf_cache(monkeypatch, tmp_path):
+    """Point the Hugging Face cache at an empty folder (the machine's own may hold real SAEs)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+
+def _gemma_scope_270m(root, layer: int = 9, d_sae: int = 48):
+    """A folder in the real Gemma Scope 2 format for Gemma 3 270M (d_model 640), random weights."""
+    params = _random_params(d_in=640, d_sae=d_sae, seed=layer)
+    config = {"width": d_sae, "model_name": "gemma-v3-270m-pt", "architecture": "jump_relu", "l0": 60,
+              "affine_connection": False, "hf_hook_point_in": f"model.layers.{layer}.output",
+              "hf_hook_point_out": f"model.layers.{layer}.output", "type": "sae"}
+    return _gemma_scope_folder(root, params, layer=layer, config=config,
+                               name=f"layer_{layer}_width_16k_l0_medium"), params
+
+
+def test_a_registry_release_is_read_from_a_local_copy_without_the_hub(tmp_path, monkeypatch):
+    from sae_lens import SAE
+
+    from interp.saes import local_sae_copy
+
+    monkeypatch.setenv("INTERP_HOME", str(tmp_path / "home"))
+    _empty_hf_cache(monkeypatch, tmp_path)
+    release, sae_id = "gemma-scope-2-270m-pt-res", "layer_9_width_16k_l0_medium"
+    assert local_sae_copy(release, sae_id) is None
+    folder, params = _gemma_scope_270m(tmp_path / "home" / "saes" / "google" / "gemma-scope-2-270m-pt")
+    assert folder.parent.name == "resid_post"  # the hub's own layout, as `hf download` leaves it
+    assert local_sae_copy(release, sae_id) == folder
+
+    def no_hub(*_a, **_k):
+        raise AssertionError("a local copy must not touch the hub")
+
+    monkeypatch.setattr(SAE, "from_pretrained", no_hub)
+    sae = load_sae(release, sae_id, device="cpu")
+    assert type(sae).__name__ == "JumpReLUSAE" and sae.cfg.d_in == 640
+    assert sae.cfg.metadata.hook_name == "blocks.9.hook_resid_post"
+    assert sae.cfg.metadata.model_name == "google/gemma-3-270m"  # sae-lens' gemma_3 naming for the 270M
+    assert (sae.cfg.metadata.release, sae.cfg.metadata.sae_id) == (release, sae_id)
+    assert torch.equal(sae.W_enc, params["w_enc"]) and torch.equal(sae.threshold, params["threshold"])
+    # the same folder by hub repo id + folder, and a copy filed under the release name
+    by_repo = load_sae("google/gemma-scope-2-270m-pt", "resid_post/layer_9_width_16k_l0_medium", device="cpu")
+    assert torch.equal(by_repo.W_dec, sae.W_dec)
+    other, _ = _gemma_scope_270m(tmp_path / "x", layer=5)
+    (tmp_path / "home" / "saes" / release).mkdir(parents=True)
+    other.rename(tmp_path / "home" / "saes" / release / other.name)
+    assert load_sae(release, "layer_5_width_16k_l0_medium", device="cpu").cfg.metadata.hook_name == \
+        "blocks.5.hook_resid_post"
+
+
+def test_a_gemma_scope_2_release_in_the_hugging_face_cache_loads_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = tmp_path / "hf" / "models--google--gemma-scope-2-270m-pt" / "snapshots" / ("0" * 40)
+    _gemma_scope_270m(snapshot, layer=12)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    sae = load_sae("gemma-scope-2-270m-pt-res", "layer_12_width_16k_l0_medium", device="cpu")
+    assert sae.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
+    assert "snapshots" in sae.cfg.metadata.source_path
+
+
+@pytest.mark.parametrize("offline", ["env", "network"])
+def test_offline_hub_attempts_fail_at_once_with_what_to_download(tmp_path, monkeypatch, offline):
+    import socket
+    import time
+
+    from sae_lens import SAE
+
+    monkeypatch.setenv("INTERP_HOME", str(tmp_path / "home"))
+    _empty_hf_cache(monkeypatch, tmp_path)
+    if offline == "env":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+        def refused(*_a, **_k):
+            raise OSError("[Errno -2] Name or service not known")
+
+        monkeypatch.setattr(socket, "create_connection", refused)
+
+    def slow_retries(*_a, **_k):
+        raise AssertionError("no hub attempt when the hub is known to be unreachable")
+
+    monkeypatch.setattr(SAE, "from_pretrained", slow_retries)
+    for release, sae_id in [("gemma-scope-2-270m-pt-res", "layer_9_width_16k_l0_medium"),
+                            ("google/gemma-scope-2-270m-pt", "resid_post/layer_9_width_16k_l0_medium")]:
+        t0 = time.perf_counter()
+        with pytest.raises(interp.InterpError, match=r"no hub is reachable from here \((HF_HUB_OFFLINE|huggingface.co"
+                                                     r":443 is not reachable).*hf download google/gemma-scope-2-270m-pt "
+                                                     r"--include 'resid_post/layer_9_width_16k_l0_medium/\*'"):
+            load_sae(release, sae_id, device="cpu")
+        assert time.perf_counter() - t0 < 5
+
+
+def test_a_gemma_scope_2_hub_repo_id_uses_sae_lens_gemma_3_loader(monkeypatch, tmp_path):
+    """The default sae-lens loader wants cfg.json; Gemma Scope 2 folders ship config.json."""
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_sae_loaders import gemma_3_sae_huggingface_loader
+
+    import interp.saes
+
+    monkeypatch.setenv("INTERP_HOME", str(tmp_path / "home"))
+    _empty_hf_cache(monkeypatch, tmp_path)
+    monkeypatch.setattr(interp.saes, "hub_unreachable", lambda *a, **k: None)
+    seen = {}
+    real = load_sae(_gemma_scope_folder(tmp_path / "s", _random_params()), device="cpu")
+
+    def fake(release, sae_id, **kw):
+        seen.update(release=release, sae_id=sae_id, converter=kw.get("converter"))
+        return real
+
+    monkeypatch.setattr(SAE, "from_pretrained", fake)
+    load_sae("google/gemma-scope-2-270m-pt", "layer_9_width_16k_l0_medium", device="cpu")  # a registry id
+    assert seen == {"release": "google/gemma-scope-2-270m-pt", "sae_id": "resid_post/layer_9_width_16k_l0_medium",
+                    "converter": gemma_3_sae_huggingface_loader}
+    load_sae("gemma-scope-2-270m-pt-res", "layer_9_width_16k_l0_medium", device="cpu")
+    assert seen["sae_id"] == "layer_9_width_16k_l0_medium" and seen["converter"] is gemma_3_sae_huggingface_loader
+
+
+def test_the_demo_uses_the_published_gemma_scope_2_sae_when_a_copy_is_on_disk(tmp_path, monkeypatch):
+    from interp.demo import GEMMA_SCOPE_LAYERS, choose_sae, demo_config
+
+    monkeypatch.setenv("INTERP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _empty_hf_cache(monkeypatch, tmp_path)
+    config = demo_config()
+    assert config.sae.layer in GEMMA_SCOPE_LAYERS
+    said = choose_sae(config)
+    assert config.sae.release is None and said.startswith("SAE: a TopK SAE trained here")
+    assert "HF_HUB_OFFLINE" in said and "gemma-scope-2-270m-pt-res/layer_9_width_16k_l0_medium" in said
+    folder, _ = _gemma_scope_270m(tmp_path / "home" / "saes" / "gemma-scope-2-270m-pt-res", layer=config.sae.layer)
+    config = demo_config(quick=True)
+    said = choose_sae(config)
+    assert config.sae.release == str(folder) and config.sae.sae_id is None
+    assert "published Gemma Scope 2" in said and str(folder) in said
+    config.check(resources=False)
+    sae = load_sae(config.sae.release, device="cpu", layer=config.sae.layer)
+    assert sae.cfg.metadata.hook_name == f"blocks.{config.sae.layer}.hook_resid_post" and sae.cfg.d_in == 640
+
+
+def test_sae_for_says_whether_its_sae_is_published_or_trained_here(tmp_path, tiny_medgemma):
+    folder = _gemma_scope_folder(tmp_path, _random_params())
+    published = interp.sae_for(tiny_medgemma, str(folder), layer=LAYER, progress=False)
+    assert published.cfg.metadata.interp_source == f"published: {folder}"
+    trained = interp.sae_for(tiny_medgemma, None, layer=LAYER, train_prompts=interp.prompts.general()[:8], d_sae=32,
+                             k=4, steps=5, progress=False)
+    assert trained.cfg.metadata.interp_source.startswith("trained here: TopK d_sae=32, k=4, 5 steps on 8 prompts (")
