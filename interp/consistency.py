@@ -540,7 +540,7 @@ class ConsistencyComparison(Result):
             ("yes_rate", self.yes_rate, "yes rate", change("yes_rate_delta", self.yes_rate_delta, True)),
             ("mean_margin_diff", self.mean_margin_diff, "mean |margin diff| (logits)",
              f"{change('margin_diff_relative', self.margin_diff_relative, False)}, Wilcoxon p={_p(self.p_wilcoxon)}"),
-            ("relative_margin_diff", self.relative_margin_diff, "|margin diff| / mean |margin|",
+            ("relative_margin_diff", self.relative_margin_diff, "scale-free: |margin diff| / mean |margin|",
              change("relative_margin_diff_delta", self.relative_margin_diff_delta, False, "{:+.3g}")),
             ("mean_abs_margin", self.mean_abs_margin, "mean |margin| (logits)",
              change("mean_abs_margin_relative", self.mean_abs_margin_relative, False))]

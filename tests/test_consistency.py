@@ -378,7 +378,8 @@ def test_halving_every_margin_leaves_the_scale_free_measure_unchanged():
     assert c.ci["margin_diff_relative"] == pytest.approx((-0.5, -0.5))
     assert "mean |margin| " in repr(c) and "(-50.0% [-50.0%, -50.0%])" in repr(c)
     titles = [a.text for a in c.figure().layout.annotations]
-    assert any("scale-free" in t for t in titles) and any(t.startswith("mean |margin| (-50%") for t in titles)
+    assert any("scale-free" in t and "+0 [+0, +0]" in t for t in titles)
+    assert any("mean |margin| (logits)" in t and "-50% [-50%, -50%]" in t for t in titles)
 
 
 def test_collapse_toward_yes_is_visible():
