@@ -419,12 +419,7 @@ def _make_folder(folder: Path, given: Any) -> None:
 def _prepare_batch(model: Model, items: list[Prompt], lo: int, hi: int, positions: Positions,
                    exclude: Sequence[str], pin: bool) -> tuple[Batch, Tensor, dict[str, Tensor]]:
     """Tokenise prompts ``lo:hi`` on the host: (batch, selection, row metadata)."""
-    batch = model.encode(items[lo:hi], device="cpu")
-    limit = model.context_length
-    if limit is not None and int(batch.lengths.max()) > limit:
-        i = int(torch.argmax((batch.lengths > limit).int()))
-        raise InterpError(f"prompt {lo + i} is {int(batch.lengths[i])} tokens long, but '{model.name}' takes at "
-                          f"most {limit} (its context length): shorten that prompt or leave it out")
+    batch = model.encode(items[lo:hi], device="cpu", first_index=lo)
     sel = position_mask(model, batch, positions, exclude)
     rows, pos = sel.nonzero(as_tuple=True)  # row-major: prompt order, then position order
     meta = {"prompt_index": rows + lo, "position": pos, "token_id": batch.input_ids[rows, pos]}

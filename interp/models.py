@@ -368,9 +368,10 @@ class Model:
         """Chat-formatted model inputs for one question (and image), on the model's device."""
         return self.encode([Prompt(question, image, context)]).inputs
 
-    def encode(self, prompts: Sequence[Prompt | str], *, device: Any = None) -> Batch:
+    def encode(self, prompts: Sequence[Prompt | str], *, device: Any = None, first_index: int = 0) -> Batch:
         """Format, tokenise and right-pad a batch; returns inputs (on ``device``, default the model's)
-        and position masks."""
+        and position masks. A prompt longer than the model's context is an error naming it (its index is
+        counted from ``first_index``)."""
         if len(prompts) == 0:
             raise InterpError("prompts is empty: pass at least one prompt")
         items = [_as_prompt(p, i) for i, p in enumerate(prompts)]
@@ -400,7 +401,18 @@ class Model:
             # A token overlapping the question counts (BPE may merge "\n" with its first word).
             qmask = (offsets[:, 1] > q_begin) & (offsets[:, 0] < q_end) & (offsets[:, 1] > offsets[:, 0])
             rows.append((enc, qmask))
+        self.check_length([r[0]["input_ids"].shape[1] for r in rows], first_index)
         return self._pad(rows, self.special_ids, self._image_token_ids(), device)
+
+    def check_length(self, lengths: Sequence[int], first_index: int = 0) -> None:
+        """Raise `InterpError` naming the first prompt longer than the model's context (`context_length`)."""
+        limit = self.context_length
+        if limit is None:
+            return
+        for i, n in enumerate(lengths):
+            if n > limit:
+                raise InterpError(f"prompt {first_index + i} is {n} tokens long, but '{self.name}' takes at most "
+                                  f"{limit} (its context length): shorten that prompt or leave it out")
 
     @cached_property
     def special_ids(self) -> set[int]:

@@ -294,6 +294,8 @@ class _FastScorer:
                     ids = enc["input_ids"][0].tolist()
                     types = enc["token_type_ids"][0].tolist() if "token_type_ids" in enc else None
                 block.seqs[i] = _Seq(ids, types, key)
+        for i, seq in block.seqs.items():  # the plain path checks this in Model.encode
+            model.check_length([len(seq.ids)], first_index=i)
         return block
 
     # ---- device passes -----------------------------------------------------------------------------

@@ -355,6 +355,17 @@ def test_prompt_longer_than_the_context_is_refused_by_index(tiny_medgemma):
         interp.capture(tiny_medgemma, QUESTIONS[:2] + [long], layers=[0], batch_size=2, progress=False)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_evaluate_refuses_a_prompt_longer_than_the_context_by_index(tiny_medgemma, fast):
+    from interp.data import ParaphrasePair
+
+    long = "Is there " + "a small effusion and " * 400 + "anything else?"
+    pairs = [ParaphrasePair("short", "Is there an effusion?", "Any fluid?"),
+             ParaphrasePair("long", "Is there an effusion?", long)]
+    with pytest.raises(interp.InterpError, match="tokens long, but 'tiny-medgemma' takes at most 1024"):
+        interp.evaluate(tiny_medgemma, pairs, n_boot=0, progress=False, fast=fast)
+
+
 def test_cache_path_that_is_a_file_is_named(tiny_medgemma, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(CacheError, match="notes.txt' is a file, not a folder"):
