@@ -186,6 +186,44 @@ class Model:
                    name=name or getattr(cfg, "_name_or_path", None) or type(hf_model).__name__,
                    chat=chat, answer_words=answer_words)
 
+    def to_transformer_lens(self, *, device: Any = None, dtype: Any = None):
+        """A TransformerLens ``TransformerBridge`` over a copy of this model (``blocks.{L}.hook_resid_post``,
+        ``run_with_cache``, ...), leaving this `Model` untouched.
+
+        ``TransformerBridge.boot_transformers(..., hf_model=model.hf)`` rewrites the model it is given in place
+        (eager attention, ``LinearBridge`` modules), after which adapters no longer load or merge; the bridge
+        here wraps a deep copy instead (twice the weights in memory while both live). The processor or
+        tokenizer is handed over from a temporary folder, and ``PIP_NO_INDEX=1`` keeps the bridge's processor
+        lookup from running ``pip install``."""
+        import copy as _copy
+
+        os.environ.setdefault("PIP_NO_INDEX", "1")
+        try:
+            from transformer_lens.model_bridge import TransformerBridge
+        except ImportError as e:
+            raise InterpError("to_transformer_lens needs transformer-lens >= 3.9 (pip install transformer-lens)") from e
+        base = self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
+        if any(hasattr(m, "lora_A") for m in base.modules()):
+            raise InterpError(f"'{self.name}' carries LoRA adapters: merge them first (interp.merge) or pass the "
+                              "base model, so the bridge sees plain weights")
+        hf_copy = _copy.deepcopy(base)
+        dev = check_device(device) if device is not None else self.device
+        with tempfile.TemporaryDirectory(prefix="interp-tl-") as folder:
+            hf_copy.config.architectures = [type(hf_copy).__name__]
+            hf_copy.config.save_pretrained(folder)
+            (self.processor or self.tokenizer).save_pretrained(folder)
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder)  # the bridge reads its name_or_path
+            try:
+                bridge = TransformerBridge.boot_transformers(folder, hf_model=hf_copy, tokenizer=tokenizer,
+                                                             device=str(dev), dtype=as_dtype(dtype) if dtype
+                                                             else self.dtype)
+            except (ValueError, NotImplementedError) as e:
+                raise InterpError(f"TransformerLens has no bridge for {type(base).__name__} ({e}); capture with "
+                                  "interp.capture, whose rows equal blocks.{L}.hook_resid_post") from e
+        return bridge
+
     # ---- structure ----------------------------------------------------------------------------
     @property
     def layers(self) -> nn.ModuleList:
