@@ -132,6 +132,7 @@ class Activations:
         fig = px.line(df, x="layer", y="mean_norm", color="group", markers=True, log_y=True,
                       title=f"{self.model_name}: residual-stream norm by layer ({self.positions} positions)")
         fig.update_layout(template="plotly_white", yaxis_title="mean ||resid_post||")
+        fig.update_xaxes(dtick=1, title_text="decoder layer")  # layers are whole numbers
         return fig
 
     def to_dict(self) -> dict[str, Any]:

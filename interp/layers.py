@@ -222,7 +222,7 @@ def _layers_figure(scores: Sequence[float], values: Sequence[float], *, score_la
     if values:
         fig.add_trace(go.Scatter(x=x, y=[None if not np.isfinite(v) else v for v in values], mode="lines+markers",
                                  name=value_label, line=dict(color="#444")), secondary_y=True)
-        fig.update_yaxes(title_text=value_label, secondary_y=True)
+        fig.update_yaxes(title_text=value_label, secondary_y=True, tickformat=".3~g", showgrid=False)
     if window:
         fig.add_vrect(x0=min(window) - 0.5, x1=max(window) + 0.5, fillcolor="#d62728", opacity=0.08, line_width=0)
     for layer in missing:
