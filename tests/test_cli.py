@@ -99,8 +99,13 @@ def test_every_option_has_help_text_and_shows_its_default():
 
 
 def test_train_help_says_where_its_defaults_differ_from_the_demo():
+    from interp.loop import LoopConfig
+
+    demo = LoopConfig.demo().lora  # the demo's settings live in interp.demo; train's defaults are the study's
     text = " ".join(_subparsers(build_parser())["train"].format_help().split())
-    assert "--r 8 (here 16)" in text and "--lr 0.001 (here 0.0002)" in text and "--epochs 1 (here 3)" in text
+    assert demo.r == 8 and demo.lr != 2e-4 and demo.epochs != 3
+    assert f"--r {demo.r} (here 16)" in text and f"--lr {demo.lr:g} (here 0.0002)" in text
+    assert f"--epochs {demo.epochs} (here 3)" in text
 
 
 def test_selection_commands_take_the_training_side_and_evaluate_the_held_out_side():
