@@ -118,9 +118,9 @@ def cache_from_kv(kv: Sequence[tuple[Tensor, Tensor]], rows: Tensor | None = Non
 
 def tile_cache(cache: Any, copies: int) -> Any:
     """A copy of ``cache`` with its batch repeated ``copies`` times (copy j holds rows j*B .. j*B+B-1)."""
-    rows = next(iter(cache_kv(cache)))[0].shape[0]
+    keys = cache_kv(cache)[0][0]  # [batch, kv_heads, pos, head_dim]
     step = copy.deepcopy(cache)
-    step.batch_select_indices(torch.arange(rows, device=next(iter(cache_kv(cache)))[0].device).repeat(copies))
+    step.batch_select_indices(torch.arange(keys.shape[0], device=keys.device).repeat(copies))
     return step
 
 
