@@ -247,6 +247,9 @@ FEATURE_COLUMNS = {
 }
 
 
+_TEST_NAMES = {"wilcoxon": "Wilcoxon signed-rank test", "ttest": "paired t-test"}
+
+
 @dataclass(frozen=True, eq=False)
 class FeatureTable(Result):
     """SAE features compared across the two phrasings of each pair; one row per (feature, pool).
@@ -389,8 +392,10 @@ class FeatureTable(Result):
         fig.update_yaxes(title_text="-log10 p", row=1, col=1)
         cal = self.calibration()
         ctrl = (f"; random directions pass {cal['random_pass_rate']:.0%}" if cal["n_random"] else "")
-        fig.update_layout(title=f"Register features at layer {self.layer} ({self.n_pairs} pairs, {self.test}, "
-                                f"q < {self.alpha} coloured{ctrl})", template="plotly_white")
+        fig.update_layout(title=dict(text=f"Register features at layer {self.layer} ({self.n_pairs} pairs)",
+                                     subtitle=dict(text=f"{_TEST_NAMES.get(self.test, self.test)}, BH q < "
+                                                        f"{self.alpha} coloured{ctrl} (nominal 5%)")),
+                          template="plotly_white", margin=dict(t=115))
         return fig
 
     def __repr__(self) -> str:
