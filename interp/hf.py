@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 # Architectures whose fast paths (capture, the shared-prefix scorer, the upper-layer LoRA runner and
