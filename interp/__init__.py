@@ -11,6 +11,7 @@ from interp.consistency import ConsistencyComparison, ConsistencyReport, evaluat
 from interp.data import ParaphraseGroup, ParaphrasePair, load_pairs
 from interp.export import Recorder, export, notebook_setup
 from interp.features import FeatureTable, ablate_feature, feature_card, register_features
+from interp.interop import export_sae_lens, import_sae_lens
 from interp.layers import LayerProfile, LayerSelection, find_layers, layer_profile
 from interp.lora import (
                          AblationReport,
@@ -34,6 +35,8 @@ __all__ = [
     "capture",  # residual-stream activations with hooks, cached in sae_cache/ -> Activations
     "Activations",
     "load_activations",  # read a capture cache folder back
+    "export_sae_lens",  # a capture as the dataset sae-lens' ActivationsStore / CacheActivationsRunner use
+    "import_sae_lens",  # a sae-lens activation cache as Activations
     "load_sae",  # a Gemma Scope 2 / sae-lens SAE from the registry or a local folder
     "train_sae",  # train a JumpReLU or TopK SAE with sae-lens on captured activations
     "check_sae",  # does this SAE fit this model's layer?
