@@ -20,7 +20,7 @@ import torch
 from interp import stats
 from interp._errors import InterpError
 from interp._results import Result, jsonable
-from interp.data import ParaphraseGroup, ParaphrasePair, check_image_files, polarity_suspects
+from interp.data import ParaphraseGroup, ParaphrasePair, _components, check_image_files, polarity_suspects
 from interp.data import clusters as pair_clusters
 from interp.models import Model
 from interp.scoring import answer_logits, last_hidden, margins, project, score
@@ -253,22 +253,8 @@ def _truthy(column: pd.Series) -> np.ndarray:
 
 def _merge_labels(a: Sequence[str], b: Sequence[str]) -> list[str]:
     """Connected components of units linked by a shared label in ``a`` or in ``b``."""
-    parent = list(range(len(a)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for labels in (a, b):
-        first: dict[str, int] = {}
-        for i, c in enumerate(labels):
-            j = first.setdefault(str(c), i)
-            ri, rj = find(i), find(j)
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
-    return [str(a[find(i)]) for i in range(len(a))]
+    roots = _components([(("a", str(x)), ("b", str(y))) for x, y in zip(a, b, strict=True)])
+    return [str(a[r]) for r in roots]
 
 
 @dataclass(frozen=True, eq=False)

@@ -704,12 +704,10 @@ def check_pairs(pairs: Iterable[Any], *, name: str = "pairs", minimum: int = 1) 
 CLUSTER_KEYS = ("group", "image", "case", "context", "prompt")
 
 
-def _cluster_components(pairs: Sequence[ParaphrasePair], by: Sequence[str]) -> tuple[list[str], dict[str, int]]:
-    """(cluster label per pair, key -> number of its values shared by more than one pair)."""
-    unknown = [k for k in by if k not in CLUSTER_KEYS]
-    if unknown or isinstance(by, str):
-        raise InterpError(f"by={by!r}: cluster keys are a tuple drawn from {CLUSTER_KEYS}")
-    parent = list(range(len(pairs)))
+def _components(links: Sequence[Iterable[Any]]) -> list[int]:
+    """Connected components of units that share a link value: ``links[i]`` are unit i's values; returns the
+    smallest unit index of each unit's component (union-find with path halving)."""
+    parent = list(range(len(links)))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -717,9 +715,23 @@ def _cluster_components(pairs: Sequence[ParaphrasePair], by: Sequence[str]) -> t
             i = parent[i]
         return i
 
+    owner: dict[Any, int] = {}
+    for i, values in enumerate(links):
+        for v in values:
+            ri, rj = find(i), find(owner.setdefault(v, i))
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    return [find(i) for i in range(len(links))]
+
+
+def _cluster_components(pairs: Sequence[ParaphrasePair], by: Sequence[str]) -> tuple[list[str], dict[str, int]]:
+    """(cluster label per pair, key -> number of its values shared by more than one pair)."""
+    unknown = [k for k in by if k not in CLUSTER_KEYS]
+    if unknown or isinstance(by, str):
+        raise InterpError(f"by={by!r}: cluster keys are a tuple drawn from {CLUSTER_KEYS}")
+    links: list[set] = [set() for _ in pairs]
     shared: dict[str, int] = {}
     for key in by:
-        owner: dict[Any, int] = {}
         count: dict[Any, int] = {}
         for i, p in enumerate(pairs):
             if key == "prompt":
@@ -729,12 +741,9 @@ def _cluster_components(pairs: Sequence[ParaphrasePair], by: Sequence[str]) -> t
                 values = set() if v is None else {v}
             for v in values:
                 count[v] = count.get(v, 0) + 1
-                j = owner.setdefault(v, i)
-                ri, rj = find(i), find(j)
-                if ri != rj:
-                    parent[max(ri, rj)] = min(ri, rj)
+                links[i].add((key, v))  # values of different keys never link to each other
         shared[key] = sum(c > 1 for c in count.values())
-    return [pairs[find(i)].id for i in range(len(pairs))], shared
+    return [pairs[r].id for r in _components(links)], shared
 
 
 def clusters(pairs: Iterable[ParaphrasePair], *, by: Sequence[str] = CLUSTER_KEYS) -> list[str]:
