@@ -7,9 +7,10 @@
 # crashed, timed out (BENCH_TIMEOUT seconds, default 560) or printed no status.
 set -uo pipefail
 out=${OUT:-bench_results}; mkdir -p "$out"
-if [ -d .whl ]; then
+wheels=${WHEELS:-.whl}
+if [ -d "$wheels" ]; then
   rm -rf /tmp/site
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl \
     > "$out/pip.log" 2>&1 || { tail -5 "$out/pip.log"; exit 1; }
   # sae-lens imports wandb at module load but never uses it here: an empty module stands in
   mkdir -p /tmp/stub/wandb && : > /tmp/stub/wandb/__init__.py

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import Checks, finish, tolerance  # noqa: E402
+from interp.dist import rank_and_world  # noqa: E402
 from lora import build_model, make_pairs  # noqa: E402  (bench/lora.py)
 
 from interp import lora as L  # noqa: E402
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", help="JSON results (rank 0)")
     args = ap.parse_args(argv)
 
-    rank, world = L.rank_and_world()
+    rank, world = rank_and_world()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = "cpu" if args.smoke or not torch.cuda.is_available() else f"cuda:{local}"
     if device != "cpu":

@@ -164,8 +164,8 @@ def _checkpointed(layer: nn.Module):
     def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not torch.is_grad_enabled():
             return inner(hidden_states, *args, **kwargs)
-        # keep only the layer's input; recompute the layer in the backward pass. Dropout masks come from
-        # the caller's per-row generators (lora._RowDropout), so recomputation draws the same masks.
+        # keep only the layer's input; recompute the layer in the backward pass. Dropout masks are a hash
+        # of (example, module, position, feature) (lora._RowDropout), so recomputation draws the same masks.
         return torch.utils.checkpoint.checkpoint(inner, hidden_states, *args, use_reentrant=False,
                                                  preserve_rng_state=False, **kwargs)
 

@@ -3,7 +3,8 @@
 `layer_profile` scores every decoder layer by one of three kinds of evidence (activation patching, residual
 distance between phrasings, register-sensitive SAE features); `find_layers` picks the best contiguous window
 as a `LayerSelection`: the hand-off to training, mapped to other depths by relative position and turned into a
-`peft.LoraConfig` that can never reach the vision tower.
+`peft.LoraConfig` that can never reach the vision tower. Under ``accelerate launch`` / torchrun the forwards of
+`layer_profile` are split between the processes, and every process returns the one-process profile bitwise.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp import hf
+from interp import dist, hf
 from interp._errors import InterpError
 from interp._results import Result, jsonable
 from interp.capture import capture, layer_output, position_mask, run_hooked
@@ -262,6 +263,11 @@ def layer_profile(model: Model, pairs: Sequence[ParaphrasePair], *, method: Meth
 
     The scores used to pick layers are each layer's gain on the patching and residual curves (where the
     difference arises, not where it persists) and the SAE share itself; see `LayerProfile`.
+
+    Prompts are batched by token length (less padding); results come back in the caller's pair order. Under
+    several processes (``accelerate launch`` / torchrun) every process makes the same list of batches and runs
+    its share of them; the per-pair results are gathered and aggregated identically everywhere, so each
+    process returns exactly the one-process profile ("sae" splits through `interp.capture`).
     """
     items = check_pairs(pairs, minimum=2)
     if method not in METHODS:
@@ -288,9 +294,11 @@ def layer_profile(model: Model, pairs: Sequence[ParaphrasePair], *, method: Meth
         values, meta = _sae_profile(model, items, saes, positions, batch_size, test, alpha, progress)
         scores = values
         missing = tuple(i for i in range(model.n_layers) if not np.isfinite(values[i]))
+    meta["processes"] = dist.world()
     return LayerProfile(method=method, scores=tuple(float(v) for v in scores), values=tuple(float(v) for v in values),
-                        n_layers=model.n_layers, n_pairs=len(meta.get("pair_ids", items)), positions=positions, model_name=model.name,
-                        layers_pattern=layers_pattern_of(model.layers_path), missing=missing, meta=meta)
+                        n_layers=model.n_layers, n_pairs=len(meta.get("pair_ids", items)), positions=positions,
+                        model_name=model.name, layers_pattern=layers_pattern_of(model.layers_path), missing=missing,
+                        meta=meta)
 
 
 def find_layers(model: Model, pairs: Sequence[ParaphrasePair], *, width: int = 5, method: Method = "patching",
@@ -305,6 +313,54 @@ def _gains(values: np.ndarray, before: float = 0.0) -> np.ndarray:
     return np.diff(np.concatenate([[before], values]))
 
 
+# ---- batching and splitting between processes --------------------------------------------------------
+_BY_LENGTH = True  # batch prompts of similar token length together (False: the caller's order, for tests)
+
+
+def _length_keys(model: Model, *sides: Sequence[Prompt]) -> list[tuple[int, ...]]:
+    """A sort key per prompt (per pair with several ``sides``): has an image, then token counts of each side.
+
+    Counted on the formatted text with image placeholders unexpanded: every image of one model expands to
+    the same number of tokens, so image prompts sort among themselves by the rest of their length."""
+    counts = []
+    for prompts in sides:
+        texts = [model.format(p.question, context=p.context, image=p.image is not None) for p in prompts]
+        counts.append([len(ids) for ids in model.tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    return [(int(sides[0][i].image is not None), *(c[i] for c in counts)) for i in range(len(sides[0]))]
+
+
+def _batches(keys: Sequence[tuple[int, ...]], batch_size: int) -> list[list[int]]:
+    """Index batches of at most ``batch_size``, formed after a stable sort by ``keys``."""
+    order = sorted(range(len(keys)), key=keys.__getitem__) if _BY_LENGTH else list(range(len(keys)))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _deal(batches: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """This process's batches and the item order in which `_gather` receives every process's rows.
+
+    Batches are dealt in turn (process r runs batches r, r + world, ...) rather than cut into contiguous
+    runs: the batches are sorted by length, and dealing spreads short and long ones evenly. Every process
+    computes the same list, so each forward sees exactly the batch it would in a one-process run."""
+    rank, world = dist.rank_and_world()
+    return batches[rank::world], [i for r in range(world) for b in batches[r::world] for i in b]
+
+
+def _gather(rows: list[Tensor], order: list[int], trailing: tuple[int, ...]) -> Tensor:
+    """Every process's ``rows`` (one ``[batch, *trailing]`` float32 tensor per batch it ran) as one tensor
+    ``[items, *trailing]`` in item order; bitwise what each process computed."""
+    local = torch.cat(rows) if rows else torch.empty(0, *trailing)
+    out = torch.empty(len(order), *trailing)
+    out[torch.tensor(order, dtype=torch.long)] = dist.gather_rows(local)
+    return out
+
+
+def _agreed_min(value: int) -> int:
+    """The smallest of every process's ``value``: settings that shape a forward must agree across processes."""
+    if dist.world() == 1:
+        return value
+    return int(dist.gather_rows(torch.tensor([value], dtype=torch.int64)).min())
+
+
 # ---- method "residual" ------------------------------------------------------------------------------
 def _pooled_resid(model: Model, prompts: Sequence[Prompt], positions: str, batch_size: int,
                   progress: bool) -> Tensor:
@@ -313,13 +369,12 @@ def _pooled_resid(model: Model, prompts: Sequence[Prompt], positions: str, batch
     Row 0 is the token embeddings (what layer 0 reads), row L + 1 the output of decoder layer L.
     """
     layers = list(range(model.n_layers))
-    out = torch.zeros(model.n_layers + 1, len(prompts), model.d_model)
+    mine, order = _deal(_batches(_length_keys(model, prompts), batch_size))
     embed = model.hf.get_input_embeddings()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].question) + len(prompts[i].context or ""))
+    rows_out: list[Tensor] = []  # per batch run here: [batch, n_layers + 1, d_model]
     with torch.inference_mode():
-        for s in tqdm(range(0, len(order), batch_size), desc=f"residual {model.name}", disable=not progress,
-                      leave=False):
-            idx = order[s:s + batch_size]
+        for idx in tqdm(mine, desc=f"residual {model.name}", disable=not progress or not dist.is_main(),
+                        leave=False):
             batch = model.encode([prompts[i] for i in idx])
             sel = position_mask(model, batch, positions, ())
             counts = sel.sum(1)
@@ -330,10 +385,10 @@ def _pooled_resid(model: Model, prompts: Sequence[Prompt], positions: str, batch
             row = sel.nonzero()[:, 0].to(model.device)
             sel_dev = sel.to(model.device)
             per_site = [embed(batch.input_ids[sel_dev]).float()] + [kept[i] for i in layers]
-            for j, rows in enumerate(per_site):
-                pooled = torch.zeros(len(idx), model.d_model, device=model.device).index_add_(0, row, rows)
-                out[j, idx] = (pooled / counts[:, None].to(pooled.device)).cpu()
-    return out
+            pooled = [torch.zeros(len(idx), model.d_model, device=model.device).index_add_(0, row, rows)
+                      / counts[:, None].to(model.device) for rows in per_site]
+            rows_out.append(torch.stack(pooled, 1).cpu())
+    return _gather(rows_out, order, (model.n_layers + 1, model.d_model)).transpose(0, 1).contiguous()
 
 
 def _residual_profile(model: Model, items: list[ParaphrasePair], positions: str, batch_size: int,
@@ -458,8 +513,10 @@ def _memory_budget(device: torch.device) -> int:
     return 1 << 30
 
 
-def _patch_cached(model: Model, body: Any, batch: Batch, src: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Clean and patched margins of phrasing b: ``[rows]`` and ``[rows, n_layers]``, reusing one prefix cache."""
+def _patch_cached(model: Model, body: Any, batch: Batch, src: Tensor, k: int,
+                  budget: int) -> tuple[Tensor, Tensor]:
+    """Clean and patched margins of phrasing b: ``[rows]`` and ``[rows, n_layers]``, reusing one prefix cache
+    (its copies for one step take at most ``budget`` bytes)."""
     dev, rows = model.device, batch.input_ids.shape[0]
     prefix_len = batch.lengths - k
     if (prefix_len < 1).any():
@@ -487,7 +544,7 @@ def _patch_cached(model: Model, body: Any, batch: Batch, src: Tensor, k: int) ->
     mask = torch.cat([prefix["attention_mask"], torch.ones(rows, k, dtype=torch.long, device=dev)], 1)
     groups: list[int | None] = [None, *range(model.n_layers)]  # None: b's clean run
     per_row = max(1, hf.cache_nbytes(cache) // rows)
-    per_forward = max(1, min(len(groups), _memory_budget(dev) // (rows * per_row)))
+    per_forward = max(1, min(len(groups), budget // (rows * per_row)))
     margins = []
     for g in range(0, len(groups), per_forward):
         chunk = groups[g:g + per_forward]
@@ -506,7 +563,8 @@ def _patch_cached(model: Model, body: Any, batch: Batch, src: Tensor, k: int) ->
     return m[0], m[1:].T
 
 
-def _patch_full(model: Model, _body: Any, batch: Batch, src: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _patch_full(model: Model, _body: Any, batch: Batch, src: Tensor, k: int,
+                _budget: int) -> tuple[Tensor, Tensor]:
     """As `_patch_cached`, but every copy reruns the whole prompt (for models that take no KV cache)."""
     rows, tokens = batch.input_ids.shape
     pos = _tail_index(batch, k).to(model.device)
@@ -546,18 +604,25 @@ def _patching_profile(model: Model, items: list[ParaphrasePair], positions: str,
         raise InterpError(f"all {len(inverted)} pairs have opposite polarity; the patching profile needs pairs "
                           "whose two phrasings ask the same thing (same_polarity=True)")
     k = 1 if positions == "last" else _shared_tail(model, items, batch_size)
-    n, n_layers = len(items), model.n_layers
-    m_a, m_b, m_patched = torch.empty(n), torch.empty(n), torch.empty(n, n_layers)
-    order = sorted(range(n), key=lambda i: len(items[i].question_b) + len(items[i].context or ""))
+    n_layers = model.n_layers
+    # b's prompt is the one patched (n_layers + 1 copies), so its length decides the batches
+    keys = _length_keys(model, [p.prompt_b() for p in items], [p.prompt_a() for p in items])
+    mine, order = _deal(_batches(keys, batch_size))
     run = _patch_cached if strategy == "cache" else _patch_full
-    bar = tqdm(total=n * n_layers, desc=f"patching {model.name}", unit="patch", disable=not progress, leave=False)
+    # The cache copies' budget shapes the forwards: measured once, the same on every process.
+    budget = _agreed_min(_memory_budget(model.device)) if strategy == "cache" else 0
+    rows: list[Tensor] = []  # per batch run here: [batch, 2 + n_layers] = margin a, margin b, patched margins
+    bar = tqdm(total=sum(map(len, mine)) * n_layers, desc=f"patching {model.name}", unit="patch",
+               disable=not progress or not dist.is_main(), leave=False)
     with torch.inference_mode():
-        for s in range(0, n, batch_size):
-            idx = order[s:s + batch_size]
-            src, m_a[idx] = _capture_source(model, model.encode([items[i].prompt_a() for i in idx]), k)
-            m_b[idx], m_patched[idx] = run(model, body, model.encode([items[i].prompt_b() for i in idx]), src, k)
+        for idx in mine:
+            src, m_a = _capture_source(model, model.encode([items[i].prompt_a() for i in idx]), k)
+            m_b, m_patched = run(model, body, model.encode([items[i].prompt_b() for i in idx]), src, k, budget)
+            rows.append(torch.cat([m_a[:, None], m_b[:, None], m_patched], 1).float().cpu())
             bar.update(len(idx) * n_layers)
     bar.close()
+    margins = _gather(rows, order, (2 + n_layers,))
+    m_a, m_b, m_patched = margins[:, 0], margins[:, 1], margins[:, 2:]
     gap = (m_a - m_b).double()
     denom = float((gap ** 2).sum())
     if denom == 0:

@@ -38,15 +38,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from interp import hf
+from interp import dist, hf
 from interp._errors import AdapterMismatchError, ForeignFilesError, InterpError
 from interp._io import OUTPUT_MARKER, atomic_write_text, has_marker, mark_folder, shown, usable_folder
 from interp._results import Result, jsonable
 from interp.capture import StopForward
 from interp.consistency import ConsistencyReport
 from interp.data import ParaphrasePair, check_pairs, split
+from interp.dist import rank_and_world
 from interp.layers import DEFAULT_TARGET_MODULES, LayerSelection, layers_pattern_of, lora_config
-from interp.models import Model, Prompt, _find_layers
+from interp.models import Model, Prompt, _find_layers, nf4_config
 from interp.scoring import last_hidden, project
 
 CHECKPOINT_FORMAT = "interp.lora-checkpoint/1"
@@ -148,17 +149,40 @@ class _DropoutRows:
             self.seeds = self.lengths = None
 
 
+def _mix32(x: Tensor) -> Tensor:
+    """Chris Wellons' lowbias32 integer hash on int32 tensors, in place (signed shifts are masked to logical)."""
+    x ^= (x >> 16) & 0xFFFF
+    x *= 0x7FEB352D
+    x ^= (x >> 15) & 0x1FFFF
+    x *= 0x846CA68B - (1 << 32)
+    x ^= (x >> 16) & 0xFFFF
+    return x
+
+
+def _row_key(seed: int, salt: int) -> int:
+    """A 32-bit key per (example seed, module), as a signed int32 value."""
+    k = (seed * 1_000_003 + salt) & 0xFFFFFFFF
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B), (16, 1)):
+        k ^= k >> shift
+        k = (k * mult) & 0xFFFFFFFF
+    return k - (1 << 32) if k >= 1 << 31 else k
+
+
 class _RowDropout(nn.Module):
-    """LoRA dropout whose mask is drawn per row from (example seed, module), over the row's real tokens.
+    """LoRA dropout whose mask is a counter-based hash of (example seed, module, position, feature).
 
     With it, a pair's dropout masks are the same whichever micro-batches are fused into one pass, which GPU
     computes it and whether the run was resumed; and activation checkpointing recomputes the same masks.
+    The mask of a whole fused pass is a dozen element-wise kernels, not a generator call per row: on short
+    text prompts, launching one per row and module was half of a training step's kernel launches.
     """
+
+    CHUNK = 1 << 24  # elements hashed at once: bounds the int32 temporaries (64 MiB each)
 
     def __init__(self, p: float, salt: int, ctx: _DropoutRows):
         super().__init__()
         self.p, self.salt, self.ctx = p, salt, ctx
-        self._generators: dict[str, torch.Generator] = {}
+        self.threshold = int(round(p * (1 << 24)))  # keep where the hash's low 24 bits >= p * 2^24
 
     def forward(self, x: Tensor) -> Tensor:
         ctx = self.ctx
@@ -166,14 +190,21 @@ class _RowDropout(nn.Module):
             return x
         if ctx.seeds is None or ctx.lengths is None or x.dim() < 3 or x.shape[0] != len(ctx.seeds):
             return F.dropout(x, self.p, True)
-        gen = self._generators.get(str(x.device))
-        if gen is None:
-            gen = self._generators[str(x.device)] = torch.Generator(device=x.device)
-        keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-        for i, (seed, n) in enumerate(zip(ctx.seeds, ctx.lengths, strict=True)):
-            gen.manual_seed((seed * 1_000_003 + self.salt) % (2**63 - 1))
-            keep[i, :n] = torch.rand((n, *x.shape[2:]), generator=gen, device=x.device) >= self.p
-        return x * keep / (1 - self.p)
+        rows, width = x.shape[:2]
+        feat = math.prod(x.shape[2:])
+        if width * feat >= 1 << 31:
+            raise InterpError(f"a LoRA input of {width} x {feat} values per row is beyond the dropout hash's "
+                              "2^31 counter; pass dropout=0 or shorter prompts")
+        counter = _mix32(torch.arange(width * feat, dtype=torch.int32, device=x.device))  # [width * feat]
+        keys = torch.tensor([_row_key(s, self.salt) for s in ctx.seeds], dtype=torch.int32, device=x.device)
+        real = torch.arange(width, device=x.device)[None, :] < torch.tensor(ctx.lengths, device=x.device)[:, None]
+        keep = torch.empty(rows, width * feat, dtype=torch.bool, device=x.device)
+        step = max(1, self.CHUNK // max(1, width * feat))
+        for r in range(0, rows, step):
+            h = _mix32(counter[None, :] ^ keys[r:r + step, None])  # [chunk, width * feat]
+            torch.ge(h & 0xFFFFFF, self.threshold, out=keep[r:r + step])
+        keep = keep.view(x.shape) & real.view(rows, width, *([1] * (x.dim() - 2)))
+        return x * keep * (1.0 / (1.0 - self.p))
 
 
 @contextmanager
@@ -823,36 +854,9 @@ def _remove_checkpoints(output_dir: Path) -> None:
 
 
 # ==== distributed (accelerate / torch.distributed) ====================================================
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size); starts the process group through accelerate under ``accelerate launch``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        state = PartialState()  # accelerate launch / torchrun: NCCL on GPUs, one device per process
-        if state.num_processes > 1:
-            return state.process_index, state.num_processes
-        if not dist.is_initialized():  # torchrun on CPUs without an accelerate config: join the group ourselves
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_reduce_sum(tensors: list[Tensor], world: int) -> None:
-    if world == 1 or not tensors:
-        return
-    import torch.distributed as dist
-
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flat = torch.cat([t.reshape(-1).to(dev, torch.float32) for t in tensors])  # one collective for all of them
-    dist.all_reduce(flat)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    if world > 1:
+        dist.all_reduce_sum(tensors)
 
 
 # ==== training ========================================================================================
@@ -1058,28 +1062,21 @@ def _as_4bit(model: Model) -> Model:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
         raise InterpError("qlora=True needs bitsandbytes: pip install 'interp[gpu]' (bitsandbytes>=0.45)") from e
-    from peft import prepare_model_for_kbit_training
-
     if not _is_4bit(model.hf):
         src = model.source
         if not src or src in ("tiny-medgemma", "tiny-llava") or not (Path(src).is_dir() or src.count("/") == 1):
             raise InterpError(f"qlora=True reloads the model in 4-bit from its hub id or folder, but '{model.name}' "
                               f"came from {src!r}; load it with BitsAndBytesConfig yourself and Model.wrap() it")
-        from transformers import (
-            AutoConfig,
-            AutoModelForCausalLM,
-            AutoModelForImageTextToText,
-            BitsAndBytesConfig,
-        )
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
         cfg = AutoConfig.from_pretrained(src)
         cls = AutoModelForImageTextToText if getattr(cfg, "vision_config", None) is not None else AutoModelForCausalLM
-        hf = cls.from_pretrained(src, quantization_config=qcfg, dtype=torch.bfloat16,
+        hf = cls.from_pretrained(src, quantization_config=nf4_config(), dtype=torch.bfloat16,
                                  device_map={"": model.device.index or 0})
         model = _rewrap(model, hf, name=f"{model.name} (4-bit)")
-    prepare_model_for_kbit_training(model.hf, use_gradient_checkpointing=False)
+    # Not peft's prepare_model_for_kbit_training: it casts every bf16 weight left unquantised (embeddings,
+    # norms, the vision tower's) to float32, which for MedGemma's 262k x 2560 embedding alone adds 2.5 GiB.
+    # bf16 compute needs no upcast, peft's wrapper freezes the base, and gradient checkpointing is our own.
     return model
 
 
@@ -1819,25 +1816,36 @@ class AblationReport(Result):
         from plotly.subplots import make_subplots
 
         t = self.table
-        fig = make_subplots(rows=1, cols=3, subplot_titles=("flip rate", "mean |margin diff| (logits)",
-                                                            "accuracy"))
+        flip_test = str(t["flip_test"].dropna().iloc[0]) if "flip_test" in t.columns and t["flip_test"].notna().any() \
+            else "exact McNemar"
+        fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08, subplot_titles=(
+            f"flip rate<br><sup>p: {flip_test}</sup>", "mean |margin diff| (logits)<br><sup>p: Wilcoxon signed-rank</sup>",
+            "accuracy<br><sup>p: paired test on each phrasing</sup>"))
         for col, metric in enumerate(("flip_rate", "mean_margin_diff", "accuracy"), start=1):
             pcol = {"flip_rate": "p_flip", "mean_margin_diff": "p_margin", "accuracy": "p_accuracy"}[metric]
-            text = [f"p={v:.2g}" if isinstance(v, float) and math.isfinite(v) else "" for v in t[pcol]] \
-                if pcol in t.columns else None
-            err = None
-            if f"{metric}_ci" in t.columns:
-                cis = list(t[f"{metric}_ci"])
-                err = dict(type="data", symmetric=False,
-                           array=[None if c is None else c[1] - v for v, c in zip(t[metric], cis, strict=True)],
-                           arrayminus=[None if c is None else v - c[0] for v, c in zip(t[metric], cis, strict=True)])
-            fig.add_bar(x=t["arm"], y=t[metric], text=text, textposition="outside", error_y=err, showlegend=False,
-                        row=1, col=col)
+            values = list(t[metric])
+            cis = list(t[f"{metric}_ci"]) if f"{metric}_ci" in t.columns else [None] * len(values)
+            err = dict(type="data", symmetric=False,
+                       array=[None if c is None else c[1] - v for v, c in zip(values, cis, strict=True)],
+                       arrayminus=[None if c is None else v - c[0] for v, c in zip(values, cis, strict=True)])
+            fig.add_bar(x=t["arm"], y=values, error_y=err, showlegend=False, row=1, col=col)
+            tops = [v if c is None else c[1] for v, c in zip(values, cis, strict=True)]
+            span = max([x for x in tops if x is not None and math.isfinite(x)], default=1.0) or 1.0
+            if pcol in t.columns:  # above each interval, so that no label sits on an error bar
+                for arm, top, pv in zip(t["arm"], tops, t[pcol], strict=True):
+                    if isinstance(pv, float) and math.isfinite(pv) and top is not None:
+                        fig.add_annotation(x=arm, y=top + 0.04 * span, text=f"p={pv:.2g}", showarrow=False,
+                                           yanchor="bottom", font=dict(size=11), row=1, col=col)
+            if col == 2:
+                fig.update_yaxes(range=[0, 1.2 * span], row=1, col=col)
         for col in (1, 3):
-            fig.update_yaxes(tickformat=".0%", range=[0, 1.05], row=1, col=col)
-        fig.update_layout(title=dict(text="LoRA layer-range ablation (held-out pairs)<br><sup>bars: 95% intervals; "
-                                          "p: paired tests against the baseline</sup>", x=0.02),
-                          height=400, width=1000, template="plotly_white")
+            fig.update_yaxes(tickformat=".0%", range=[0, 1.15], row=1, col=col)
+        n = getattr(next(iter(self.reports.values()), None), "n", None)
+        held = f"{n} held-out pairs" if n else "held-out pairs"
+        fig.update_layout(title=dict(text=f"LoRA layer-range ablation ({held})<br><sup>bars: 95% intervals; p above "
+                                          "each bar: paired test of that arm against the baseline, same pairs</sup>",
+                                     x=0.02),
+                          height=430, width=1050, template="plotly_white", margin=dict(t=120))
         return fig
 
     def __repr__(self) -> str:

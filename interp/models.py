@@ -587,10 +587,16 @@ def _resolve_device_dtype(device: Any, dtype: Any) -> tuple[torch.device, torch.
 
 
 def load(source: str | os.PathLike = "gemma3-270m", *, device: Any = None, dtype: Any = None,
-         revision: str | None = None, trust_remote_code: bool = False) -> Model:
-    """Load a model: a hub id, a local folder, a ``.gguf`` file, or a built-in name."""
+         revision: str | None = None, trust_remote_code: bool = False, quantization: str | None = None) -> Model:
+    """Load a model: a hub id, a local folder, a ``.gguf`` file, or a built-in name.
+
+    ``quantization="nf4"`` loads a hub id or folder straight into 4-bit NF4 (bitsandbytes, double
+    quantisation, bf16 compute) on a CUDA GPU, for QLoRA at the least memory: no bf16 copy is ever on
+    the GPU."""
     dev, dt = _resolve_device_dtype(device, dtype)
     src = str(source)
+    if quantization is not None:
+        return _load_nf4(src, dev, dt, quantization, revision=revision, trust_remote_code=trust_remote_code)
     if src in BUILTINS:
         model = {"gemma3-270m": _load_gemma3_270m, "tiny-medgemma": _tiny_medgemma,
                  "tiny-llava": _tiny_llava}[src](dt)
@@ -611,6 +617,40 @@ def load(source: str | os.PathLike = "gemma3-270m", *, device: Any = None, dtype
     return model
 
 
+def nf4_config() -> Any:
+    """The 4-bit config QLoRA uses (Dettmers et al. 2023): NF4, double quantisation, bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def _load_nf4(src: str, dev: torch.device, dt: torch.dtype, quantization: str, **kw: Any) -> Model:
+    if quantization != "nf4":
+        raise InterpError(f"quantization={quantization!r}: the one supported scheme is 'nf4' (QLoRA's 4-bit "
+                          "NormalFloat, through bitsandbytes)")
+    if src in BUILTINS or src.endswith(".gguf"):
+        raise InterpError(f"quantization='nf4' loads a hub id or a local model folder; '{src}' is "
+                          f"{'a built-in model' if src in BUILTINS else 'a GGUF file'}: save it with "
+                          "save_pretrained() and load that folder")
+    if dev.type != "cuda":
+        raise InterpError(f"quantization='nf4' needs a CUDA GPU (bitsandbytes' 4-bit kernels), but device is "
+                          f"'{dev}'; pass device='cuda' or load without quantization")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise InterpError("quantization='nf4' needs bitsandbytes: pip install 'interp[gpu]'") from e
+    path = Path(src)
+    if path.exists() or src.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise InterpError(f"model folder not found: '{src}'")
+        _check_model_folder(path)
+    model = _load_pretrained(src, dt, quantization_config=nf4_config(), device_map={"": dev.index or 0}, **kw)
+    model.name = f"{model.name} (4-bit)"
+    model.hf.eval()
+    return model
+
+
 def _check_model_folder(path: Path) -> None:
     """A local model folder needs a config.json and weights; say which is missing before transformers does."""
     saved = "point it at a folder written by save_pretrained() or downloaded from the hub"
@@ -625,7 +665,8 @@ def _check_model_folder(path: Path) -> None:
                           f"pytorch_model*.bin); copy the weight files in, or {saved}")
 
 
-def _load_pretrained(src: str, dtype: torch.dtype, *, revision: str | None, trust_remote_code: bool) -> Model:
+def _load_pretrained(src: str, dtype: torch.dtype, *, revision: str | None, trust_remote_code: bool,
+                     **load_kw: Any) -> Model:
     from safetensors import SafetensorError
     from transformers import (
         AutoConfig,
@@ -649,7 +690,7 @@ def _load_pretrained(src: str, dtype: torch.dtype, *, revision: str | None, trus
     multimodal = getattr(config, "vision_config", None) is not None
     auto_model = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     try:
-        hf = auto_model.from_pretrained(src, dtype=dtype, **kw)
+        hf = auto_model.from_pretrained(src, dtype=dtype, **kw, **load_kw)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InterpError(f"could not read the weights of '{src}' ({type(e).__name__}: {first}). A corrupt or "

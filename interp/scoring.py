@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp import hf
+from interp import dist, hf
 from interp._errors import InterpError
 from interp.models import Batch, Model, Prompt, _as_prompt, _open_image
 
@@ -99,15 +99,24 @@ def score(model: Model, prompts: Sequence[Prompt | str], *, batch_size: int | No
     if batch_size < 1:
         raise InterpError(f"batch_size={batch_size}; use a positive number of sequences per forward")
     order = sorted(range(len(items)), key=lambda i: len(items[i].question) + len(items[i].context or ""))
-    out: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
+    starts = list(range(0, len(order), batch_size))
+    rank, world = dist.rank_and_world()
+    out: Tensor | None = None
     with torch.inference_mode():
-        for b in tqdm(range(0, len(order), batch_size), desc="score", disable=not progress, leave=False):
+        # under several processes each takes every world-th batch; the sums below put the rows together
+        for b in tqdm(starts[rank::world], desc="score", disable=not progress or rank > 0, leave=False):
             idx = order[b:b + batch_size]
             batch = model.encode([items[i] for i in idx])
             logits = project(model, last_hidden(model, batch), ids).float().cpu()
-            for j, i in enumerate(idx):
-                out[i] = logits[j]
-    return torch.stack(out), NAIVE
+            if out is None:
+                out = torch.zeros(len(items), logits.shape[1])
+            out[torch.tensor(idx)] = logits
+        if world > 1:
+            width = torch.tensor([0 if out is None else out.shape[1]], dtype=torch.float32)
+            dist.all_reduce_max(width)
+            out = torch.zeros(len(items), int(width)) if out is None else out
+            dist.all_reduce_sum([out])  # each row is non-zero in one process only: the sum is exact
+    return out, NAIVE
 
 
 def margins(model: Model, prompts: Sequence[Prompt | str], **kw) -> Tensor:
@@ -524,13 +533,20 @@ class _FastScorer:
         n_out = model.hf.get_output_embeddings().weight.shape[0] if ids is None else len(ids)
         out = torch.zeros((len(uniq), n_out), device=self.device, dtype=torch.float32)
         workers = max(1, min(8, os.cpu_count() or 1))
+        # Under several processes (accelerate launch / torchrun) every process plans the same blocks and
+        # scores every world-th one, so each forward is the one a single process runs; rows are summed after.
+        rank, world = dist.rank_and_world()
+        mine = blocks[rank::world]
         with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as pool, \
                 ThreadPoolExecutor(max_workers=workers) as self._pool, \
-                tqdm(total=len(uniq), desc="evaluate", disable=not progress, leave=False) as bar:
-            future = pool.submit(self._tokenise, uniq, blocks[0])
-            for b in range(len(blocks)):
+                tqdm(total=sum(len(i) for b in mine for i in b), desc="evaluate", disable=not progress or rank > 0,
+                     leave=False) as bar:
+            future = pool.submit(self._tokenise, uniq, mine[0]) if mine else None
+            for b in range(len(mine)):
                 block = future.result()
-                if b + 1 < len(blocks):
-                    future = pool.submit(self._tokenise, uniq, blocks[b + 1])
+                if b + 1 < len(mine):
+                    future = pool.submit(self._tokenise, uniq, mine[b + 1])
                 self._score_block(block, ids, out, bar)
+            if world > 1:
+                dist.all_reduce_sum([out])  # each row is non-zero in one process only: the sum is exact
         return out.cpu()[torch.tensor(index)]

@@ -418,10 +418,11 @@ def test_distributed_training_matches_one_process(tmp_path):
         warnings.filterwarnings("ignore")
         import interp
         from interp import lora as L
+        from interp.dist import rank_and_world
         from interp.data import builtin
         pairs = [p for p in builtin("register") if p.answer is not None][:8]
         L.train_lora(interp.load("tiny-medgemma"), pairs, eval_pairs=pairs[:2], output_dir=sys.argv[1], **{settings!r})
-        rank, world = L.rank_and_world()
+        rank, world = rank_and_world()
         open(sys.argv[1] + f"/world-{{rank}}.txt", "w").write(str(world))
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -560,3 +561,31 @@ def test_a_few_steps_on_gemma3_270m_layers_5_to_9(gemma270m, tmp_path):
 
 def math_isfinite(x) -> bool:
     return x is not None and bool(np.isfinite(x))
+
+
+def test_row_dropout_masks_depend_on_the_example_not_on_the_batch_or_padding():
+    """The per-example dropout hash: same mask for an example alone or fused with others, zero on padding,
+    the requested rate, and no correlation between examples."""
+    from interp.lora import _DropoutRows, _RowDropout
+
+    ctx = _DropoutRows()
+    drop = _RowDropout(0.1, salt=7, ctx=ctx).train()
+    x = torch.ones(4, 50, 96)
+    with ctx.rows([11, 12, 13, 14]):
+        ctx.lengths = [50, 30, 50, 10]
+        fused = drop(x)
+    with ctx.rows([12]):
+        ctx.lengths = [30]
+        alone = drop(torch.ones(1, 30, 96))
+    assert torch.equal(fused[1, :30], alone[0])
+    assert (fused[1, 30:] == 0).all() and (fused[3, 10:] == 0).all()
+    kept = fused[[0, 2]] != 0
+    rate = 1 - kept.float().mean().item()
+    assert abs(rate - 0.1) < 0.01, rate
+    assert torch.allclose(fused[fused != 0], torch.tensor(1 / 0.9))
+    both = (~kept[0] & ~kept[1]).float().mean().item()
+    assert abs(both - 0.01) < 0.004, both  # independent rows: P(both dropped) = p^2
+    other = _RowDropout(0.1, salt=8, ctx=ctx).train()  # another module: another mask
+    with ctx.rows([11]):
+        ctx.lengths = [50]
+        assert not torch.equal(other(torch.ones(1, 50, 96)) != 0, kept[0:1])

@@ -252,3 +252,13 @@ def test_corrupt_gguf_is_named(tmp_path, monkeypatch):
 def test_malformed_prompt_is_named(tiny_medgemma, prompt, message):
     with pytest.raises(interp.InterpError, match=message):
         tiny_medgemma.encode([prompt])
+
+
+def test_nf4_loading_names_what_is_wrong_before_touching_the_weights(tmp_path):
+    """quantization='nf4' needs a hub id or folder, a CUDA GPU and the one scheme it knows."""
+    with pytest.raises(interp.InterpError, match="one supported scheme is 'nf4'"):
+        interp.load("tiny-medgemma", quantization="int3")
+    with pytest.raises(interp.InterpError, match="built-in model"):
+        interp.load("tiny-medgemma", quantization="nf4")
+    with pytest.raises(interp.InterpError, match="needs a CUDA GPU"):
+        interp.load(str(tmp_path), device="cpu", quantization="nf4")
