@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import Checks, finish, tolerance  # noqa: E402
-from interp.dist import rank_and_world  # noqa: E402
 from lora import build_model, make_pairs  # noqa: E402  (bench/lora.py)
 
 from interp import lora as L  # noqa: E402
+from interp.dist import rank_and_world  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

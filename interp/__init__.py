@@ -6,7 +6,7 @@ with data (paraphrase pairs), viz, export (paper artefacts) and loop/cli (the wh
 
 from interp import data, layers, prompts, viz
 from interp._errors import AdapterMismatchError, ForeignFilesError, InterpError
-from interp.capture import Activations, capture, load_activations
+from interp.capture import ActivationChunk, Activations, capture, load_activations
 from interp.consistency import ConsistencyComparison, ConsistencyReport, evaluate
 from interp.data import ParaphraseGroup, ParaphrasePair, load_pairs
 from interp.export import Recorder, export, notebook_setup
@@ -34,6 +34,7 @@ __all__ = [
     "Prompt",  # (question, image, context)
     "capture",  # residual-stream activations with hooks, cached in sae_cache/ -> Activations
     "Activations",
+    "ActivationChunk",  # one shard's rows: what Activations.chunks() yields
     "load_activations",  # read a capture cache folder back
     "export_sae_lens",  # a capture as the dataset sae-lens' ActivationsStore / CacheActivationsRunner use
     "import_sae_lens",  # a sae-lens activation cache as Activations

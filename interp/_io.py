@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -74,3 +77,27 @@ def shown(names: list[str], k: int = 4) -> str:
     """The first ``k`` of ``names``, quoted, with a count of the rest: for error messages."""
     out = ", ".join(f"'{n}'" for n in names[:k])
     return out + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+# ---- host memory --------------------------------------------------------------------------------------
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None (other C libraries and systems)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc raises its mmap threshold after the first large free, so
+    shard-sized buffers freed by a streaming reader stay in the process (RSS grew by 5x the bound of the
+    streaming benchmark without this); ``malloc_trim(0)`` returns them."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -179,13 +179,22 @@ def cmd_capture(args: argparse.Namespace) -> None:
     model = _load(args)
     _check_layers(args.layers, model, f"--layers {args.layers}")
     acts = interp.capture(model, prompts, layers=args.layers, positions=args.positions,
-                          cache=args.cache or True, batch_size=args.batch_size)
-    table = Table(title=f"{model.name}: residual stream ({acts.positions} positions)")
+                          cache=args.cache or True, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+                          max_memory=args.max_memory)
+    table = Table(title=f"{model.name}: residual stream ({acts.positions} positions"
+                        f"{', read shard by shard from the cache' if acts.lazy else ''})")
     for col in ("layer", "rows", "mean norm", "max |x|"):
         table.add_column(col, justify="right")
-    for layer in acts.layers:
-        x = acts[layer].float()
-        table.add_row(str(layer), str(x.shape[0]), f"{x.norm(dim=-1).mean():.1f}", f"{x.abs().max():.1f}")
+    sums = {layer: [0, 0.0, 0.0] for layer in acts.layers}  # rows, sum of norms, max |x|
+    for chunk in acts.chunks():  # one shard at a time: a capture larger than memory is summarised too
+        for layer, x in chunk.acts.items():
+            x = x.float()
+            s_ = sums[layer]
+            s_[0] += x.shape[0]
+            s_[1] += float(x.norm(dim=-1).sum())
+            s_[2] = max(s_[2], float(x.abs().max())) if x.numel() else s_[2]
+    for layer, (n, norm, top) in sums.items():
+        table.add_row(str(layer), str(n), f"{norm / max(n, 1):.1f}", f"{top:.1f}")
     console.print(table)
     console.print(f"cache: [bold]{acts.path}[/bold]")
 
@@ -432,7 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which token positions to keep")
     p.add_argument("--prompts", default=None, help="a UTF-8 text file, one prompt per line (None: bundled medical)")
     p.add_argument("--cache", default=None, help="cache root folder (None: sae_cache/)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=None, help="prompts per forward (None: automatic)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=None,
+                   help="at most this many prompts per forward (None: 64 on a GPU, 16 on the CPU)")
+    p.add_argument("--batch-tokens", type=_int_at_least(1), default=None,
+                   help="at most this many padded tokens per forward; prompts are batched by length "
+                        "(None: 16384 on a GPU, 4096 on the CPU)")
+    p.add_argument("--max-memory", default=None,
+                   help="host memory the activations may take, e.g. '8GB'; a larger capture is read back shard "
+                        "by shard from the cache (None: a quarter of this machine's memory)")
 
     p = command("transfer", "SAE transfer report: R^2 on medical and general text", cmd_transfer)
     model_args(p)

@@ -15,9 +15,9 @@ import json
 import os
 import re
 import shutil
+import uuid
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,7 +50,7 @@ def export_sae_lens(acts_or_folder: Activations | str | os.PathLike, out_dir: st
     import datasets
 
     acts = acts_or_folder if isinstance(acts_or_folder, Activations) else load_activations(acts_or_folder)
-    if layer not in acts.acts:
+    if layer not in acts.layers:
         raise InterpError(f"layer {layer} is not in the capture {acts!r}: captured layers are {acts.layers}; "
                           f"pass layer= one of those, or capture layer {layer} first")
     out = usable_folder(out_dir, what="sae-lens export folder")
@@ -59,8 +59,7 @@ def export_sae_lens(acts_or_folder: Activations | str | os.PathLike, out_dir: st
         raise ForeignFilesError(f"sae-lens export folder '{out_dir}' holds files the workbench did not write "
                                 f"({shown(names)}); nothing was changed. Choose a new or empty folder")
 
-    rows: Tensor = acts[layer]  # [n_rows, d_model]
-    n_rows, d_model = rows.shape
+    n_rows, d_model, dtype = len(acts), acts.d_model, acts.dtype
     ctx = _context_size(acts, context_size)
     n_seq = n_rows // ctx
     if n_seq == 0:
@@ -70,14 +69,14 @@ def export_sae_lens(acts_or_folder: Activations | str | os.PathLike, out_dir: st
     if kept < n_rows:
         warnings.warn(f"export_sae_lens: {n_rows - kept} of {n_rows} rows do not fill a last sequence of "
                       f"context_size={ctx} and are dropped (sae-lens has no padding mask)", stacklevel=2)
-    if rows.dtype not in _ARROW_DTYPES and rows.dtype != torch.bfloat16:
-        raise InterpError(f"layer {layer} rows are {rows.dtype}; export_sae_lens writes float16/32/64 or bfloat16 "
+    if dtype not in _ARROW_DTYPES and dtype != torch.bfloat16:
+        raise InterpError(f"layer {layer} rows are {dtype}; export_sae_lens writes float16/32/64 or bfloat16 "
                           "(widened to float32). Capture with dtype=torch.float32")
-    stored = rows.dtype if rows.dtype in _ARROW_DTYPES else torch.float32  # bf16 -> f32 is exact
+    stored = dtype if dtype in _ARROW_DTYPES else torch.float32  # bf16 -> f32 is exact
     arrow_dtype = _ARROW_DTYPES[stored]
-
-    def seqs(t: Tensor, dtype: torch.dtype) -> Any:  # [n_rows, ...] -> [n_seq, ctx, ...] numpy
-        return t[:kept].to(dtype).reshape(n_seq, ctx, *t.shape[1:]).numpy()
+    if acts.token_id.numel() and (acts.token_id.min() < torch.iinfo(torch.int32).min
+                                  or acts.token_id.max() > torch.iinfo(torch.int32).max):
+        raise InterpError("token ids do not fit sae-lens' int32 token_ids column; this capture cannot be exported")
 
     name = hook_name(layer)
     features = datasets.Features({
@@ -86,32 +85,46 @@ def export_sae_lens(acts_or_folder: Activations | str | os.PathLike, out_dir: st
         "prompt_index": datasets.Sequence(datasets.Value("int64"), length=ctx),
         "position": datasets.Sequence(datasets.Value("int64"), length=ctx),
     })
-    if acts.token_id.numel() and (acts.token_id.min() < torch.iinfo(torch.int32).min
-                                  or acts.token_id.max() > torch.iinfo(torch.int32).max):
-        raise InterpError("token ids do not fit sae-lens' int32 token_ids column; this capture cannot be exported")
-    ds = datasets.Dataset.from_dict({
-        name: seqs(rows.detach().cpu(), stored),
-        "token_ids": seqs(acts.token_id.cpu(), torch.int32),
-        "prompt_index": seqs(acts.prompt_index.cpu(), torch.int64),
-        "position": seqs(acts.position.cpu(), torch.int64),
-    }, features=features)
+
+    def sequences():  # one shard at a time (a lazy capture is never read whole), packed across shard ends
+        held: list[list[Tensor]] = [[], [], [], []]
+        left = kept
+        for chunk in acts.chunks([layer]):
+            parts = (chunk.acts[layer].detach().cpu().to(stored), chunk.token_id.to(torch.int32),
+                     chunk.prompt_index.to(torch.int64), chunk.position.to(torch.int64))
+            for h, part in zip(held, parts, strict=True):
+                h.append(part)
+            buf = [torch.cat(h) for h in held]
+            n = min(buf[0].shape[0] // ctx * ctx, left)
+            for s in range(0, n, ctx):
+                yield {name: buf[0][s:s + ctx].numpy(), "token_ids": buf[1][s:s + ctx].numpy(),
+                       "prompt_index": buf[2][s:s + ctx].numpy(), "position": buf[3][s:s + ctx].numpy()}
+            left -= n
+            held = [[b[n:]] for b in buf]
 
     meta = {"format": "sae-lens cached activations (CacheActivationsRunner)", "sae_lens_tested": "6.54",
             "hook_name": name, "layer": layer, "context_size": ctx, "d_in": d_model, "n_sequences": n_seq,
-            "dtype": arrow_dtype, "source_dtype": str(rows.dtype), "rows_dropped": n_rows - kept,
+            "dtype": arrow_dtype, "source_dtype": str(dtype), "rows_dropped": n_rows - kept,
             "n_prompts": acts.n_prompts, "positions": acts.positions, "model": acts.model_name,
             "source": str(acts.path) if acts.path else None}
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    scratch = out.parent / f".{out.name}.arrow{os.getpid()}"
     try:
+        # a fingerprint of our own: datasets would otherwise hash the generator, and with it the capture
+        ds = datasets.Dataset.from_generator(sequences, features=features, cache_dir=str(scratch),
+                                             fingerprint=uuid.uuid4().hex)
         ds.save_to_disk(str(tmp), num_shards=1)
+        del ds
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
         mark_folder(tmp, what="sae-lens export folder", kind="sae-lens export", layer=layer)
         _swap_in(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
         raise InterpError(f"sae-lens export folder '{out_dir}' could not be written ({e.strerror or e}); "
                           "free space or choose another folder") from None
+    shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 

@@ -1161,14 +1161,28 @@ class _Trainer:
                 ) -> tuple[Tensor, Tensor]:
         prompts = [q for p in pairs for q in (p.prompt_a(), p.prompt_b())]
         keys = [((prefix, i), side) for i in range(len(pairs)) for side in ("a", "b")]
-        out = torch.empty(len(prompts))
+        out = torch.zeros(len(prompts))
         ids = list(self.answer_ids)
-        step = max(2, batch_rows - batch_rows % 2)  # whole pairs per slice
-        for s in tqdm(range(0, len(prompts), step), desc="held-out", disable=not progress, leave=False):
+        step = _eval_step(batch_rows)
+        rank, world = rank_and_world()
+        starts = list(range(0, len(prompts), step))[rank::world]  # under several processes, every world-th slice
+        for s in tqdm(starts, desc="held-out", disable=not progress, leave=False):
             sl = slice(s, s + step)
             logits = project(self.model, self.runner.hidden(keys[sl], prompts[sl]), ids).float().cpu()
             out[sl] = logits[:, 0] - logits[:, 1]
+        if world > 1:
+            dist.all_reduce_sum([out])  # each margin is non-zero in one process only: the sum is exact
         return out[0::2], out[1::2]
+
+
+def _eval_step(batch_rows: int) -> int:
+    return max(2, batch_rows - batch_rows % 2)  # whole pairs per slice
+
+
+def _eval_share(n_pairs: int, batch_rows: int, rank: int, world: int) -> list[int]:
+    """The held-out pairs this process scores in `_Trainer.margins` (so only those are cached for it)."""
+    per = _eval_step(batch_rows) // 2
+    return [i for i in range(n_pairs) if (i // per) % world == rank]
 
 
 def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r: int = 16, alpha: int = 32,
@@ -1273,8 +1287,9 @@ def _train(pm: Model, train: list[ParaphrasePair], held: list[ParaphrasePair], c
     # the residual stream entering layer lo: computed once per example, before any training
     items = [((("train", i), side), p.prompt_a() if side == "a" else p.prompt_b())
              for i, p in enumerate(train) for side in ("a", "b")]
-    items += [((("eval", i), side), p.prompt_a() if side == "a" else p.prompt_b())
-              for i, p in enumerate(held) for side in ("a", "b")]
+    eval_rows = eval_batch_size or (32 if pm.device.type == "cuda" else 16)
+    items += [((("eval", i), side), held[i].prompt_a() if side == "a" else held[i].prompt_b())
+              for i in _eval_share(len(held), eval_rows, rank, world) for side in ("a", "b")]
     trainer.runner.prefill(items, rows_per_pass=8, progress=progress and rank == 0)
     optimizer = torch.optim.AdamW(trainer.params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     bs, ga = cfg["batch_size"], cfg["grad_accum"]
@@ -1282,7 +1297,6 @@ def _train(pm: Model, train: list[ParaphrasePair], held: list[ParaphrasePair], c
     steps_per_epoch = math.ceil(n_micro / ga)
     total_steps = steps_per_epoch * cfg["epochs"]
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg["warmup_ratio"] * total_steps), total_steps)
-    eval_rows = eval_batch_size or (32 if pm.device.type == "cuda" else 16)
 
     def evaluate_now(epoch: float, step: int, loss: list[float] | None) -> EpochStats:
         pm.hf.eval()

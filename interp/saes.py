@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -479,13 +479,20 @@ def train_sae(activations: Activations | Tensor, *, layer: int | None = None, d_
               sparsity_loss: Literal["tanh", "step", "quadratic"] = "tanh", target_l0: float | None = None,
               lr: float = 1e-3, steps: int | None = None, epochs: float | None = None, batch_size: int = 256,
               seed: int = 0, device: Any = None, model_name: str | None = None,
-              progress: bool = True) -> SAE:
+              stream: bool | None = None, shards_in_memory: int = 4, progress: bool = True) -> SAE:
     """Train a JumpReLU or TopK SAE with sae-lens' own trainer on cached activations (``[n, d_model]`` rows).
 
     Inputs are scaled to mean norm sqrt(d_in) during training (sae-lens' ``expected_average_only_in``)
     and the scale is folded into the weights, so the returned SAE reads raw activations. JumpReLU uses
     sae-lens' ``tanh`` sparsity loss by default: the ``step`` (L0) loss barely moves the thresholds in
     the few hundred steps a CPU run affords. Default: 1000 steps. Seeded; bitwise repeatable on CPU.
+
+    ``stream``: None (default) streams iff ``activations`` is a lazy capture (``capture(..., lazy=True)``,
+    larger than host memory): one pass over its shards gives the row count, the exact input scale and the
+    data mean, then the trainer reads shuffled batches from ``activations.batches`` a few shards at a time.
+    ``True`` streams an in-memory `Activations` the same way; ``False`` materialises the rows.
+    ``shards_in_memory``: shards mixed in one shuffle buffer while streaming; each batch draws from that many
+    shards only, so with few large shards more of them train closer to a global shuffle (and hold more memory).
     """
     from sae_lens import SAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
@@ -494,20 +501,19 @@ def train_sae(activations: Activations | Tensor, *, layer: int | None = None, d_
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    rows, layer, exclude = _training_rows(activations, layer)
+    streamed = _wants_stream(activations, stream)
+    if streamed:  # nothing is read yet: the cheap checks below come before a pass over the shards
+        layer, exclude = _training_layer(activations, layer)
+        rows, d_in = None, int(activations.d_model)
+    else:
+        rows, layer, exclude = _training_rows(activations, layer)
+        d_in = rows.shape[1]
     model_name = model_name or (activations.model_name if isinstance(activations, Activations) else None)
-    n, d_in = rows.shape
     if d_sae < 1 or batch_size < 1 or lr <= 0:
         raise InterpError(f"d_sae={d_sae}, batch_size={batch_size}, lr={lr}: all must be positive")
-    if n < 16:
-        raise InterpError(f"only {n} activation rows: capture more prompts (positions='all') to train an SAE")
-    batch_size = min(batch_size, n)
     if steps is not None and epochs is not None:
         raise InterpError("pass steps= or epochs=, not both")
-    if epochs is not None:
-        steps = math.ceil(epochs * n / batch_size)
-    steps = 1000 if steps is None else int(steps)
-    if steps < 1:
+    if steps is not None and int(steps) < 1:
         raise InterpError(f"steps={steps}: train for at least one step")
     dev = _default_device(device)
 
@@ -538,20 +544,44 @@ def train_sae(activations: Activations | Tensor, *, layer: int | None = None, d_
     else:
         raise InterpError(f"architecture={architecture!r}: use 'jumprelu' or 'topk'")
 
+    # Exact (not sampled) input scale; b_dec starts at the data mean so the encoder sees centred inputs
+    # (Gemma's residual stream has a mean far larger than its spread).
+    if streamed:
+        n, norm_sum, x_sum = _streamed_moments(activations, layer, dev, progress=progress)
+        data = None
+    else:
+        data = rows.to(dev, torch.float32)
+        n = data.shape[0]
+    if n < 16:
+        raise InterpError(f"only {n} activation rows: capture more prompts (positions='all') to train an SAE")
+    batch_size = min(batch_size, n)
+    if epochs is not None:
+        steps = math.ceil(epochs * n / batch_size)
+    steps = 1000 if steps is None else int(steps)
+    if steps < 1:
+        raise InterpError(f"steps={steps}: train for at least one step")
+    if streamed:
+        scale = math.sqrt(d_in) / (norm_sum / n)
+        mean = x_sum / n
+        source = activations.batches(layer, batch_size, shuffle=True, seed=seed, repeat=True,
+                                     shards_in_memory=shards_in_memory)
+        provider = (batch.to(dev, torch.float32) for batch in source)  # [batch_size, d_in] each
+    else:
+        source = None
+        scale = math.sqrt(d_in) / float(data.norm(dim=-1).double().mean())
+        mean = data.sum(0, dtype=torch.float64) / n
+        provider = _row_batches(data, batch_size, seed)
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         training_sae = make(cfg)
-    data = rows.to(dev, torch.float32)
-    # Exact (not sampled) input scale; b_dec starts at the data mean so the encoder sees centred inputs
-    # (Gemma's residual stream has a mean far larger than its spread).
-    scale = math.sqrt(d_in) / float(data.norm(dim=-1).double().mean())
     with torch.no_grad():
-        training_sae.b_dec.copy_((data.sum(0, dtype=torch.float64) / n * scale).float().cpu())
+        training_sae.b_dec.copy_((mean * scale).float().cpu())
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr, lr_end=lr,
         lr_scheduler_name="constant", lr_decay_steps=steps // 5, device=dev,
         logger=LoggingConfig(log_to_wandb=False))
-    trainer = SAETrainer(cfg=trainer_cfg, sae=training_sae, data_provider=_row_batches(data, batch_size, seed))
+    trainer = SAETrainer(cfg=trainer_cfg, sae=training_sae, data_provider=provider)
     trainer.activation_scaler.scaling_factor = scale
     # SAETrainer.fit() with its public seams (step, maybe_reset_sparsity, set_final_sae_metadata), so the
     # progress bar follows `progress=`.
@@ -570,6 +600,8 @@ def train_sae(activations: Activations | Tensor, *, layer: int | None = None, d_
             bar.update(1)
     finally:
         bar.close()
+        if source is not None:
+            source.close()  # stops the shard reader of a lazy capture now, not when collected
     trainer.sae.fold_activation_norm_scaling_factor(scale)
     trainer.activation_scaler.scaling_factor = None
     trainer.set_final_sae_metadata()
@@ -580,7 +612,9 @@ def train_sae(activations: Activations | Tensor, *, layer: int | None = None, d_
         "rows": n, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
         "sparsity_loss": sparsity_loss if architecture == "jumprelu" else None,
         "l0_coefficient": getattr(cfg, "l0_coefficient", None), "k": getattr(cfg, "k", None),
-        "final_losses": last})
+        "final_losses": last, "input_scale": scale, "streamed": streamed,
+        "shards_in_memory": shards_in_memory if streamed else None,
+        "activations_path": str(activations.path) if streamed and activations.path else None})
     sae = SAE.from_dict(inference_cfg)
     state = training_sae.state_dict()
     training_sae.process_state_dict_for_saving_inference(state)
@@ -589,7 +623,21 @@ def train_sae(activations: Activations | Tensor, *, layer: int | None = None, d_
     return sae.to(dev).eval()
 
 
-def _training_rows(activations: Activations | Tensor, layer: int | None) -> tuple[Tensor, int, bool]:
+def _wants_stream(activations: Any, stream: bool | None) -> bool:
+    """Whether `train_sae` reads ``activations`` through ``.batches`` (shards streamed) or as one tensor."""
+    lazy = bool(getattr(activations, "lazy", False))
+    if stream is None:
+        return lazy
+    if not isinstance(stream, bool):
+        raise InterpError(f"stream={stream!r}: pass True, False or None (None streams a lazy capture only)")
+    if stream and not isinstance(activations, Activations):
+        raise InterpError(f"stream=True needs an interp.Activations (its .batches streams shards); got a "
+                          f"{type(activations).__name__}, which is already in memory: leave stream=None")
+    return stream
+
+
+def _training_layer(activations: Activations | Tensor, layer: int | None) -> tuple[int, bool]:
+    """The layer to train on (checked; picked when the capture holds one) and whether special tokens were left out."""
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0):
         raise InterpError(f"layer={layer!r}: pass the decoder layer the activations come from as a whole number "
                           ">= 0 (the SAE records it as blocks.<layer>.hook_resid_post)")
@@ -599,21 +647,56 @@ def _training_rows(activations: Activations | Tensor, layer: int | None) -> tupl
             if len(layers) != 1:
                 raise InterpError(f"the activations hold layers {layers}: pass layer= to pick one")
             layer = layers[0]
-        rows = activations[layer]
-        exclude = "special" in activations.meta.get("exclude", [])
-    elif isinstance(activations, Tensor):
+        if int(layer) not in layers:
+            raise InterpError(f"layer {layer} was not captured; captured layers are {layers}")
+        return int(layer), "special" in activations.meta.get("exclude", [])
+    if isinstance(activations, Tensor):
         if layer is None:
             raise InterpError("pass layer=<L> with a bare tensor: the SAE records blocks.<L>.hook_resid_post")
-        rows, exclude = activations, False
-    else:
-        raise InterpError(f"activations must be interp.Activations or a [n, d_model] tensor, got "
-                          f"{type(activations).__name__}")
+        return int(layer), False
+    raise InterpError(f"activations must be interp.Activations or a [n, d_model] tensor, got "
+                      f"{type(activations).__name__}")
+
+
+def _nonfinite_error(layer: int) -> InterpError:
+    return InterpError(f"the layer-{layer} activations contain NaN or inf; recapture them (a float16 "
+                       "overflow is the usual cause: use float32 or bfloat16)")
+
+
+def _training_rows(activations: Activations | Tensor, layer: int | None) -> tuple[Tensor, int, bool]:
+    layer, exclude = _training_layer(activations, layer)
+    rows = activations[layer] if isinstance(activations, Activations) else activations
     if rows.ndim != 2:
         raise InterpError(f"activations have shape {tuple(rows.shape)}; expected [n_rows, d_model]")
     if not torch.isfinite(rows).all():
-        raise InterpError(f"the layer-{layer} activations contain NaN or inf; recapture them (a float16 "
-                          "overflow is the usual cause: use float32 or bfloat16)")
-    return rows, int(layer), exclude
+        raise _nonfinite_error(layer)
+    return rows, layer, exclude
+
+
+@torch.no_grad()
+def _streamed_moments(activations: Activations, layer: int, device: Any, *,
+                      progress: bool = False) -> tuple[int, float, Tensor]:
+    """One pass over the shards of ``layer``: (rows, summed row norms, summed rows ``[d_in]`` float64), computed
+    in float32 on ``device`` as the in-memory path does, then summed in float64; one shard in memory at a time."""
+    n, d_in = 0, int(activations.d_model)
+    norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+    x_sum = torch.zeros(d_in, dtype=torch.float64, device=device)
+    shards = tqdm(activations.chunks([layer]), desc=f"scan L{layer} shards (scale, mean)", unit="shard",
+                  disable=not progress, leave=False)
+    for chunk in shards:
+        rows = chunk.acts[layer]  # [rows, d_model]
+        if rows.ndim != 2 or rows.shape[1] != d_in:
+            raise InterpError(f"a shard of the layer-{layer} activations has shape {tuple(rows.shape)}; expected "
+                              f"[n_rows, {d_in}]: recapture them")
+        if rows.shape[0] == 0:
+            continue
+        if not torch.isfinite(rows).all():
+            raise _nonfinite_error(layer)
+        x = rows.to(device, torch.float32)
+        norm_sum += x.norm(dim=-1).double().sum()
+        x_sum += x.sum(0, dtype=torch.float64)
+        n += x.shape[0]
+    return n, float(norm_sum), x_sum
 
 
 # ---- transfer report ----------------------------------------------------------------------------
@@ -642,12 +725,30 @@ def _r2(n: np.ndarray, sum_x: np.ndarray, sq_norm: np.ndarray, sq_resid: np.ndar
     return np.where((n > 0) & (var > 0), out, np.nan)
 
 
-@torch.no_grad()
 def _recon_stats(sae: SAE, rows: Tensor, prompt_index: Tensor, n_prompts: int, *,
                  chunk: int = 4096, what: str = "") -> _Stats:
     """Stream ``rows`` through the SAE and accumulate per-prompt statistics in float64 on the SAE's device."""
+    parts = ((rows[s:s + chunk], prompt_index[s:s + chunk]) for s in range(0, rows.shape[0], chunk))
+    return _accumulate_recon(sae, parts, n_prompts, rows.shape[1], what=what)
+
+
+def _recon_stats_streamed(sae: SAE, acts: Activations, layer: int, n_prompts: int, *, chunk: int = 4096,
+                          what: str = "") -> _Stats:
+    """`_recon_stats` over a capture's shards (``acts.chunks``): one shard in memory at a time, never all rows."""
+    def parts() -> Iterator[tuple[Tensor, Tensor]]:
+        for part in acts.chunks([layer]):
+            rows = part.acts[layer]  # [rows, d_model]
+            for s in range(0, rows.shape[0], chunk):
+                yield rows[s:s + chunk], part.prompt_index[s:s + chunk]
+
+    return _accumulate_recon(sae, parts(), n_prompts, int(acts.d_model), what=what)
+
+
+@torch.no_grad()
+def _accumulate_recon(sae: SAE, parts: Iterable[tuple[Tensor, Tensor]], n_prompts: int, d_in: int, *,
+                      what: str = "") -> _Stats:
+    """Per-prompt sums over ``(rows [r, d_in], prompt index [r])`` parts, in float64 on the SAE's device."""
     dev = sae.W_dec.device
-    d_in = rows.shape[1]
     n = torch.zeros(n_prompts, dtype=torch.float64, device=dev)
     sum_x = torch.zeros(n_prompts, d_in, dtype=torch.float64, device=dev)
     sq_norm = torch.zeros_like(n)
@@ -655,9 +756,11 @@ def _recon_stats(sae: SAE, rows: Tensor, prompt_index: Tensor, n_prompts: int, *
     cos = torch.zeros_like(n)
     l0 = torch.zeros_like(n)
     fired = torch.zeros(n_prompts, sae.cfg.d_sae, dtype=torch.bool, device=dev)
-    for s in range(0, rows.shape[0], chunk):
-        x = rows[s:s + chunk].to(dev)
-        idx = prompt_index[s:s + chunk].to(dev)
+    for rows, index in parts:
+        if rows.shape[0] == 0:
+            continue
+        x = rows.to(dev)
+        idx = index.to(dev)
         if not torch.isfinite(x).all():
             bad = int(idx[~torch.isfinite(x).all(-1)][0])
             raise InterpError(f"{what}activations of prompt {bad} contain NaN or inf: the model's forward pass "
@@ -1026,10 +1129,16 @@ def _template_counts(model: Model, items: list[Prompt], batch_size: int) -> tupl
     return text, total
 
 
+def _capture_streaming(**kw: Any) -> dict[str, Any]:
+    """The streaming options a caller set, for `capture` (unset ones keep capture's defaults)."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def transfer_report(model: Model, sae: SAE, corpora: Mapping[str, Sequence[Prompt | str]] | Sequence[Prompt | str],
                     *, layer: int | None = None, threshold: float = 0.95, alpha: float = 0.05,
                     tokens: Literal["text", "all"] = "text", exclude_special: bool = True, n_boot: int = 1000,
                     seed: int = 0, ce: bool = True, batch_size: int | None = None, cache: Any = None,
+                    max_memory: int | str | None = None, lazy: bool | None = None, shard_size: int | None = None,
                     progress: bool = True) -> TransferReport:
     """Does ``sae`` reconstruct ``model``'s layer activations on each corpus? R^2, CI, tests, L0, CE and KL.
 
@@ -1039,7 +1148,9 @@ def transfer_report(model: Model, sae: SAE, corpora: Mapping[str, Sequence[Promp
     CE/KL score text predicting text; ``tokens="all"`` scores every real token, template included (BOS and
     special tokens still excluded unless ``exclude_special=False``). A corpus passes when the 95% lower
     bounds of pooled and of mean per-prompt R^2 are above ``threshold``. ``ce=False`` skips the three full
-    forward passes that the CE-loss score and KL need; ``cache`` is passed to `capture`.
+    forward passes that the CE-loss score and KL need. ``cache``, ``max_memory``, ``lazy`` and ``shard_size`` are
+    passed to `capture`: a lazy capture (one larger than ``max_memory``, or ``lazy=True``) is scored shard by
+    shard, with the same numbers as in memory.
     """
     site = check_sae(model, sae, layer)
     if not 0 < threshold < 1 or not 0 < alpha < 1:
@@ -1067,17 +1178,20 @@ def transfer_report(model: Model, sae: SAE, corpora: Mapping[str, Sequence[Promp
     if batch_size is None:
         batch_size = 16 if model.device.type == "cuda" else 8
     sae.eval()
+    streaming = _capture_streaming(max_memory=max_memory, lazy=lazy, shard_size=shard_size)
 
     results = []
     for name, items in items_by_name.items():
         positions = "question" if tokens == "text" else "all"
         acts = capture(model, items, layers=[site.layer], positions=positions,
                        exclude=exclude if positions == "all" else (), batch_size=batch_size, cache=cache,
-                       progress=progress)
-        rows = acts[site.layer]
-        if rows.shape[0] == 0:
+                       progress=progress, **streaming)
+        if len(acts) == 0:
             raise InterpError(f"corpus {name!r} has no tokens left after excluding special and template tokens")
-        stats = _recon_stats(sae, rows, acts.prompt_index, len(items), what=f"corpus {name!r}: ")
+        if getattr(acts, "lazy", False):
+            stats = _recon_stats_streamed(sae, acts, site.layer, len(items), what=f"corpus {name!r}: ")
+        else:
+            stats = _recon_stats(sae, acts[site.layer], acts.prompt_index, len(items), what=f"corpus {name!r}: ")
         losses = None
         if ce:
             with tqdm(total=len(items), desc=f"splice SAE ({name})", unit="prompt", disable=not progress,
@@ -1178,10 +1292,12 @@ __all__ = ["CorpusTransfer", "SAEFileError", "SAESite", "TransferReport", "check
 
 def sae_for(model: Model, release: str | os.PathLike | None = None, sae_id: str | None = None, *, layer: int,
             train_prompts: Sequence[Prompt | str] | None = None, d_sae: int = 2048, k: int = 32, steps: int = 600,
-            seed: int = 0, progress: bool = True) -> SAE:
+            seed: int = 0, cache: Any = True, max_memory: int | str | None = None, lazy: bool | None = None,
+            progress: bool = True) -> SAE:
     """A published SAE (``release``: a sae-lens release, a hub repo id + folder, or a local folder) checked
     against ``model``, or, with ``release=None``, a TopK SAE trained here on ``train_prompts`` (default: the
-    general corpus; every token but special ones). ``sae.cfg.metadata.interp_source`` says which, in words."""
+    general corpus; every token but special ones). ``sae.cfg.metadata.interp_source`` says which, in words.
+    ``cache``, ``max_memory`` and ``lazy`` go to `capture`; a lazy capture is trained on by streaming its shards."""
     from interp import prompts
 
     if release is not None:
@@ -1192,11 +1308,12 @@ def sae_for(model: Model, release: str | os.PathLike | None = None, sae_id: str 
         meta.interp_source = f"published: {name} ({where})" if where != name else f"published: {name}"
     else:
         text = list(train_prompts) if train_prompts is not None else prompts.general()
-        acts = capture(model, text, layers=[layer], positions="all", exclude=("special", "image"), cache=True,
-                       progress=progress)
+        acts = capture(model, text, layers=[layer], positions="all", exclude=("special", "image"), cache=cache,
+                       progress=progress, **_capture_streaming(max_memory=max_memory, lazy=lazy))
         sae = train_sae(acts, layer=layer, d_sae=d_sae, architecture="topk", k=k, steps=steps, seed=seed,
                         device=model.device, model_name=model.name, progress=progress)
+        how = ", streamed from its shards" if sae.cfg.metadata.interp_training["streamed"] else ""
         sae.cfg.metadata.interp_source = (f"trained here: TopK d_sae={d_sae}, k={k}, {steps} steps on "
-                                          f"{len(text)} prompts ({acts[layer].shape[0]} tokens)")
+                                          f"{len(text)} prompts ({len(acts)} tokens{how})")
     check_sae(model, sae, layer)
     return sae

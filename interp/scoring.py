@@ -230,6 +230,15 @@ class _FastScorer:
         """pixel_values and the placeholder expansion of one image (thread-safe: no tokenizer)."""
         return self._split.process_image(_open_image(image))
 
+    def _on_device(self, pixels: Tensor) -> Tensor:
+        """Pixel values on the device in the model's dtype. Done on the preprocessing threads: gathering a
+        block's float32 pixels on the host and copying them in one piece held up the vision pass."""
+        return pixels.to(self.device, self.model.dtype if self.model.dtype.is_floating_point else pixels.dtype)
+
+    def _image_to_device(self, image: Any) -> tuple[Tensor, str]:
+        pixels, replacement = self._process_image(image)
+        return self._on_device(pixels), replacement
+
     def _expand(self, text: str, replacement: str) -> tuple[list[int], list[int] | None]:
         """Token ids (and token types) of a prompt whose image placeholder expands to ``replacement``."""
         return self._split.expand(text, replacement, self._has_types)
@@ -282,10 +291,10 @@ class _FastScorer:
             key, i = next(iter(first.items()))
             checked = self._check_split(texts[i], items[i].image)
             if checked is not None:
-                block.pixels[key], replacement[key] = checked
+                block.pixels[key], replacement[key] = self._on_device(checked[0]), checked[1]
         if first and self._split_ok:
             keys = [k for k in first if k not in block.pixels]
-            for key, (pixels, rep) in zip(keys, self._pool.map(self._process_image,
+            for key, (pixels, rep) in zip(keys, self._pool.map(self._image_to_device,
                                                                [items[first[k]].image for k in keys]), strict=True):
                 block.pixels[key], replacement[key] = pixels, rep
         for g in groups:

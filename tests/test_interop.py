@@ -107,3 +107,19 @@ def test_errors_name_the_input_and_the_fix(acts, tmp_path):
     out = export_sae_lens(acts, tmp_path / "c", layer=2, context_size=len(acts))
     with pytest.raises(InterpError, match="hook_name 'blocks.9.hook_resid_post' is not a column"):
         import_sae_lens(out, hook_name="blocks.9.hook_resid_post")
+
+
+def test_a_lazy_capture_exports_shard_by_shard_to_the_same_dataset(tiny_medgemma, acts, tmp_path):
+    """A capture over its memory budget is exported without being read whole, packing across shard ends."""
+    lazy = interp.capture(tiny_medgemma, PROMPTS, layers=[2], positions="all", progress=False, cache=tmp_path / "c",
+                          shard_size=1, lazy=True)
+    assert lazy.lazy
+    with pytest.warns(UserWarning, match="dropped"):
+        a = datasets.load_from_disk(str(export_sae_lens(lazy, tmp_path / "lazy", layer=2, context_size=7)))
+    with pytest.warns(UserWarning, match="dropped"):
+        b = datasets.load_from_disk(str(export_sae_lens(acts, tmp_path / "eager", layer=2, context_size=7)))
+    assert len(a) == len(b) == len(acts) // 7
+    for col in (HOOK, "token_ids", "prompt_index", "position"):
+        ta, tb = (torch.from_numpy(d.with_format("numpy")[col][:]) for d in (a, b))
+        # shard_size=1 batches each prompt alone: values equal to float tolerance, metadata exactly
+        torch.testing.assert_close(ta, tb) if col == HOOK else torch.testing.assert_close(ta, tb, rtol=0, atol=0)

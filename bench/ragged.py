@@ -1,0 +1,204 @@
+"""Benchmark: length-aware batching in interp.capture on a ragged corpus, against batches in the caller's order.
+
+    python bench/ragged.py --out ragged.json   # on a GPU: MedGemma-4B-shaped model, bf16 (about 4 minutes)
+    python bench/ragged.py --quick             # tiny shapes on the CPU (about a minute)
+
+Corpora, in the order drawn (nobody sorted them): "text", ``--prompts`` prompts whose lengths are spread
+uniformly over ``--min-tokens``-``--max-tokens`` (40-1000); "images", ``--image-prompts`` prompts of 40-600 text
+tokens, every other one with a generated chest-X-ray-like image (256 image tokens each on MedGemma). Each corpus
+is captured at ``--layer`` with positions "all" and "last", three ways:
+  caller order   sort=False, batch_size=--batch (16 on a GPU), no token cap: the batches capture formed before
+  sorted         sort=True, the same batch_size, the default batch_tokens: what sorting alone gives
+  default        capture's defaults (sort=True, at most 64 prompts and 16384 padded tokens per batch on a GPU)
+Tokens/s count real (non-padding) tokens. Every run's values are checked: each path against the caller-order
+one, row by row, and on a sample of prompts (``--alone``) against that prompt run alone through a plain forward
+with a hook. A row beyond the tolerance (common.tolerance: bf16 0.05, float32 1e-3) or at an unexpected
+(prompt, position) is a FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import medgemma_shape  # noqa: E402
+from common import Checks, finish, recorded_warnings, timed, tolerance  # noqa: E402
+
+import interp  # noqa: E402
+from interp.capture import layer_output  # noqa: E402
+from interp.models import Prompt  # noqa: E402
+
+capture_mod = importlib.import_module("interp.capture")  # the module; `interp.capture` is the function
+TARGET = 1.5  # issue 14: real tokens/s of the default over caller-order batches
+
+
+def images(n: int, size: int, seed: int = 0) -> list:
+    """``n`` grey 'chest X-rays' (gradient plus a blob and noise) as PIL images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = []
+    for _ in range(n):
+        cx, cy = rng.integers(size // 5, 4 * size // 5, size=2)
+        img = 40 + 0.15 * yy * 768 / size + 90 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (size / 12) ** 2))
+        img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype("uint8")
+        out.append(Image.fromarray(np.stack([img] * 3, -1)))
+    return out
+
+
+class Padding:
+    """Counts the prompts, padded positions and forward passes of every batch capture runs."""
+
+    def __init__(self):
+        self.real = capture_mod._run_hooked
+        self.batches = self.padded = 0
+        capture_mod._run_hooked = self
+
+    def __call__(self, model, batch, *a, **k):
+        self.batches += 1
+        self.padded += int(batch.input_ids.numel())
+        return self.real(model, batch, *a, **k)
+
+    def reset(self) -> tuple[int, int]:
+        out = (self.batches, self.padded)
+        self.batches = self.padded = 0
+        return out
+
+
+def alone(model: interp.Model, prompts: list, index: list[int], layer: int) -> dict[int, torch.Tensor]:
+    """Per sampled prompt, ``[pos, d_model]`` of ``layer`` from a plain forward of that prompt alone."""
+    out = {}
+    with torch.inference_mode():
+        for k in index:
+            kept: dict[int, torch.Tensor] = {}
+            h = model.layer(layer).register_forward_hook(
+                lambda _m, _a, o, kept=kept: kept.__setitem__(0, layer_output(o)[0]))
+            try:
+                model.hf(**model.encode([prompts[k]]).inputs, use_cache=False, logits_to_keep=1)
+            finally:
+                h.remove()
+            out[k] = kept[0].float().cpu()
+    return out
+
+
+def check(checks: Checks, name: str, acts: interp.Activations, ref: interp.Activations | None,
+          alone_ref: dict[int, torch.Tensor], layer: int, positions: str, tol: float) -> None:
+    if ref is not None:
+        same = all(torch.equal(getattr(acts, k), getattr(ref, k)) for k in ("prompt_index", "position", "token_id"))
+        checks.require(f"{name}: rows where caller order has them", same,
+                       "prompt_index/position/token_id differ from the caller-order capture")
+        if same:
+            checks.rows(f"{name} vs caller order", acts[layer], ref[layer], tol,
+                        labels=lambda r: f"prompt {int(ref.prompt_index[r])} pos {int(ref.position[r])}")
+    got, want, labels = [], [], []
+    for k, rows in alone_ref.items():
+        m = acts.prompt_index == k
+        pos = acts.position[m]
+        expected = torch.arange(rows.shape[0]) if positions == "all" else torch.tensor([rows.shape[0] - 1])
+        if not torch.equal(pos, expected):
+            checks.fail(f"{name} vs alone", f"prompt {k}: positions {pos.tolist()[:8]} ... expected "
+                                            f"{expected.tolist()[:8]} ...", tol)
+            return
+        got.append(acts[layer][m])
+        want.append(rows[expected])
+        labels += [f"prompt {k} pos {int(p)}" for p in pos]
+    checks.rows(f"{name} vs alone", torch.cat(got), torch.cat(want), tol, labels=labels)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", "--smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--out", default=None, help="write the JSON record here")
+    ap.add_argument("--prompts", type=int, default=512, help="text corpus: number of prompts")
+    ap.add_argument("--image-prompts", type=int, default=128, help="image corpus: number of prompts (half with one)")
+    ap.add_argument("--min-tokens", type=int, default=40)
+    ap.add_argument("--max-tokens", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=None, help="caller order's batch_size (default: the old default, "
+                                                            "16 on a GPU, 8 on the CPU)")
+    ap.add_argument("--layer", type=int, default=17)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--alone", type=int, default=16, help="prompts per corpus checked against a forward alone")
+    ap.add_argument("--tol", type=float, default=None, help="relative error per row (default: by dtype)")
+    args = ap.parse_args()
+    if args.quick:
+        args.prompts, args.image_prompts, args.min_tokens, args.max_tokens = 96, 24, 20, 400
+        args.layer, args.repeats, args.alone = 3, 1, 6
+    model = medgemma_shape.build(smoke=args.quick, device="cpu" if args.quick else None)
+    cuda = model.device.type == "cuda"
+    bs = args.batch or (16 if cuda else 8)
+    L = args.layer
+    tol = args.tol if args.tol is not None else tolerance("rows", model.dtype)
+    text = medgemma_shape.prompts_of_lengths(model, medgemma_shape.ragged_lengths(args.prompts, args.min_tokens,
+                                                                                  args.max_tokens))
+    pictures = images(8, 56 if args.quick else 768)
+    short = medgemma_shape.prompts_of_lengths(model, medgemma_shape.ragged_lengths(
+        args.image_prompts, args.min_tokens, min(600, args.max_tokens), seed=1), seed=1)
+    corpora = {"text": text,
+               "images": [Prompt(q, pictures[k % len(pictures)] if k % 2 else None) for k, q in enumerate(short)]}
+    configs = {"caller order": dict(sort=False, batch_size=bs, batch_tokens=10**9),
+               "sorted": dict(batch_size=bs), "default": {}}
+    print(f"{model!r}\ncaller-order batch_size={bs}; corpora: " + ", ".join(f"{k} {len(v)} prompts"
+                                                                          for k, v in corpora.items()), flush=True)
+    checks, warned, rows = Checks(), [], {}
+    counter = Padding()
+    rng = np.random.default_rng(0)
+    with recorded_warnings(warned):
+        for cname, prompts in corpora.items():
+            t = time.perf_counter()
+            sample = sorted(set(rng.choice(len(prompts), size=min(args.alone, len(prompts)), replace=False).tolist()))
+            ref_alone = alone(model, prompts, sample, L)
+            print(f"{cname}: reference of {len(sample)} prompts alone in {time.perf_counter() - t:.1f} s", flush=True)
+            n_tokens = None
+            for positions in ("all", "last"):
+                held: dict[str, interp.Activations] = {}  # the caller-order result, once computed
+                for config, kw in configs.items():
+                    name = f"{cname}, positions={positions}, {config}"
+
+                    def run(kw=kw, positions=positions, prompts=prompts):
+                        return interp.capture(model, prompts, layers=[L], positions=positions, progress=False, **kw)
+
+                    def checked(acts, name=name, positions=positions, held=held, ref_alone=ref_alone):
+                        check(checks, name, acts, held.get("ref"), ref_alone, L, positions, tol)
+
+                    counter.reset()
+                    timing = timed(run, args.repeats, check=checked)
+                    batches, padded = counter.reset()
+                    if not held:
+                        held["ref"] = timing.result
+                        if positions == "all":
+                            n_tokens = len(timing.result)  # every real token is a row
+                    runs = args.repeats + 1
+                    rows[name] = {**timing.to_dict(), "tokens_per_s": n_tokens / timing.median_s,
+                                  "batches": batches // runs, "padded_positions": padded // runs,
+                                  "padding": 1 - n_tokens / (padded / runs), "kwargs": kw}
+                    print(f"{name:<44} {n_tokens / timing.median_s:>11,.0f} tok/s  {batches // runs:>4} batches  "
+                          f"{rows[name]['padding']:.0%} padding", flush=True)
+                del held, timing
+            rows[f"{cname} real tokens"] = n_tokens
+    ratios, targets = {}, {}
+    for cname in corpora:
+        for positions in ("all", "last"):
+            base = rows[f"{cname}, positions={positions}, caller order"]["tokens_per_s"]
+            for config in ("sorted", "default"):
+                ratios[f"{cname} {positions}: {config} / caller order"] = \
+                    rows[f"{cname}, positions={positions}, {config}"]["tokens_per_s"] / base
+            key = f"{cname} {positions}: default / caller order"
+            targets[key] = {"value": ratios[key], "target": TARGET, "met": ratios[key] >= TARGET}
+    print("\nratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print("targets: " + ", ".join(f"{k} {v['value']:.2f} >= {v['target']}: {'met' if v['met'] else 'NOT met'}"
+                                  for k, v in targets.items()))
+    finish("ragged", args, {"model": repr(model), "dtype": str(model.dtype), "tolerance": tol,
+                            "caller_order_batch_size": bs, "rows": rows, "ratios": ratios, "targets": targets,
+                            "warnings": warned}, checks, args.out)
+
+
+if __name__ == "__main__":
+    main()
