@@ -19,6 +19,7 @@ from interp.capture import ActivationChunk, CacheError, load_activations
 from interp.models import Prompt
 
 capture_mod = importlib.import_module("interp.capture")  # the module; `interp.capture` is the function
+store_mod = importlib.import_module("interp.activations")  # the cache format: shard reads and writes
 
 BODY = interp.prompts.medical()
 
@@ -121,7 +122,7 @@ def test_entries_another_process_left_are_taken_in_when_the_run_resumes(tiny_med
     manifest = json.loads(path.read_text())
     *listed, last = manifest["shards"]
     # what a killed two-process run leaves: the other process's shard, its entry beside it, not in the manifest
-    (first.path / capture_mod._entry_name(tuple(last["prompts"]))).write_text(json.dumps(last))
+    (first.path / store_mod._entry_name(tuple(last["prompts"]))).write_text(json.dumps(last))
     (first.path / ".entry-00000099_00000100.json").write_text("{not json")
     path.write_text(json.dumps({**manifest, "shards": listed, "complete": False}))
     shapes = _recording(monkeypatch)
@@ -149,8 +150,8 @@ def test_capture_over_max_memory_returns_lazy_activations_equal_to_the_whole(big
     _, whole, lazy = big
     assert lazy.lazy and not whole.lazy and len(lazy.meta["shard_rows"]) == 5
     reads = []
-    real = capture_mod._read_shard
-    monkeypatch.setattr(capture_mod, "_read_shard", lambda *a, **k: (reads.append(1), real(*a, **k))[1])
+    real = store_mod._read_shard
+    monkeypatch.setattr(store_mod, "_read_shard", lambda *a, **k: (reads.append(1), real(*a, **k))[1])
     assert (len(lazy), lazy.d_model, lazy.dtype, lazy.layers) == (len(whole), 64, torch.float32, [1, 4])
     assert 1 in lazy.acts and 2 not in lazy.acts and "lazy" in repr(lazy) and lazy.to_dict()["lazy"]
     assert reads == []  # nothing above read a shard
@@ -178,8 +179,8 @@ def test_a_rerun_of_a_lazy_capture_reads_nothing_into_memory(tiny_medgemma, big,
     again = interp.capture(tiny_medgemma, prompts, cache=lazy.path.parent, max_memory=4096, **KW)
     assert shapes == [] and again.lazy and again.path == lazy.path
     hashed = []
-    real = capture_mod.file_sha256
-    monkeypatch.setattr(capture_mod, "file_sha256", lambda p: (hashed.append(p), real(p))[1])
+    real = store_mod.file_sha256
+    monkeypatch.setattr(store_mod, "file_sha256", lambda p: (hashed.append(p), real(p))[1])
     assert torch.equal(torch.cat([c.acts[4] for c in again.chunks([4])]), whole[4])
     assert hashed == []  # this capture checked every shard already
 
@@ -187,8 +188,8 @@ def test_a_rerun_of_a_lazy_capture_reads_nothing_into_memory(tiny_medgemma, big,
 def test_lazy_reads_check_each_shard_once_and_name_a_damaged_one(big, monkeypatch):
     _, whole, lazy = big
     hashed = []
-    real = capture_mod.file_sha256
-    monkeypatch.setattr(capture_mod, "file_sha256", lambda p: (hashed.append(p), real(p))[1])
+    real = store_mod.file_sha256
+    monkeypatch.setattr(store_mod, "file_sha256", lambda p: (hashed.append(p), real(p))[1])
     fresh = load_activations(lazy.path, lazy=True)
     assert hashed == []  # deferred to the first read of each shard
     for _ in range(2):

@@ -23,6 +23,7 @@ import interp
 from interp.capture import CacheError, load_activations
 
 capture_mod = importlib.import_module("interp.capture")  # the module; `interp.capture` is the function
+store_mod = importlib.import_module("interp.activations")  # the cache format: shard reads and writes
 
 PROMPTS = interp.prompts.medical()[:24]
 KW = dict(layers=[0, 3], positions="all", shard_size=4, batch_size=2, progress=False)
@@ -112,13 +113,13 @@ def test_two_processes_capturing_into_one_folder_both_finish(fresh, tmp_path):
 
 
 def test_two_threads_capturing_into_one_folder_both_finish(tiny_medgemma, fresh, tmp_path, monkeypatch):
-    real_save = capture_mod.save_file
+    real_save = store_mod.save_file
 
     def slow_save(tensors, path):  # widen the window in which the second run starts
         time.sleep(0.05)
         real_save(tensors, path)
 
-    monkeypatch.setattr(capture_mod, "save_file", slow_save)
+    monkeypatch.setattr(store_mod, "save_file", slow_save)
     calls = _count_forwards(monkeypatch)
     results, errors = {}, []
 
@@ -161,7 +162,7 @@ def test_a_live_runs_tmp_files_survive_another_runs_start(tiny_medgemma, tmp_pat
 @pytest.mark.parametrize("fails", ["shard", "manifest"])
 def test_disk_full_names_folder_and_free_space_and_a_rerun_completes(tiny_medgemma, fresh, tmp_path, monkeypatch,
                                                                      fails):
-    real = capture_mod.save_file if fails == "shard" else capture_mod.atomic_write_text
+    real = store_mod.save_file if fails == "shard" else store_mod.atomic_write_text
     writes = []
 
     def full_after_a_while(obj, path):
@@ -170,7 +171,7 @@ def test_disk_full_names_folder_and_free_space_and_a_rerun_completes(tiny_medgem
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(obj, path)
 
-    monkeypatch.setattr(capture_mod, "save_file" if fails == "shard" else "atomic_write_text", full_after_a_while)
+    monkeypatch.setattr(store_mod, "save_file" if fails == "shard" else "atomic_write_text", full_after_a_while)
     with pytest.raises(CacheError, match="no space left on the disk of cache folder '.*' while writing .* free.*"
                                          "Free some space or pass cache= a folder on a larger disk, then rerun"):
         interp.capture(tiny_medgemma, PROMPTS, cache=tmp_path, **KW)
