@@ -120,6 +120,18 @@ def test_broadcast_ints_gives_every_process_the_main_processes_list(launched, ra
 
 
 # ---- the stages -------------------------------------------------------------------------------------
+def rows_split(launched, name: str, want: dict) -> tuple[int, list[int]]:
+    """Check every process's numbers of case ``name`` against the one-process ``want`` (its "rows_run" count
+    taken out first); returns (the one-process count, each process's count)."""
+    rows = want.pop("rows_run")
+    split = []
+    for rank in range(W.WORLD):
+        got, _ = case(launched, name, rank)
+        split.append(got.pop("rows_run"))
+        assert_equal_numbers(got, want)
+    return rows, split
+
+
 @pytest.fixture(scope="module")
 def profiles(model) -> dict[str, dict]:
     with one_thread():
@@ -129,12 +141,7 @@ def profiles(model) -> dict[str, dict]:
 @pytest.mark.parametrize("name", list(W.PROFILES))
 def test_layer_profile_on_two_processes_is_the_one_process_profile_bitwise(launched, profiles, name):
     want = dict(profiles[name])
-    rows = want.pop("rows_run")
-    split = []
-    for rank in range(W.WORLD):
-        got, _ = case(launched, name, rank)
-        split.append(got.pop("rows_run"))
-        assert_equal_numbers(got, want)
+    rows, split = rows_split(launched, name, want)
     if not name.startswith("sae"):  # the SAE profile's forwards are `capture`'s, split (or not) there
         assert sum(split) == rows, split  # every forward ran once, on one of the processes
         assert split[1] == 0 if "one-batch" in name else min(split) > 0, split
@@ -147,12 +154,7 @@ def test_layer_profile_on_two_processes_is_the_one_process_profile_bitwise(launc
 def test_evaluate_on_two_processes_splits_the_forwards_and_gives_the_one_process_margins(launched, model, name):
     with one_thread():
         want = as_json(W.evaluate_case(model, name, launched["cache"].parent / "images")[0])
-    rows = want.pop("rows_run")
-    split = []
-    for rank in range(W.WORLD):
-        got, _ = case(launched, name, rank)
-        split.append(got.pop("rows_run"))
-        assert_equal_numbers(got, want)
+    rows, split = rows_split(launched, name, want)
     assert sum(split) == rows and min(split) > 0, split  # each forward ran once, and both processes ran some
 
 
