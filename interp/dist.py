@@ -1,24 +1,21 @@
 """Several processes, one result: the thin layer over accelerate that capture, evaluate, layer_profile and
 train_lora use under ``accelerate launch`` (or torchrun).
 
-Every process runs the same call; work is split with accelerate's ``split_between_processes`` semantics
-(contiguous shares, earlier processes take one more when it does not divide), and results are gathered
-as tensors in process order, so that each process returns exactly what one process would. Nothing here
+Every process runs the same call and plans the same batches; each then runs its share of them (`share`:
+accelerate's ``split_between_processes`` contiguous shares, for capture's shards; evaluate and layer_profile
+deal every world-th batch, since their batches are sorted by length), and results are gathered as tensors,
+so that each process returns exactly what one process would. Nothing here
 pickles: object collectives are avoided; what crosses processes is tensors (and files in a shared cache
 folder). With one process every function is a no-op.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
-
-T = TypeVar("T")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -57,30 +54,11 @@ def share(n: int, rank: int | None = None, world_size: int | None = None) -> ran
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-def split(items: Sequence[T]) -> Sequence[T]:
-    """This process's share of ``items`` (all of them with one process)."""
-    r = share(len(items))
-    return items[r.start:r.stop]
-
-
 def barrier() -> None:
     if world() > 1:
         import torch.distributed as dist
 
         dist.barrier()
-
-
-@contextlib.contextmanager
-def main_first() -> Iterator[None]:
-    """The main process runs the block first (e.g. creates a folder, writes a manifest); the others wait."""
-    if world() == 1:
-        yield
-        return
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
 
 
 def _device() -> torch.device:
@@ -147,10 +125,7 @@ def gather_rows(rows: Tensor) -> Tensor:
 
 
 def _row_bytes(rows: Tensor) -> int:
-    per_row = 1
-    for s in rows.shape[1:]:
-        per_row *= s
-    return per_row * rows.element_size()
+    return math.prod(rows.shape[1:]) * rows.element_size()
 
 
 def broadcast_ints(values: list[int] | None, n: int | None = None) -> list[int]:
@@ -168,9 +143,3 @@ def broadcast_ints(values: list[int] | None, n: int | None = None) -> list[int]:
     t = torch.tensor(list(values) if is_main() else [0] * n, dtype=torch.int64, device=dev).reshape(n)
     dist.broadcast(t, 0)
     return [int(v) for v in t.tolist()]
-
-
-def describe() -> dict[str, Any]:
-    """For reports and manifests: how many processes computed a result."""
-    rank, n = rank_and_world()
-    return {"processes": n, "rank": rank}
