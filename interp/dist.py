@@ -84,17 +84,6 @@ def all_reduce_sum(tensors: list[Tensor]) -> None:
         offset += t.numel()
 
 
-def all_reduce_max(t: Tensor) -> None:
-    """The elementwise maximum over processes, in place."""
-    if world() == 1:
-        return
-    import torch.distributed as dist
-
-    moved = t.to(_device())
-    dist.all_reduce(moved, op=dist.ReduceOp.MAX)
-    t.copy_(moved)
-
-
 def gather_rows(rows: Tensor) -> Tensor:
     """Concatenate every process's ``rows`` (``[n_i, ...]``, same trailing shape and dtype) in process order.
 

@@ -139,6 +139,7 @@ class _DropoutRows:
     def __init__(self) -> None:
         self.seeds: list[int] | None = None
         self.lengths: list[int] | None = None
+        self.counters: dict[tuple[int, torch.device], Tensor] = {}  # hashed element indices, shared by modules
 
     @contextmanager
     def rows(self, seeds: Sequence[int]):
@@ -147,6 +148,14 @@ class _DropoutRows:
             yield self
         finally:
             self.seeds = self.lengths = None
+            self.counters.clear()
+
+    def counter(self, n: int, device: torch.device) -> Tensor:
+        """``_mix32(arange(n))``: the same for every module with inputs of ``n`` values per row in this pass."""
+        key = (n, device)
+        if key not in self.counters:
+            self.counters[key] = _mix32(torch.arange(n, dtype=torch.int32, device=device))
+        return self.counters[key]
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -195,7 +204,7 @@ class _RowDropout(nn.Module):
         if width * feat >= 1 << 31:
             raise InterpError(f"a LoRA input of {width} x {feat} values per row is beyond the dropout hash's "
                               "2^31 counter; pass dropout=0 or shorter prompts")
-        counter = _mix32(torch.arange(width * feat, dtype=torch.int32, device=x.device))  # [width * feat]
+        counter = ctx.counter(width * feat, x.device)  # [width * feat]
         keys = torch.tensor([_row_key(s, self.salt) for s in ctx.seeds], dtype=torch.int32, device=x.device)
         real = torch.arange(width, device=x.device)[None, :] < torch.tensor(ctx.lengths, device=x.device)[:, None]
         keep = torch.empty(rows, width * feat, dtype=torch.bool, device=x.device)

@@ -101,22 +101,21 @@ def score(model: Model, prompts: Sequence[Prompt | str], *, batch_size: int | No
     order = sorted(range(len(items)), key=lambda i: len(items[i].question) + len(items[i].context or ""))
     starts = list(range(0, len(order), batch_size))
     rank, world = dist.rank_and_world()
-    out: Tensor | None = None
+    out = torch.zeros(len(items), _n_logits(model, ids))
     with torch.inference_mode():
-        # under several processes each takes every world-th batch; the sums below put the rows together
+        # under several processes each takes every world-th batch; the sum below puts the rows together
         for b in tqdm(starts[rank::world], desc="score", disable=not progress or rank > 0, leave=False):
             idx = order[b:b + batch_size]
             batch = model.encode([items[i] for i in idx])
-            logits = project(model, last_hidden(model, batch), ids).float().cpu()
-            if out is None:
-                out = torch.zeros(len(items), logits.shape[1])
-            out[torch.tensor(idx)] = logits
+            out[torch.tensor(idx)] = project(model, last_hidden(model, batch), ids).float().cpu()
         if world > 1:
-            width = torch.tensor([0 if out is None else out.shape[1]], dtype=torch.float32)
-            dist.all_reduce_max(width)
-            out = torch.zeros(len(items), int(width)) if out is None else out
             dist.all_reduce_sum([out])  # each row is non-zero in one process only: the sum is exact
     return out, NAIVE
+
+
+def _n_logits(model: Model, ids: Sequence[int] | None) -> int:
+    """Columns of `project`'s output: the answer ids given, or the whole vocabulary."""
+    return model.hf.get_output_embeddings().weight.shape[0] if ids is None else len(ids)
 
 
 def margins(model: Model, prompts: Sequence[Prompt | str], **kw) -> Tensor:
@@ -539,8 +538,7 @@ class _FastScorer:
             n_prompts += len(g)
         blocks.append(cur)
 
-        n_out = model.hf.get_output_embeddings().weight.shape[0] if ids is None else len(ids)
-        out = torch.zeros((len(uniq), n_out), device=self.device, dtype=torch.float32)
+        out = torch.zeros((len(uniq), _n_logits(model, ids)), device=self.device, dtype=torch.float32)
         workers = max(1, min(8, os.cpu_count() or 1))
         # Under several processes (accelerate launch / torchrun) every process plans the same blocks and
         # scores every world-th one, so each forward is the one a single process runs; rows are summed after.
