@@ -2,6 +2,7 @@
 # Run GPU benchmarks on a lent machine with no network: install the carried wheels (.whl/), then run
 # each named benchmark, writing JSON and a log per benchmark into $OUT (or ./bench_results).
 #   bash bench/gpu.sh capture saes layers        # names of bench/*.py
+#   bash bench/gpu.sh hotspots:capture           # NAME:ARG passes ARG first (hotspots.py's target)
 # Every benchmark checks its own values against its reference in the same run and ends with a line
 # "STATUS <name>: PASS|FAIL ..."; this script prints those lines and exits 1 if any benchmark FAILed,
 # crashed, timed out (BENCH_TIMEOUT seconds, default 560) or printed no status.
@@ -19,10 +20,12 @@ fi
 export INTERP_HOME=${INTERP_HOME:-/tmp/interp_home} PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 summary=() failed=()
-for name in "$@"; do
+for spec in "$@"; do
+  script=${spec%%:*}; target=""; [ "$spec" != "$script" ] && target=${spec#*:}
+  name=${spec//:/-}
   echo "=== $name"
   start=$(date +%s)
-  timeout "${BENCH_TIMEOUT:-560}" python3 "bench/$name.py" --out "$out/$name.json" ${BENCH_ARGS:-} > "$out/$name.log" 2>&1
+  timeout "${BENCH_TIMEOUT:-560}" python3 "bench/$script.py" $target --out "$out/$name.json" ${BENCH_ARGS:-} > "$out/$name.log" 2>&1
   rc=$?
   grep -v -i "warn" "$out/$name.log" | tail -25
   status=$(grep '^STATUS ' "$out/$name.log" | tail -1)

@@ -16,7 +16,8 @@ What it relies on:
   its embedding module). So a layer can be skipped by making it the identity (`run_from_layer`): the
   model's own forward then builds the masks (causal, sliding window, Gemma 3's bidirectional image block
   from ``token_type_ids``) and rotary embeddings, and no mask or RoPE code is re-implemented here.
-- **Vision-language bodies** (``Gemma3Model``, ``LlavaModel``): ``get_image_features(pixel_values)``, and
+- **Vision-language bodies** (``Gemma3Model``, ``LlavaModel``): ``get_image_features(pixel_values)``, a
+  ``vision_tower`` whose ``*VisionEmbeddings`` module makes the patch embeddings (`contiguous_vision`), and
   from 5.2x the ``mm_encoder_outputs`` argument that takes image features computed once per image.
 - **Processors** (Gemma 3, LLaVA): ``_merge_kwargs``, ``_process_images``, ``get_text_with_replacements``
   and ``create_mm_token_type_ids``, so that a processor call can be split into image and text parts
@@ -199,11 +200,35 @@ def takes_image_features(body: nn.Module) -> bool:
             and hasattr(body, "get_image_features"))
 
 
+def _contiguous(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+    return output.contiguous() if isinstance(output, Tensor) else output
+
+
+@contextmanager
+def contiguous_vision(body: nn.Module) -> Iterator[None]:
+    """Run the vision tower on a contiguous residual stream.
+
+    SigLIP's patch embeddings are ``conv(pixels).flatten(2).transpose(1, 2)``: a transposed view, and
+    element-wise ops keep their input's layout, so every residual add, norm and linear of all 27 layers
+    works on (or first copies) strided memory. On an H200 that is a third of the tower's time. The values
+    are the same; the hook on each ``*VisionEmbeddings`` module lasts for the ``with`` block only.
+    """
+    tower = getattr(body, "vision_tower", None)
+    handles = [m.register_forward_hook(_contiguous) for m in (tower.modules() if tower is not None else ())
+               if type(m).__name__.endswith("VisionEmbeddings")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def image_features(body: nn.Module, pixel_values: Tensor) -> list[Tensor] | Tensor:
     """Vision tower + projector: per image, ``[n_image_tokens, d_model]`` (a tensor or list of them)."""
     if not hasattr(body, "get_image_features"):
         raise Unsupported(f"{type(body).__name__} has no get_image_features()")
-    out = body.get_image_features(pixel_values=pixel_values)
+    with contiguous_vision(body):
+        out = body.get_image_features(pixel_values=pixel_values)
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
@@ -242,6 +267,6 @@ class ProcessorSplit:
 
 
 __all__ = ["VERIFIED", "ProcessorSplit", "Unsupported", "architecture", "cache_from_kv", "cache_kv",
-           "cache_kwargs", "cache_name", "cache_nbytes", "check_forward", "image_features", "is_verified",
-           "new_cache", "output_cache", "run_from_layer", "takes_image_features", "tile_cache",
+           "cache_kwargs", "cache_name", "cache_nbytes", "check_forward", "contiguous_vision", "image_features",
+           "is_verified", "new_cache", "output_cache", "run_from_layer", "takes_image_features", "tile_cache",
            "with_image_features"]

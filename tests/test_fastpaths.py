@@ -143,3 +143,32 @@ def test_only_the_one_door_touches_transformers_internals():
             if hits:
                 offenders.append(f"{path.name}:{node.lineno}: {hits[0]}")
     assert not offenders, "transformers internals outside interp/hf.py:\n" + "\n".join(offenders)
+
+
+def test_vision_tower_runs_contiguous_with_the_same_features(tiny_medgemma):
+    """`hf.contiguous_vision` changes the memory layout of SigLIP's residual stream, not its values."""
+    body = tiny_medgemma.hf.model
+    size = tiny_medgemma.hf.config.vision_config.image_size
+    pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    layouts: dict[str, list[bool]] = {"plain": [], "contiguous": []}
+    encoder_layers = [m for n, m in body.vision_tower.named_modules() if n.endswith("layers")][0]
+
+    def run(label: str) -> torch.Tensor:
+        def record(_m, _a, out):
+            layouts[label].append((out[0] if isinstance(out, tuple) else out).is_contiguous())
+        handles = [layer.register_forward_hook(record) for layer in encoder_layers]
+        try:
+            with torch.no_grad():
+                if label == "plain":
+                    out = body.get_image_features(pixel_values=pixels)
+                    return out.pooler_output if hasattr(out, "pooler_output") else out
+                return hf.image_features(body, pixels)
+        finally:
+            for h in handles:
+                h.remove()
+
+    plain, fast = run("plain"), run("contiguous")
+    assert layouts["plain"] and not any(layouts["plain"])  # the transposed patch embeddings, layer after layer
+    assert all(layouts["contiguous"])
+    torch.testing.assert_close(torch.stack(list(fast)), torch.stack(list(plain)), rtol=1e-5, atol=1e-6)
+    assert not any(m._forward_hooks for m in body.vision_tower.modules())  # the hook lasts for the call only
