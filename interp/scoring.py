@@ -12,7 +12,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +134,7 @@ def margins(model: Model, prompts: Sequence[Prompt | str], **kw) -> Tensor:
 # decoder only sees image features, which are computed once per image and scattered into the embeddings.
 
 _FastUnsupported = hf.Unsupported  # this model or processor cannot take the fast path
+BLOCK_IMAGES = 64  # distinct images per block of the fast scorer (see `_FastScorer.logits`)
 
 
 @dataclass
@@ -150,7 +151,7 @@ class _Block:
     """A slice of the work, tokenised (in a background thread) and ready for the device."""
 
     seqs: dict[int, _Seq]  # prompt index -> tokens
-    pixels: dict[Hashable, Tensor]  # image key -> processor pixel_values (one or more crops)
+    pixels: dict[Hashable, Tensor]  # image key -> pixel_values (one or more crops), when the processor is not split
     groups: list[list[int]]  # prompt indices that share image and context (candidates for a shared prefix)
 
 
@@ -275,27 +276,36 @@ class _FastScorer:
             pass
         return (pixels, replacement) if self._split_ok else None
 
-    def _tokenise(self, items: Sequence[Prompt], groups: list[list[int]]) -> _Block:
-        model, tok = self.model, self.model.tokenizer
-        block = _Block(seqs={}, pixels={}, groups=groups)
-        texts = {i: model.format(items[i].question, context=items[i].context, image=items[i].image is not None)
-                 for g in groups for i in g}
+    def _start(self, items: Sequence[Prompt], groups: list[list[int]]) -> tuple[dict[Hashable, Future], Future]:
+        """Queue a block's work on the host: each distinct image on the preprocessing pool (in order, so the
+        vision tower can start on the first ones while later ones are still being resized), then its
+        phrasings on the tokeniser thread. Returns (image key -> Future of (pixels on the device, placeholder
+        expansion), Future of the `_Block`)."""
+        model = self.model
         first: dict[Hashable, int] = {}  # image key -> its first prompt
         for g in groups:
             for i in g:
                 if items[i].image is not None:
                     first.setdefault(_image_key(items[i].image), i)
-        replacement: dict[Hashable, str] = {}
+        images: dict[Hashable, Future] = {}
         if first and self._split_ok is None:
             key, i = next(iter(first.items()))
-            checked = self._check_split(texts[i], items[i].image)
+            text = model.format(items[i].question, context=items[i].context, image=True)
+            checked = self._check_split(text, items[i].image)
             if checked is not None:
-                block.pixels[key], replacement[key] = self._on_device(checked[0]), checked[1]
+                images[key] = Future()
+                images[key].set_result((self._on_device(checked[0]), checked[1]))
         if first and self._split_ok:
-            keys = [k for k in first if k not in block.pixels]
-            for key, (pixels, rep) in zip(keys, self._pool.map(self._image_to_device,
-                                                               [items[first[k]].image for k in keys]), strict=True):
-                block.pixels[key], replacement[key] = pixels, rep
+            for key, i in first.items():
+                if key not in images:
+                    images[key] = self._pool.submit(self._image_to_device, items[i].image)
+        return images, self._tok.submit(self._tokenise, items, groups, images)
+
+    def _tokenise(self, items: Sequence[Prompt], groups: list[list[int]], images: dict[Hashable, Future]) -> _Block:
+        model, tok = self.model, self.model.tokenizer
+        block = _Block(seqs={}, pixels={}, groups=groups)
+        texts = {i: model.format(items[i].question, context=items[i].context, image=items[i].image is not None)
+                 for g in groups for i in g}
         for g in groups:
             for i in g:
                 p = items[i]
@@ -304,7 +314,7 @@ class _FastScorer:
                     continue
                 key = _image_key(p.image)
                 if self._split_ok:
-                    ids, types = self._expand(texts[i], replacement[key])
+                    ids, types = self._expand(texts[i], images[key].result()[1])
                 else:
                     enc = self._full_encode(texts[i], p.image)
                     block.pixels.setdefault(key, enc["pixel_values"])
@@ -316,21 +326,39 @@ class _FastScorer:
         return block
 
     # ---- device passes -----------------------------------------------------------------------------
-    def _image_features(self, pixels: dict[Hashable, Tensor]) -> dict[Hashable, Tensor]:
-        """Run the vision tower + projector once per image: key -> ``[n_image_tokens, d_model]``."""
+    def _image_features(self, pixels: dict[Hashable, Tensor | Future]) -> dict[Hashable, Tensor]:
+        """Run the vision tower + projector once per image: key -> ``[n_image_tokens, d_model]``.
+
+        ``pixels`` may hold Futures of `_image_to_device` (in the order they were queued): each vision pass
+        takes the images ready by then (at least the next one, at most ``max_images``), so the device works
+        while the host is still preprocessing the rest."""
         if not pixels:
             return {}
         keys = list(pixels)
+
+        def ready(j: int) -> bool:
+            v = pixels[keys[j]]
+            return not isinstance(v, Future) or v.done()
+
+        def tensor(k: Hashable) -> Tensor:
+            v = pixels[k]
+            return v.result()[0] if isinstance(v, Future) else v
+
         feats: dict[Hashable, Tensor] = {}
-        for b in range(0, len(keys), self.max_images):
-            chunk = keys[b:b + self.max_images]
-            pv = torch.cat([pixels[k] for k in chunk]).to(self.device, self.model.dtype)
+        b = 0
+        while b < len(keys):
+            e = b + 1  # the next image, waited for if need be; then every one already done, up to max_images
+            while e < len(keys) and e - b < self.max_images and ready(e):
+                e += 1
+            chunk = keys[b:e]
+            b = e
+            pv = torch.cat([tensor(k) for k in chunk]).to(self.device, self.model.dtype)
             per_row = hf.image_features(self.body, pv)
             if isinstance(per_row, Tensor):
                 per_row = list(per_row)
             r = 0
             for k in chunk:
-                n = pixels[k].shape[0]
+                n = tensor(k).shape[0]
                 feats[k] = torch.cat([f.reshape(-1, f.shape[-1]) for f in per_row[r:r + n]])
                 r += n
         return feats
@@ -476,8 +504,12 @@ class _FastScorer:
             out.append(cur)
         return out
 
-    def _score_block(self, block: _Block, ids: list[int] | None, out: Tensor, bar) -> None:
-        feats = self._image_features(block.pixels)
+    def _score_block(self, images: dict[Hashable, Future], block: Future, ids: list[int] | None, out: Tensor,
+                     bar) -> None:
+        feats = self._image_features(images)  # while the phrasings are tokenised
+        block = block.result()
+        if block.pixels:  # the processor's own call made them (its split did not reproduce it)
+            feats |= self._image_features(block.pixels)
         shared, whole = self._plan(block)
 
         shared.sort(key=lambda gp: gp[1])
@@ -522,15 +554,16 @@ class _FastScorer:
         for j, p in enumerate(uniq):
             by_prefix.setdefault((str(_image_key(p.image) or ""), p.context or ""), []).append(j)
         groups = [by_prefix[k] for k in sorted(by_prefix)]
-        # Blocks bound the memory of pixel values; each is tokenised while the previous one runs. A boundary
-        # never splits the groups of one image (each image is encoded once); the first block is small so
-        # that the device starts early. Later ones are large: each block is a vision, a prefix and a suffix
-        # pass whose kernel launches cost the same however few rows they carry (on an H200 a suffix pass of
-        # short phrasings is ~0.1 s of launches), and pixels wait on the device in bf16 (~5 MB an image).
+        # Blocks bound the memory of pixel values (they wait on the device in the model's dtype, ~5 MB an
+        # image at 896 px in bf16); the next block is queued on the host as soon as one starts. A boundary
+        # never splits the groups of one image (each image is encoded once). Blocks are large: each is a
+        # vision, a prefix and a suffix pass whose kernel launches cost the same however few rows they carry
+        # (on an H200 a suffix pass of short phrasings is ~0.1 s of launches), and the device need not wait
+        # for a whole block: the vision tower starts on its first images (`_image_features`).
         blocks, cur, images, n_prompts = [], [], set(), 0
         for g in groups:
             key = _image_key(uniq[g[0]].image)
-            cap = 64 if blocks else 8
+            cap = BLOCK_IMAGES
             if cur and key not in images and (n_prompts + len(g) > 512 or len(images) + (key is not None) > cap):
                 blocks.append(cur)
                 cur, images, n_prompts = [], set(), 0
@@ -546,16 +579,16 @@ class _FastScorer:
         # scores every world-th one, so each forward is the one a single process runs; rows are summed after.
         rank, world = dist.rank_and_world()
         mine = blocks[rank::world]
-        with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as pool, \
+        with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as self._tok, \
                 ThreadPoolExecutor(max_workers=workers) as self._pool, \
                 tqdm(total=sum(len(i) for b in mine for i in b), desc="evaluate", disable=not progress or rank > 0,
                      leave=False) as bar:
-            future = pool.submit(self._tokenise, uniq, mine[0]) if mine else None
+            queued = [self._start(uniq, mine[0])] if mine else []
             for b in range(len(mine)):
-                block = future.result()
+                images, block = queued.pop()
                 if b + 1 < len(mine):
-                    future = pool.submit(self._tokenise, uniq, mine[b + 1])
-                self._score_block(block, ids, out, bar)
+                    queued.append(self._start(uniq, mine[b + 1]))  # behind this block's images on the pool
+                self._score_block(images, block, ids, out, bar)
             if world > 1:
                 dist.all_reduce_sum([out])  # each row is non-zero in one process only: the sum is exact
         return out.cpu()[torch.tensor(index)]

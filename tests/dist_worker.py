@@ -43,8 +43,8 @@ GATHER_DTYPES = ("float32", "bfloat16", "bool", "int64")
 SHARE_LENGTHS = (0, 1, 5, 7)
 BROADCAST = [7, -3, 0, 2**40]
 CAPTURE = dict(layers=[1, 3], positions="all", batch_size=3, shard_size=4)
-# evaluate cases: the plain loop in batches of 4 (5 batches), and the fast path on 12 image pairs (its blocks hold
-# 8 images, then 32: two blocks, one per process)
+# evaluate cases: the plain loop in batches of 4 (5 batches), and the fast path on 12 image pairs in blocks of 8
+# images (scoring.BLOCK_IMAGES, 64 by default): two blocks, one per process
 EVALUATE: dict[str, dict[str, Any]] = {"evaluate-naive": dict(n_boot=100, batch_size=4, fast=False),
                                        "evaluate-fast-images": dict(n_boot=100, images=12)}
 
@@ -131,8 +131,14 @@ def evaluate_case(model, name: str, folder: Path) -> tuple[dict, dict]:
     kw = dict(EVALUATE[name])
     n_images = kw.pop("images", 0)
     ps = image_pairs(n_images, folder) if n_images else pairs()
-    with counting_rows(model) as rows:
-        report = interp.evaluate(model, ps, progress=False, **kw)
+    from interp import scoring
+
+    default, scoring.BLOCK_IMAGES = scoring.BLOCK_IMAGES, 8
+    try:
+        with counting_rows(model) as rows:
+            report = interp.evaluate(model, ps, progress=False, **kw)
+    finally:
+        scoring.BLOCK_IMAGES = default
     return {"margin_a": report.table["margin_a"].tolist(), "margin_b": report.table["margin_b"].tolist(),
             "ids": report.table["id"].tolist(), "flip_rate": report.flip_rate,
             "mean_margin_diff": report.mean_margin_diff, "rows_run": rows[0]}, {}

@@ -83,6 +83,22 @@ def test_fast_equals_naive_with_images_groups_and_sliding_window(medgemma, xray_
     assert np.ptp(by_image) > 1e-3
 
 
+def test_fast_path_in_several_blocks_equals_one_block(medgemma, xray_images, monkeypatch):
+    """Blocks of one image each: each block's images are queued while the one before runs, and its vision pass
+    starts before its phrasings are tokenised; the margins are those of one block."""
+    from interp import scoring
+
+    pairs = image_pairs(xray_images)
+    one = evaluate(medgemma, pairs, n_boot=0, progress=False)
+    monkeypatch.setattr(scoring, "BLOCK_IMAGES", 1)
+    calls = []
+    real = scoring._FastScorer._score_block
+    monkeypatch.setattr(scoring._FastScorer, "_score_block", lambda self, *a: calls.append(1) or real(self, *a))
+    several = evaluate(medgemma, pairs, n_boot=0, progress=False)
+    assert len(calls) == len(xray_images)
+    assert_same_margins(several, one, atol=1e-6)
+
+
 def test_fast_equals_naive_on_llava(tiny_llava, xray_images):
     pairs = image_pairs(xray_images)
     fast = evaluate(tiny_llava, pairs, n_boot=0, progress=False)
