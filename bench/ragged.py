@@ -5,8 +5,11 @@
 
 Corpora, in the order drawn (nobody sorted them): "text", ``--prompts`` prompts whose lengths are spread
 uniformly over ``--min-tokens``-``--max-tokens`` (40-1000); "images", ``--image-prompts`` prompts of 40-600 text
-tokens, every other one with a generated chest-X-ray-like image (256 image tokens each on MedGemma). Each corpus
-is captured at ``--layer`` with positions "all" and "last", three ways:
+tokens, every other one with a generated chest-X-ray-like image (256 image tokens each on MedGemma), each image
+asked in ``--phrasings-per-image`` prompts (a paraphrase corpus asks several questions of one image); "distinct
+images", half as many prompts, every image different (reported, no target: the vision tower's work then grows
+with the corpus whatever the batching). Each corpus is captured at ``--layer`` with positions "all" and "last",
+three ways:
   caller order   sort=False, batch_size=--batch (16 on a GPU), no token cap: the batches capture formed before
   sorted         sort=True, the same batch_size, the default batch_tokens: what sorting alone gives
   default        capture's defaults (sort=True, at most 64 prompts and 16384 padded tokens per batch on a GPU)
@@ -119,6 +122,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the JSON record here")
     ap.add_argument("--prompts", type=int, default=512, help="text corpus: number of prompts")
     ap.add_argument("--image-prompts", type=int, default=128, help="image corpus: number of prompts (half with one)")
+    ap.add_argument("--phrasings-per-image", type=int, default=4, help="image corpus: prompts that show each image")
     ap.add_argument("--min-tokens", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=None, help="caller order's batch_size (default: the old default, "
@@ -138,11 +142,18 @@ def main() -> None:
     tol = args.tol if args.tol is not None else tolerance("rows", model.dtype)
     text = medgemma_shape.prompts_of_lengths(model, medgemma_shape.ragged_lengths(args.prompts, args.min_tokens,
                                                                                   args.max_tokens))
-    pictures = images(8, 56 if args.quick else 768)
+    side = 56 if args.quick else 768
     short = medgemma_shape.prompts_of_lengths(model, medgemma_shape.ragged_lengths(
         args.image_prompts, args.min_tokens, min(600, args.max_tokens), seed=1), seed=1)
+    n_img = len(short) // 2  # prompts with an image: the odd ones
+    pictures = images(max(1, n_img // args.phrasings_per_image), side)
+    rng = np.random.default_rng(2)
+    order = rng.permutation(np.arange(n_img) % len(pictures))  # image of the k-th image prompt, shuffled
+    distinct = short[: len(short) // 2]
+    own = images(len(distinct) // 2, side, seed=3)
     corpora = {"text": text,
-               "images": [Prompt(q, pictures[k % len(pictures)] if k % 2 else None) for k, q in enumerate(short)]}
+               "images": [Prompt(q, pictures[order[k // 2]] if k % 2 else None) for k, q in enumerate(short)],
+               "distinct images": [Prompt(q, own[k // 2] if k % 2 else None) for k, q in enumerate(distinct)]}
     configs = {"caller order": dict(sort=False, batch_size=bs, batch_tokens=10**9),
                "sorted": dict(batch_size=bs), "default": {}}
     print(f"{model!r}\ncaller-order batch_size={bs}; corpora: " + ", ".join(f"{k} {len(v)} prompts"
@@ -191,7 +202,8 @@ def main() -> None:
                 ratios[f"{cname} {positions}: {config} / caller order"] = \
                     rows[f"{cname}, positions={positions}, {config}"]["tokens_per_s"] / base
             key = f"{cname} {positions}: default / caller order"
-            targets[key] = {"value": ratios[key], "target": TARGET, "met": ratios[key] >= TARGET}
+            if cname != "distinct images":
+                targets[key] = {"value": ratios[key], "target": TARGET, "met": ratios[key] >= TARGET}
     print("\nratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     print("targets: " + ", ".join(f"{k} {v['value']:.2f} >= {v['target']}: {'met' if v['met'] else 'NOT met'}"
                                   for k, v in targets.items()))

@@ -11,14 +11,15 @@ at a time (`Activations.chunks`, `Activations.batches`). The folder format and `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
 import os
 import re
 import weakref
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp import dist
+from interp import dist, hf
 from interp._errors import InterpError
 from interp._io import release_freed_memory
 from interp.activations import (
@@ -54,7 +55,7 @@ from interp.activations import (
     _write_shard,
     load_activations,  # noqa: F401 (re-exported: code and tests import it from here)
 )
-from interp.models import Batch, Model, Prompt, _as_prompt, as_dtype
+from interp.models import Batch, ImageCache, Model, Prompt, _as_prompt, as_dtype
 
 DEFAULT_CACHE_ROOT = Path("sae_cache")
 IN_FLIGHT = 1  # shard writes queued behind the forward pass: bounds host memory to a few shards
@@ -150,7 +151,11 @@ def _run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
 
     handles = [model.layers[i].register_forward_hook(make_hook(k, i)) for k, i in enumerate(layers)]
     try:
-        model.hf(**batch.inputs, use_cache=False)
+        if "pixel_values" in batch.inputs:  # the vision tower runs inside this forward
+            with hf.contiguous_vision(_vision_body(model)[1] or model.hf):
+                model.hf(**batch.inputs, use_cache=False)
+        else:
+            model.hf(**batch.inputs, use_cache=False)
     except StopForward:
         pass
     finally:
@@ -191,10 +196,22 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:60] or "model"
 
 
+# What one more forward pass costs beyond its padded tokens (kernel launches, the hooks, copying rows back,
+# host-side bookkeeping), in tokens of compute: the batch planner weighs it against padding, so that it
+# neither pads short prompts to a long one nor cuts a batch per distinct length. Rough figures: a
+# MedGemma-4B forward on an H200 has some 5-10 ms of fixed cost, about what 1k tokens take; on the CPU a
+# token costs far more, so the fixed part is worth fewer of them.
+BATCH_OVERHEAD_TOKENS = {"cuda": 1024, "cpu": 256}
+FIRST_BATCH_SHARE = 4  # the first batch of a capture gets batch_tokens / this: the device starts sooner
+FEATURE_CACHE_BYTES = 512 << 20  # image features kept on the device per capture call (least recently used go)
+IMAGE_CACHE_BYTES = 1 << 30  # processed pixel values kept in host memory per capture call
+
+
 class _Batching(NamedTuple):
     batch_size: int  # at most this many prompts per forward pass
     batch_tokens: int  # at most this many padded tokens (prompts x longest) per forward pass
     sort: bool  # group prompts of similar length (False: the caller's order)
+    overhead: int = BATCH_OVERHEAD_TOKENS["cpu"]  # cost of one more forward pass, in padded tokens
 
 
 def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, positions: Positions = "last",
@@ -211,10 +228,14 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
     then reads what the first wrote; a shard found damaged is recomputed with a `CacheWarning`. ``exclude``
     (with ``positions="all"``) drops ``"special"`` and/or ``"image"`` tokens; padding is never kept.
 
-    Batching: within a shard, prompts of similar token length go together (``sort=False``: the given
-    order), at most ``batch_size`` prompts (default 64 on a GPU, 16 on the CPU) and ``batch_tokens`` padded
-    tokens, prompts x longest (default 16384 / 4096), per forward pass; a longer prompt runs alone. Rows
-    come back in prompt order, then position, whatever the batches; the cache does not depend on them.
+    Batching: within a shard, the length-sorted prompts are cut into the batches that cost least, padded
+    tokens plus a fixed cost per forward pass (``sort=False``: the given order, each batch filled up), at most
+    ``batch_size`` prompts (default 64 on a GPU, 16 on the CPU) and ``batch_tokens`` padded tokens, prompts x
+    longest (default 16384 / 4096), per forward pass; a longer prompt runs alone, and the first batch is
+    smaller, so that the device starts early. Rows come back in prompt order, then position, whatever the
+    batches; the cache does not depend on them. Each distinct image (a file path, or an image object) is
+    processed once per call and, on transformers releases whose forward takes image features, run through
+    the vision tower once.
 
     Memory: finished shards stay in host memory while they fit ``max_memory`` (bytes, or ``"2GB"``;
     default a quarter of this machine's RAM). A larger capture needs a cache and returns lazy
@@ -248,7 +269,7 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
                                 _COUNT_MEANS["batch_size"]),
                          _count("batch_tokens", (16384 if cuda else 4096) if batch_tokens is None else batch_tokens,
                                 _COUNT_MEANS["batch_tokens"]),
-                         bool(sort))
+                         bool(sort), BATCH_OVERHEAD_TOKENS["cuda" if cuda else "cpu"])
     shard_size = _count("shard_size", shard_size, _COUNT_MEANS["shard_size"])
     budget = _memory_bytes(max_memory)
     for name, value in (("lazy", lazy), ("distributed", distributed)):
@@ -564,13 +585,43 @@ def _estimate_lengths(model: Model, items: list[Prompt], idx: Sequence[int]) -> 
     return counts
 
 
-def _plan(lengths: Sequence[int], batching: _Batching) -> list[list[int]]:
-    """Batches of indices into ``lengths``: shortest first (or in order), each within ``batch_size`` prompts and
-    ``batch_tokens`` padded tokens; a prompt longer than ``batch_tokens`` alone. Each batch in index order.
+def _plan(lengths: Sequence[int], batching: _Batching, *, first_tokens: int | None = None) -> list[list[int]]:
+    """Batches of indices into ``lengths``, each within ``batch_size`` prompts and ``batch_tokens`` padded tokens
+    (a prompt longer than that alone); each batch in index order.
 
-    Shortest first, ties in index order: a shard whose prompts are already in that order (all of one length,
-    say) gets the batches, and so the bits, that ``sort=False`` gives it."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__) if batching.sort else range(len(lengths))
+    ``sort=True``: the length-sorted prompts (ties in index order) cut into consecutive runs at the least total
+    cost, padded tokens (rows x longest) plus ``overhead`` per forward pass, by dynamic programming; the run that
+    starts the shard gets ``first_tokens`` (if given) in place of ``batch_tokens``. Among plans of equal cost the
+    one with the longest leading runs wins, so a shard of prompts all of one length gets the batches, and so the
+    bits, that ``sort=False`` gives it (but for a ``first_tokens`` run). ``sort=False``: the caller's order, each
+    batch filled as far as the limits allow (``first_tokens`` does not apply)."""
+    n = len(lengths)
+    if not batching.sort:
+        return _greedy(range(n), lengths, batching)
+    order = sorted(range(n), key=lengths.__getitem__)
+    sizes = [lengths[j] for j in order]
+    # best[i]: least cost of prompts order[i:]; end[i]: where the batch starting at i ends
+    best, end = [0] * (n + 1), [n] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        cap = first_tokens if first_tokens is not None and i == 0 else batching.batch_tokens
+        cost = None
+        for j in range(i + 1, min(n, i + batching.batch_size) + 1):
+            padded = (j - i) * sizes[j - 1]  # sorted: the last is the longest
+            if j > i + 1 and padded > cap:
+                break  # wider runs only pad more
+            total = padded + batching.overhead + best[j]
+            if cost is None or total <= cost:  # ties: the longer run
+                cost, end[i] = total, j
+        best[i] = cost
+    groups, i = [], 0
+    while i < n:
+        groups.append(sorted(order[i:end[i]]))
+        i = end[i]
+    return groups
+
+
+def _greedy(order: Sequence[int], lengths: Sequence[int], batching: _Batching) -> list[list[int]]:
+    """Batches taken in ``order``, each filled as far as ``batch_size`` and ``batch_tokens`` allow."""
     groups: list[list[int]] = []
     current: list[int] = []
     longest = 0
@@ -596,34 +647,109 @@ def _renumbered(e: InterpError, idx: Sequence[int]) -> InterpError:
 
 def _plan_shard(model: Model, items: list[Prompt], span: tuple[int, int], positions: Positions,
                 exclude: Sequence[str], pin: bool, batching: _Batching, lengths: list[int] | None,
-                pool: ThreadPoolExecutor) -> list[Future]:
+                pool: ThreadPoolExecutor, images: ImageCache | None) -> list[Future]:
     """On the tokeniser thread: shard ``span``'s prompts into batches, each queued for encoding on ``pool``
-    (behind the batches queued before, so the forward pass finds them in order)."""
+    (behind the batches queued before, so the forward pass finds them in order). With an image cache, each
+    batch's images not seen before are queued one by one just ahead of it, so that a batch's images are
+    processed in parallel and each distinct image once."""
     lo, hi = span
     est = lengths[lo:hi] if lengths is not None else _estimate_lengths(model, items, range(lo, hi))
     # text-only counts are exact: an overlong prompt is named now, by its index, before any forward pass
     model.check_length([n if items[lo + j].image is None else 0 for j, n in enumerate(est)], first_index=lo)
-    return [pool.submit(_prepare_batch, model, items, [lo + j for j in g], positions, exclude, pin, batching)
-            for g in _plan(est, batching)]
+    split = images is not None and images.split is not None  # checked here, off the forward's thread
+    features = split and _takes_image_features(model)
+    # The shard that starts the prompt list begins with a small batch, so the device starts early; a rule on
+    # the shard, not on this call, keeps each shard's batches the same whichever process or rerun computes it.
+    first = batching.batch_tokens // FIRST_BATCH_SHARE if lo == 0 else None
+    jobs = []
+    for g in _plan(est, batching, first_tokens=first):
+        idx = [lo + j for j in g]
+        if split:
+            for i in idx:
+                if items[i].image is not None:
+                    images.submit(items[i].image, pool)
+        jobs.append(pool.submit(_prepare_batch, model, items, idx, positions, exclude, pin, batching,
+                                images if split else None, features))
+    return jobs
 
 
 def _prepare_batch(model: Model, items: list[Prompt], idx: list[int], positions: Positions, exclude: Sequence[str],
-                   pin: bool, batching: _Batching) -> list[tuple[Batch, Tensor, dict[str, Tensor]]]:
+                   pin: bool, batching: _Batching, images: ImageCache | None = None,
+                   features: bool = False) -> list[tuple[Batch, Tensor, dict[str, Tensor]]]:
     """Tokenise prompts ``idx`` on the host: [(batch, selection, row metadata)], one entry unless an image
-    expanded to more tokens than estimated and the batch had to be split to stay within ``batch_tokens``."""
+    expanded to more tokens than estimated and the batch had to be split to stay within ``batch_tokens``.
+    With ``features`` the batch carries no pixel values: the forward's thread runs the vision tower once per
+    image (`_ImageFeatures`)."""
     try:
-        batch = model.encode([items[i] for i in idx], device="cpu")
+        batch = model.encode([items[i] for i in idx], device="cpu", images=images, pixel_values=not features)
     except InterpError as e:
         raise _renumbered(e, idx) from None
     lengths = batch.lengths.tolist()
     if len(idx) > 1 and len(idx) * max(lengths) > batching.batch_tokens:
         return [part for g in _plan(lengths, batching)
-                for part in _prepare_batch(model, items, [idx[j] for j in g], positions, exclude, pin, batching)]
+                for part in _prepare_batch(model, items, [idx[j] for j in g], positions, exclude, pin, batching,
+                                           images, features)]
     sel = position_mask(model, batch, positions, exclude)
     rows, pos = sel.nonzero(as_tuple=True)  # row-major: batch order, then position order
     meta = {"prompt_index": torch.as_tensor(idx, dtype=torch.long)[rows], "position": pos,
             "token_id": batch.input_ids[rows, pos]}
     return [((batch.to("cpu", pin=True) if pin else batch), sel, meta)]
+
+
+def _vision_body(model: Model) -> tuple[Any, Any]:
+    """(the model under any PEFT wrapping, its multimodal body: vision tower, projector, decoder)."""
+    base = model.hf.get_base_model() if hasattr(model.hf, "get_base_model") else model.hf
+    return base, getattr(base, "model", None)
+
+
+def _takes_image_features(model: Model) -> bool:
+    """Can the model's forward take image features computed beforehand (transformers 5.2x)? Older releases
+    take pixel values only, and the vision tower runs in every forward, as it always did."""
+    base, body = _vision_body(model)
+    return (body is not None and hf.takes_image_features(body)
+            and "mm_encoder_outputs" in inspect.signature(base.forward).parameters)
+
+
+class _ImageFeatures:
+    """The vision tower and projector's output for each distinct image of one capture call, on the device,
+    least recently used dropped beyond ``max_bytes`` (and computed again if needed).
+
+    Each image runs through the tower alone: its features then do not depend on which images share its
+    batch, so a shard's values are the same whichever process or rerun computes it. The tower runs on the
+    forward's thread and stream, ahead of the forward that reads the features."""
+
+    def __init__(self, model: Model, images: ImageCache, max_bytes: int | None = None):
+        self.model, self.images = model, images
+        self.max_bytes = FEATURE_CACHE_BYTES if max_bytes is None else max_bytes
+        self.body = _vision_body(model)[1]
+        self.cache: OrderedDict[Hashable, Any] = OrderedDict()  # key -> [crops, tokens, d] tensor or list
+        self.bytes = 0
+        self.as_tensor = True  # Gemma 3 takes a tensor of all images' features, LLaVA a list
+
+    @staticmethod
+    def _nbytes(f: Any) -> int:
+        return sum(t.numel() * t.element_size() for t in ([f] if isinstance(f, Tensor) else f))
+
+    def _features(self, key: Hashable) -> Any:
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        pixels = self.images.pixels(key).to(self.model.device, non_blocking=True)
+        f = hf.image_features(self.body, pixels)
+        self.as_tensor = isinstance(f, Tensor)
+        f = f if self.as_tensor else list(f)
+        self.cache[key] = f
+        self.bytes += self._nbytes(f)
+        return f
+
+    def inputs(self, batch: Batch) -> dict[str, Any]:
+        """The batch's inputs with its images' features in place of pixel values (rows in batch order)."""
+        keys = [k for k in batch.image_keys if k is not None]
+        per = {k: self._features(k) for k in dict.fromkeys(keys)}
+        per_row = torch.cat([per[k] for k in keys]) if self.as_tensor else [t for k in keys for t in per[k]]
+        while self.bytes > self.max_bytes and len(self.cache) > 1:  # the batch holds what it uses
+            self.bytes -= self._nbytes(self.cache.popitem(last=False)[1])
+        return hf.with_image_features(self.body, batch.inputs, per_row)
 
 
 class _ShardBuffer:
@@ -721,12 +847,16 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
     # Image preprocessing (PIL resizing to 896 px, normalising) is the slow part of encoding: with images,
     # batches are encoded on several threads (the planner's first tokenizer call, with the same settings,
     # comes first, so no thread changes the tokenizer's state while another uses it).
-    images = any(p.image is not None for p in items)
-    encoder = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 2))) if images else tokeniser
+    # Each distinct image is processed once per call (ImageCache) and, where the forward takes precomputed
+    # features, run through the vision tower once (_ImageFeatures); both are dropped when the call ends.
+    with_images = any(p.image is not None for p in items)
+    encoder = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 2))) if with_images else tokeniser
+    images = ImageCache(model, max_bytes=IMAGE_CACHE_BYTES) if with_images else None
+    features = _ImageFeatures(model, images) if with_images else None
 
     def plan(span: tuple[int, int]) -> Future:
         return tokeniser.submit(_plan_shard, model, items, span, positions, exclude, cuda, batching, lengths,
-                                encoder)
+                                encoder, images)
 
     writes: deque[tuple[tuple[int, int], Future]] = deque()
     try:
@@ -740,7 +870,10 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
             with torch.inference_mode():
                 for job in jobs:
                     for batch, sel, _meta in job.result():
-                        buffer, _ = _run_hooked(model, batch.to(model.device), layers, sel, out_dtype)
+                        batch = batch.to(model.device)
+                        if "pixel_values" not in batch.inputs and any(k is not None for k in batch.image_keys):
+                            batch = dataclasses.replace(batch, inputs=features.inputs(batch))
+                        buffer, _ = _run_hooked(model, batch, layers, sel, out_dtype)
                         if cuda:
                             staged, done = _stage(buffer, stream)
                             copies.append(copier.submit(shard.copy, j, staged, done))
@@ -761,3 +894,6 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
     finally:
         for pool in dict.fromkeys((tokeniser, encoder, copier, writer)):
             pool.shutdown(wait=True, cancel_futures=True)
+        if images is not None:
+            images.clear()
+            features.cache.clear()

@@ -7,14 +7,19 @@ returns a `Model`: the Hugging Face module plus what the rest of the workbench n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import operator
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from interp import hf as _hf
 from interp._errors import InterpError
 from interp._io import file_sha256
 
@@ -85,6 +91,7 @@ class Batch:
     question_mask: Tensor  # [batch, pos] tokens inside the question text
     special_mask: Tensor  # [batch, pos] BOS/EOS/turn markers and image tokens
     image_mask: Tensor  # [batch, pos] image placeholder tokens (soft tokens and their delimiters)
+    image_keys: tuple[Hashable | None, ...] = ()  # per row, `image_key` of its image (None: no image)
 
     @property
     def input_ids(self) -> Tensor:
@@ -105,7 +112,7 @@ class Batch:
             inputs = {k: v.pin_memory() for k, v in self.inputs.items()}
         else:
             inputs = {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
-        return Batch(inputs, self.lengths, self.question_mask, self.special_mask, self.image_mask)
+        return dataclasses.replace(self, inputs=inputs)
 
 
 def cache_home() -> Path:
@@ -148,6 +155,172 @@ def _open_image(image: Any) -> Any:
 
         return Image.fromarray(np.asarray(image).astype("uint8")).convert("RGB")
     raise InterpError(f"image must be a file path, a PIL image or an HxWx3 array, got {type(image).__name__}")
+
+
+# ---- images, each processed once per call -------------------------------------------------------------
+def image_key(image: Any) -> Hashable | None:
+    """What names an image within one call: its absolute path with its modification time and size (an edited
+    file is not taken for the old one), or the object's ``id`` for an image in memory (valid while the
+    caller's prompts hold it, i.e. for the duration of the call)."""
+    if image is None:
+        return None
+    if isinstance(image, (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(image))
+        try:
+            st = os.stat(path)
+        except OSError:  # opening it names the missing file
+            return ("path", path, None, None)
+        return ("path", path, st.st_mtime_ns, st.st_size)
+    return ("object", id(image))
+
+
+@dataclass(frozen=True)
+class CheckedSplit:
+    """A processor call split in two (`interp.hf.ProcessorSplit`) that was found to reproduce the full call."""
+
+    split: _hf.ProcessorSplit
+    token_types: bool  # the full call returns token_type_ids (Gemma 3: 1 on image soft tokens)
+
+    def process_image(self, image: Any) -> tuple[Tensor, str]:
+        """``pixel_values`` and the placeholder expansion of one image (a path, PIL image or array)."""
+        return self.split.process_image(_open_image(image))
+
+    def expand(self, text: str, replacement: str) -> tuple[list[int], list[int] | None]:
+        """Token ids (and token types) of a formatted prompt whose image placeholder expands to ``replacement``."""
+        return self.split.expand(text, replacement, self.token_types)
+
+
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # processor -> CheckedSplit | None
+_SPLITS_LOCK = threading.Lock()
+
+
+def split_processor(model: Model) -> CheckedSplit | None:
+    """The model's processor call split into image and text parts, or None where it cannot be trusted.
+
+    The split is checked once per processor against the processor's own call on a probe image (same token
+    ids, token types and pixel values); a processor without the hooks the split uses, or one whose split
+    differs, gets None and callers use the full call (slower, same numbers). Thread-safe: the first caller
+    checks, the others wait for its answer."""
+    proc = model.processor
+    if not model.is_multimodal:
+        return None
+    with _SPLITS_LOCK:
+        try:
+            if proc in _SPLITS:
+                return _SPLITS[proc]
+        except TypeError:  # not weak-referenceable: checked on every call
+            return _check_split(model)
+        checked = _SPLITS[proc] = _check_split(model)
+        return checked
+
+
+def _probe_image() -> Any:
+    """A small non-square noise image: resizing, rescaling and normalising all change its pixels."""
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (83, 61, 3), dtype=np.uint8))
+
+
+def _check_split(model: Model) -> CheckedSplit | None:
+    text, probe = model.format("Is this a probe image?", image=True), _probe_image()
+    try:
+        full = dict(model.processor(text=[text], images=[[probe]], return_tensors="pt", add_special_tokens=False))
+        if set(full) - {"input_ids", "attention_mask", "pixel_values", "token_type_ids"}:
+            return None  # something more than Model.encode passes on: keep the full call
+        checked = CheckedSplit(_hf.ProcessorSplit(model.processor, model.tokenizer), "token_type_ids" in full)
+        pixels, replacement = checked.process_image(probe)
+        ids, types = checked.expand(text, replacement)
+    except Exception:  # noqa: BLE001 - a processor without these hooks (or that fails on the probe) takes the full call
+        return None
+    same = (ids == full["input_ids"][0].tolist() and torch.equal(pixels, full["pixel_values"])
+            and (types is None or types == full["token_type_ids"][0].tolist()))
+    return checked if same else None
+
+
+class ImageCache:
+    """Each distinct image of one call processed once (resized, rescaled, normalised: the slow host step of
+    encoding), shared by the threads that encode its batches; pass it to `Model.encode` as ``images=``.
+
+    Entries are keyed by `image_key`; a second thread asking for an image in progress waits for it rather
+    than processing it again. Pixel values are held in the model's dtype, at most ``max_bytes`` of them:
+    beyond that the least recently used finished entries are dropped (and processed again if asked for).
+    `split` is None when the processor cannot be split (see `split_processor`): `Model.encode` then makes
+    the processor's full call and this cache holds nothing. Drop the cache at the end of the call."""
+
+    def __init__(self, model: Model, *, max_bytes: int = 1 << 30):
+        self.model, self.max_bytes = model, max_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[Hashable, Future] = OrderedDict()  # key -> (pixel_values, replacement)
+        self._sources: dict[Hashable, Any] = {}  # key -> the image itself, to process it again if dropped
+        self._bytes = 0
+        self.processed = 0  # images processed so far (each distinct image once, unless dropped for room)
+
+    @cached_property
+    def split(self) -> CheckedSplit | None:
+        return split_processor(self.model)
+
+    def _process(self, image: Any) -> tuple[Tensor, str]:
+        pixels, replacement = self.split.process_image(image)
+        with self._lock:
+            self.processed += 1
+        # the dtype Model.encode casts pixel values to (half the memory of float32 under bf16)
+        return (pixels.to(self.model.dtype) if self.model.dtype.is_floating_point else pixels), replacement
+
+    def _finished(self, key: Hashable):
+        def done(fut: Future) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                return
+            with self._lock:
+                if self._entries.get(key) is not fut:
+                    return
+                self._bytes += fut.result()[0].nbytes
+                for old in [k for k, f in self._entries.items() if k != key and f.done()]:
+                    if self._bytes <= self.max_bytes:
+                        break
+                    dropped = self._entries.pop(old)
+                    if not dropped.cancelled() and dropped.exception() is None:
+                        self._bytes -= dropped.result()[0].nbytes
+
+        return done
+
+    def submit(self, image: Any, pool: Executor) -> None:
+        """Start processing ``image`` on ``pool`` unless it is cached or under way."""
+        key = image_key(image)
+        with self._lock:
+            if key in self._entries:
+                return
+            self._sources[key] = image
+            fut = self._entries[key] = pool.submit(self._process, image)
+        fut.add_done_callback(self._finished(key))
+
+    def get(self, image: Any) -> tuple[Tensor, str]:
+        """``(pixel_values, replacement)`` of ``image``: cached, awaited, or processed now in this thread."""
+        key = image_key(image)
+        with self._lock:
+            fut = self._entries.get(key)
+            mine = fut is None
+            if mine:
+                self._sources[key] = image
+                fut = self._entries[key] = Future()
+                fut.add_done_callback(self._finished(key))
+            else:
+                self._entries.move_to_end(key)
+        if mine:
+            try:
+                fut.set_result(self._process(image))
+            except BaseException as e:  # every prompt showing this image gets the same error
+                fut.set_exception(e)
+        return fut.result()
+
+    def pixels(self, key: Hashable) -> Tensor:
+        """Pixel values of the image with ``key`` (one this cache was asked for before)."""
+        return self.get(self._sources[key])[0]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._sources.clear()
+            self._bytes = 0
 
 
 @dataclass(eq=False)
@@ -406,10 +579,16 @@ class Model:
         """Chat-formatted model inputs for one question (and image), on the model's device."""
         return self.encode([Prompt(question, image, context)]).inputs
 
-    def encode(self, prompts: Sequence[Prompt | str], *, device: Any = None, first_index: int = 0) -> Batch:
+    def encode(self, prompts: Sequence[Prompt | str], *, device: Any = None, first_index: int = 0,
+               images: ImageCache | None = None, pixel_values: bool = True) -> Batch:
         """Format, tokenise and right-pad a batch; returns inputs (on ``device``, default the model's)
         and position masks. A prompt longer than the model's context is an error naming it (its index is
-        counted from ``first_index``)."""
+        counted from ``first_index``).
+
+        ``images``: an `ImageCache` shared by the batches of one call, so that an image shown by several
+        prompts is processed once (the same inputs as without it). ``pixel_values=False`` leaves the pixel
+        values out of the inputs, for a caller that runs the vision tower itself once per image: the
+        batch's ``image_keys`` name each row's image, whose pixels the cache holds."""
         if len(prompts) == 0:
             raise InterpError("prompts is empty: pass at least one prompt")
         items = [_as_prompt(p, i) for i, p in enumerate(prompts)]
@@ -418,29 +597,64 @@ class Model:
             if with_image:
                 raise InterpError(f"prompt {with_image[0]} has an image, but '{self.name}' is a text-only model. "
                                   "Drop the image or load a vision-language model such as 'tiny-medgemma'.")
+        split = images.split if images is not None else None
+        if not pixel_values and split is None:
+            raise InterpError("pixel_values=False needs images=ImageCache(model) over a processor that can be split "
+                              "(split_processor(model) is not None): the cache is where the pixels are")
         texts = [self.format(p.question, context=p.context, image=p.image is not None) for p in items]
         encs: list[dict[str, Tensor]] = [None] * len(items)  # type: ignore[list-item]
-        plain = [i for i, p in enumerate(items) if p.image is None]
-        if plain:  # one batched (multi-threaded) tokeniser call for all text-only prompts
+        # text-only prompts, and with a split processor the image prompts' unexpanded text (for the question mask)
+        plain = [i for i, p in enumerate(items) if p.image is None or split is not None]
+        if plain:  # one batched (multi-threaded) tokeniser call
             out = self.tokenizer([texts[i] for i in plain], return_offsets_mapping=True, add_special_tokens=False)
             for j, i in enumerate(plain):  # via numpy: torch.tensor() on nested lists is slow
                 encs[i] = {k: torch.from_numpy(np.asarray(v[j], dtype=np.int64)[None]) for k, v in out.items()}
-        for i, p in enumerate(items):
-            if p.image is not None:
-                encs[i] = dict(self.processor(text=[texts[i]], images=[[_open_image(p.image)]], return_tensors="pt",
-                                              return_offsets_mapping=True, add_special_tokens=False))
         rows = []
         for p, text, enc in zip(items, texts, encs, strict=True):
             q = p.question.strip()
-            tail = len(text) - (text.rfind(q) + len(q))  # chars after the question: unchanged by image expansion
-            offsets = enc.pop("offset_mapping")[0]
-            q_end = int(offsets[:, 1].max()) - tail
-            q_begin = q_end - len(q)
-            # A token overlapping the question counts (BPE may merge "\n" with its first word).
-            qmask = (offsets[:, 1] > q_begin) & (offsets[:, 0] < q_end) & (offsets[:, 1] > offsets[:, 0])
+            qmask = None
+            if p.image is not None and split is not None:
+                enc, qmask = self._split_encode(images, p, text, enc, q, pixel_values)
+            if enc is None:  # an image prompt without (or not fit for) the split: the processor's own call
+                enc = dict(self.processor(text=[text], images=[[_open_image(p.image)]], return_tensors="pt",
+                                          return_offsets_mapping=True, add_special_tokens=False))
+                if not pixel_values:
+                    enc.pop("pixel_values")
+            if qmask is None:
+                qmask = _question_mask(text, q, enc.pop("offset_mapping")[0])
             rows.append((enc, qmask))
         self.check_length([r[0]["input_ids"].shape[1] for r in rows], first_index)
-        return self._pad(rows, self.special_ids, self._image_token_ids(), device)
+        keys = tuple(image_key(p.image) for p in items)
+        return self._pad(rows, self.special_ids, self._image_token_ids(), device, keys)
+
+    def _split_encode(self, images: ImageCache, p: Prompt, text: str, unexpanded: dict[str, Tensor], q: str,
+                      pixel_values: bool) -> tuple[dict[str, Tensor] | None, Tensor | None]:
+        """One image prompt through the cache's split processor: (inputs, question mask), or (None, None)
+        when its question mask cannot be carried over from the unexpanded text (then the full call runs).
+
+        The mask is computed on the unexpanded text's offsets: the image expands before the question, so
+        the tokens from the question on are the same ids in both, counted from the end. That holds when the
+        ids' common tail reaches back to the question's first character; checked per prompt."""
+        pixels, replacement = images.get(p.image)
+        ids, types = images.split.expand(text, replacement)
+        un_ids = unexpanded["input_ids"][0].tolist()
+        offsets = unexpanded["offset_mapping"][0]
+        tail = 0
+        while tail < min(len(ids), len(un_ids)) and ids[-1 - tail] == un_ids[-1 - tail]:
+            tail += 1
+        qmask_un = _question_mask(text, q, offsets)
+        q_begin = int(offsets[:, 1].max()) - (len(text) - (text.rfind(q) + len(q))) - len(q)
+        cut = len(un_ids) - tail  # first token of the common tail
+        if tail == 0 or cut == 0 or int(offsets[cut, 0]) > q_begin or bool(qmask_un[:cut].any()):
+            return None, None
+        qmask = torch.zeros(len(ids), dtype=torch.bool)
+        qmask[len(ids) - tail:] = qmask_un[cut:]
+        enc = {"input_ids": torch.tensor([ids], dtype=torch.long)}
+        if types is not None:
+            enc["token_type_ids"] = torch.tensor([types], dtype=torch.long)
+        if pixel_values:
+            enc["pixel_values"] = pixels
+        return enc, qmask
 
     def check_length(self, lengths: Sequence[int], first_index: int = 0) -> None:
         """Raise `InterpError` naming the first prompt longer than the model's context (`context_length`)."""
@@ -469,7 +683,8 @@ class Model:
                 ids.add(v)
         return ids
 
-    def _pad(self, rows: list, specials: set[int], image_ids: set[int], device: Any = None) -> Batch:
+    def _pad(self, rows: list, specials: set[int], image_ids: set[int], device: Any = None,
+             image_keys: tuple[Hashable | None, ...] = ()) -> Batch:
         lengths = torch.tensor([r[0]["input_ids"].shape[1] for r in rows])
         n, width = len(rows), int(lengths.max())
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -496,12 +711,22 @@ class Model:
         is_special = torch.isin(input_ids, torch.tensor(sorted(specials), dtype=torch.long)) & attn.bool()
         dev = self.device if device is None else torch.device(device)
         return Batch(inputs={k: v.to(dev) for k, v in inputs.items()}, lengths=lengths,
-                     question_mask=qmask & ~is_special, special_mask=is_special, image_mask=is_image & attn.bool())
+                     question_mask=qmask & ~is_special, special_mask=is_special, image_mask=is_image & attn.bool(),
+                     image_keys=image_keys)
 
     def __repr__(self) -> str:
         kind = "vision-language" if self.is_multimodal else "text"
         return (f"Model({self.name!r}, {kind}, {self.n_layers} layers, d_model={self.d_model}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+
+def _question_mask(text: str, q: str, offsets: Tensor) -> Tensor:
+    """``[pos]`` tokens that overlap the question ``q`` in ``text``, from the tokeniser's character offsets."""
+    tail = len(text) - (text.rfind(q) + len(q))  # chars after the question: unchanged by image expansion
+    q_end = int(offsets[:, 1].max()) - tail
+    q_begin = q_end - len(q)
+    # A token overlapping the question counts (BPE may merge "\n" with its first word).
+    return (offsets[:, 1] > q_begin) & (offsets[:, 0] < q_end) & (offsets[:, 1] > offsets[:, 0])
 
 
 def _as_prompt(p: Any, index: int | None = None) -> Prompt:
