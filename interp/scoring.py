@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import weakref
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +21,16 @@ from tqdm.auto import tqdm
 
 from interp import dist, hf
 from interp._errors import InterpError
-from interp.models import Batch, Model, Prompt, _as_prompt, _open_image
+from interp.models import (
+    Batch,
+    CheckedSplit,
+    Model,
+    Prompt,
+    _as_prompt,
+    _open_image,
+    image_key,
+    split_processor,
+)
 
 
 def body_and_head(model: Model):
@@ -155,18 +163,6 @@ class _Block:
     groups: list[list[int]]  # prompt indices that share image and context (candidates for a shared prefix)
 
 
-def _image_key(image: Any) -> Hashable | None:
-    if image is None:
-        return None
-    if isinstance(image, (str, os.PathLike)):
-        return os.path.abspath(os.fspath(image))
-    return ("object", id(image))
-
-
-# processor -> (split reproduces its call, images kwargs, returns token types); see _FastScorer._check_split
-_SPLIT_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 class _FastScorer:
     """Scores prompts with image reuse, shared-prefix KV caching and yes/no-only logits."""
 
@@ -183,9 +179,8 @@ class _FastScorer:
         self.share_prefix, self.why_not = self._can_share_prefix()
         self.device = model.device
         self.max_rows, self.max_tokens, self.max_images = self._limits(batch_size)
-        self._split: hf.ProcessorSplit | None = None  # processor call split in two (checked on first use)
+        self._split: CheckedSplit | None = None  # processor call split in two (`split_processor`, on first use)
         self._split_ok: bool | None = None
-        self._has_types = False
 
     # ---- policy -------------------------------------------------------------------------------------
     def _can_share_prefix(self) -> tuple[bool, str]:
@@ -224,11 +219,11 @@ class _FastScorer:
     # ---- tokenisation (CPU, background thread) ---------------------------------------------------------
     # The processor's own call (resize and normalise the image, expand its placeholder, tokenise) is split
     # in two so that each image is processed once, on several threads, and each phrasing only tokenised.
-    # The split is checked once per run against a full processor call; if it differs, every prompt goes
-    # through the full call instead (slower on the CPU, same numbers).
+    # The split is checked once per processor against its full call (`models.split_processor`); if it differs,
+    # every prompt goes through the full call instead (slower on the CPU, same numbers).
     def _process_image(self, image: Any) -> tuple[Tensor, str]:
         """pixel_values and the placeholder expansion of one image (thread-safe: no tokenizer)."""
-        return self._split.process_image(_open_image(image))
+        return self._split.process_image(image)
 
     def _on_device(self, pixels: Tensor) -> Tensor:
         """Pixel values on the device in the model's dtype. Done on the preprocessing threads: gathering a
@@ -241,7 +236,7 @@ class _FastScorer:
 
     def _expand(self, text: str, replacement: str) -> tuple[list[int], list[int] | None]:
         """Token ids (and token types) of a prompt whose image placeholder expands to ``replacement``."""
-        return self._split.expand(text, replacement, self._has_types)
+        return self._split.expand(text, replacement)
 
     def _full_encode(self, text: str, image: Any) -> dict[str, Any]:
         """The processor's own call, as ``Model.encode`` makes it."""
@@ -251,30 +246,6 @@ class _FastScorer:
         if extra:
             raise _FastUnsupported(f"the processor returns {sorted(extra)}, which the fast path does not pass on")
         return enc
-
-    def _check_split(self, text: str, image: Any) -> tuple[Tensor, str] | None:
-        """Set ``self._split_ok``: does the split reproduce the processor's call? Returns the image's outputs."""
-        proc = self.model.processor
-        if proc in _SPLIT_CHECKED:  # checked before for this processor: same answer
-            self._split_ok, self._split, self._has_types = _SPLIT_CHECKED[proc]
-            return None
-        full = self._full_encode(text, image)
-        self._has_types = "token_type_ids" in full
-        try:
-            self._split = hf.ProcessorSplit(proc, self.model.tokenizer)
-            pixels, replacement = self._process_image(image)
-            ids, types = self._expand(text, replacement)
-            self._split_ok = (ids == full["input_ids"][0].tolist() and torch.equal(pixels, full["pixel_values"])
-                              and (types is None or types == full["token_type_ids"][0].tolist()))
-        except _FastUnsupported:
-            raise
-        except Exception:  # noqa: BLE001 - a processor without these hooks takes the full call
-            self._split_ok = False
-        try:
-            _SPLIT_CHECKED[proc] = (self._split_ok, self._split, self._has_types)
-        except TypeError:  # not weak-referenceable: check again next time
-            pass
-        return (pixels, replacement) if self._split_ok else None
 
     def _start(self, items: Sequence[Prompt], groups: list[list[int]]) -> tuple[dict[Hashable, Future], Future]:
         """Queue a block's work on the host: each distinct image on the preprocessing pool (in order, so the
@@ -286,19 +257,14 @@ class _FastScorer:
         for g in groups:
             for i in g:
                 if items[i].image is not None:
-                    first.setdefault(_image_key(items[i].image), i)
+                    first.setdefault(image_key(items[i].image), i)
         images: dict[Hashable, Future] = {}
         if first and self._split_ok is None:
-            key, i = next(iter(first.items()))
-            text = model.format(items[i].question, context=items[i].context, image=True)
-            checked = self._check_split(text, items[i].image)
-            if checked is not None:
-                images[key] = Future()
-                images[key].set_result((self._on_device(checked[0]), checked[1]))
+            self._split = split_processor(model)
+            self._split_ok = self._split is not None
         if first and self._split_ok:
             for key, i in first.items():
-                if key not in images:
-                    images[key] = self._pool.submit(self._image_to_device, items[i].image)
+                images[key] = self._pool.submit(self._image_to_device, items[i].image)
         return images, self._tok.submit(self._tokenise, items, groups, images)
 
     def _tokenise(self, items: Sequence[Prompt], groups: list[list[int]], images: dict[Hashable, Future]) -> _Block:
@@ -312,7 +278,7 @@ class _FastScorer:
                 if p.image is None:
                     block.seqs[i] = _Seq(tok(texts[i], add_special_tokens=False)["input_ids"], None, None)
                     continue
-                key = _image_key(p.image)
+                key = image_key(p.image)
                 if self._split_ok:
                     ids, types = self._expand(texts[i], images[key].result()[1])
                 else:
@@ -544,7 +510,7 @@ class _FastScorer:
         distinct: dict[tuple, int] = {}
         index = []
         for p in items:
-            key = (p.question.strip(), _image_key(p.image), p.context or "")
+            key = (p.question.strip(), image_key(p.image), p.context or "")
             index.append(distinct.setdefault(key, len(distinct)))
         firsts: dict[int, Prompt] = {}
         for p, j in zip(items, index, strict=True):
@@ -552,7 +518,7 @@ class _FastScorer:
         uniq = [firsts[j] for j in range(len(distinct))]
         by_prefix: dict[tuple, list[int]] = {}
         for j, p in enumerate(uniq):
-            by_prefix.setdefault((str(_image_key(p.image) or ""), p.context or ""), []).append(j)
+            by_prefix.setdefault((str(image_key(p.image) or ""), p.context or ""), []).append(j)
         groups = [by_prefix[k] for k in sorted(by_prefix)]
         # Blocks bound the memory of pixel values (they wait on the device in the model's dtype, ~5 MB an
         # image at 896 px in bf16); the next block is queued on the host as soon as one starts. A boundary
@@ -562,7 +528,7 @@ class _FastScorer:
         # for a whole block: the vision tower starts on its first images (`_image_features`).
         blocks, cur, images, n_prompts = [], [], set(), 0
         for g in groups:
-            key = _image_key(uniq[g[0]].image)
+            key = image_key(uniq[g[0]].image)
             cap = BLOCK_IMAGES
             if cur and key not in images and (n_prompts + len(g) > 512 or len(images) + (key is not None) > cap):
                 blocks.append(cur)

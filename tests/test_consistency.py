@@ -99,6 +99,22 @@ def test_fast_path_in_several_blocks_equals_one_block(medgemma, xray_images, mon
     assert_same_margins(several, one, atol=1e-6)
 
 
+def test_fast_path_takes_the_processors_full_call_when_its_split_differs(medgemma, xray_images, monkeypatch):
+    """A processor split that does not reproduce the full call (here: perturbed pixels) is never used."""
+    import weakref
+
+    from interp import hf, models
+
+    monkeypatch.setattr(models, "_SPLITS", weakref.WeakKeyDictionary())  # check this processor afresh
+    real = hf.ProcessorSplit.process_image
+    monkeypatch.setattr(hf.ProcessorSplit, "process_image", lambda self, im: (lambda pv, r: (pv + 1e-3, r))(
+        *real(self, im)))
+    assert models.split_processor(medgemma) is None
+    pairs = image_pairs(xray_images)
+    assert_same_margins(evaluate(medgemma, pairs, n_boot=0, progress=False),
+                        evaluate(medgemma, pairs, fast=False, n_boot=0, progress=False))
+
+
 def test_fast_equals_naive_on_llava(tiny_llava, xray_images):
     pairs = image_pairs(xray_images)
     fast = evaluate(tiny_llava, pairs, n_boot=0, progress=False)
