@@ -235,7 +235,8 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
     smaller, so that the device starts early. Rows come back in prompt order, then position, whatever the
     batches; the cache does not depend on them. Each distinct image (a file path, or an image object) is
     processed once per call and, on transformers releases whose forward takes image features, run through
-    the vision tower once.
+    the vision tower once, while its pixels (1 GB) and features (512 MB) fit the call's caches, and when the
+    processor's call can be split in two (checked against the full call; else each prompt makes that call).
 
     Memory: finished shards stay in host memory while they fit ``max_memory`` (bytes, or ``"2GB"``;
     default a quarter of this machine's RAM). A larger capture needs a cache and returns lazy
@@ -848,7 +849,8 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
     # batches are encoded on several threads (the planner's first tokenizer call, with the same settings,
     # comes first, so no thread changes the tokenizer's state while another uses it).
     # Each distinct image is processed once per call (ImageCache) and, where the forward takes precomputed
-    # features, run through the vision tower once (_ImageFeatures); both are dropped when the call ends.
+    # features, run through the vision tower once (_ImageFeatures), while they fit the caches' bounds (beyond
+    # them the least recently used are dropped and recomputed if asked for again); both go when the call ends.
     with_images = any(p.image is not None for p in items)
     encoder = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 2))) if with_images else tokeniser
     images = ImageCache(model, max_bytes=IMAGE_CACHE_BYTES) if with_images else None

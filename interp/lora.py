@@ -272,14 +272,16 @@ class _DroppedLinear(torch.autograd.Function):
         for sp in _DroppedLinear._spans(x):
             keep = _DroppedLinear._keep(x, sp, mask, ctx.threshold)
             g = grad[sp].reshape(-1, grad.shape[-1])  # [tokens, r]
-            if want_w:  # as autograd computes it through F.linear
+            if want_w:  # as autograd computes it through F.linear (summed over spans in float32)
                 part = g.t().mm(_dropped(x[sp], weight.dtype, keep, ctx.scale).reshape(-1, x.shape[-1]))
-                grad_w = part if grad_w is None else grad_w.add_(part)
+                grad_w = part if grad_w is None else grad_w.float().add_(part)
             if want_x:  # autograd's order through PEFT's ops: @ W, * scale, * keep, cast
                 gx = g.mm(weight).view(x[sp].shape)
                 if keep is not None:
                     gx.mul_(ctx.scale).mul_(keep)
                 grad_x[sp] = gx
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
         return grad_x, grad_w, None, None, *(None for _ in mask)
 
 
@@ -290,7 +292,8 @@ class _DroppedA(_RowDropout):
     mask (5 bytes per input value), although q/k/v (and gate/up) read one input. Here the input arrives uncast
     (the layer's ``cast_input_dtype_enabled`` is off) and, in a pass of at least ``FOLD_MIN_TOKENS`` tokens,
     only it is kept, in the model's dtype: one tensor for all the modules that read it (2 bytes per value in
-    bf16). Smaller passes take PEFT's ops unchanged. Forward values are bitwise PEFT's either way.
+    bf16). Smaller passes, and passes without gradients, take PEFT's ops unchanged. Forward values are PEFT's
+    (bitwise on the CPU, where the tests compare them; a pass split into row spans may round differently on a GPU).
     """
 
     def __init__(self, linear: nn.Linear, p: float, salt: int, ctx: _DropoutRows):
@@ -306,8 +309,10 @@ class _DroppedA(_RowDropout):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         small = x.dim() >= 3 and x.shape[0] * x.shape[1] < self.FOLD_MIN_TOKENS
-        if small or torch.is_autocast_enabled(x.device.type):  # (a custom backward would not see autocast)
-            return F.linear(super().forward(x.to(w.dtype)), w)  # PEFT's own ops: cast, `_RowDropout`, linear
+        # PEFT's own ops (cast, `_RowDropout`, linear) where nothing is saved for a backward pass, on small
+        # passes, and under autocast (which a custom backward would not see)
+        if small or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+            return F.linear(super().forward(x.to(w.dtype)), w)
         mask = self.mask_inputs(x) if self.training and self.p > 0 else ()
         if mask is None:
             return F.linear(F.dropout(x.to(w.dtype), self.p, True), w)
@@ -326,26 +331,26 @@ def _row_dropout(model: nn.Module, ctx: _DropoutRows, *, fold: bool = True) -> I
 
     swapped: list[tuple[nn.Module, str, nn.Module, nn.Module | None]] = []  # (layer, adapter, dropout, lora_A)
     casts: list[tuple[nn.Module, bool]] = []
-    for name, mod in _base_of(model).named_modules():
-        if not isinstance(mod, LoraLayer):
-            continue
-        folded = 0
-        for key, drop in list(mod.lora_dropout.items()):
-            salt = zlib.crc32(f"{name}.{key}".encode())
-            lin = mod.lora_A[key] if key in mod.lora_A else None
-            if (fold and isinstance(drop, (nn.Dropout, nn.Identity)) and type(lin) is nn.Linear
-                    and lin.bias is None and key not in getattr(mod, "lora_variant", {})):
-                mod.lora_A[key] = _DroppedA(lin, getattr(drop, "p", 0.0), salt, ctx).train(drop.training)
-                mod.lora_dropout[key] = nn.Identity()
-                swapped.append((mod, key, drop, lin))
-                folded += 1
-            elif isinstance(drop, nn.Dropout):
-                mod.lora_dropout[key] = _RowDropout(drop.p, salt, ctx).train(drop.training)
-                swapped.append((mod, key, drop, None))
-        if folded and folded == len(mod.lora_A):
-            casts.append((mod, getattr(mod, "cast_input_dtype_enabled", True)))
-            mod.cast_input_dtype_enabled = False
-    try:
+    try:  # a failure halfway through the swap puts back what was swapped
+        for name, mod in _base_of(model).named_modules():
+            if not isinstance(mod, LoraLayer):
+                continue
+            folded = 0
+            for key, drop in list(mod.lora_dropout.items()):
+                salt = zlib.crc32(f"{name}.{key}".encode())
+                lin = mod.lora_A[key] if key in mod.lora_A else None
+                if (fold and isinstance(drop, (nn.Dropout, nn.Identity)) and type(lin) is nn.Linear
+                        and lin.bias is None and key not in getattr(mod, "lora_variant", {})):
+                    swapped.append((mod, key, drop, lin))
+                    mod.lora_A[key] = _DroppedA(lin, getattr(drop, "p", 0.0), salt, ctx).train(drop.training)
+                    mod.lora_dropout[key] = nn.Identity()
+                    folded += 1
+                elif isinstance(drop, nn.Dropout):
+                    swapped.append((mod, key, drop, None))
+                    mod.lora_dropout[key] = _RowDropout(drop.p, salt, ctx).train(drop.training)
+            if folded and folded == len(mod.lora_A):
+                casts.append((mod, getattr(mod, "cast_input_dtype_enabled", True)))
+                mod.cast_input_dtype_enabled = False
         yield
     finally:
         for mod, enabled in casts:

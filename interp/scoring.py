@@ -143,6 +143,7 @@ def margins(model: Model, prompts: Sequence[Prompt | str], **kw) -> Tensor:
 
 _FastUnsupported = hf.Unsupported  # this model or processor cannot take the fast path
 BLOCK_IMAGES = 64  # distinct images per block of the fast scorer (see `_FastScorer.logits`)
+VISION_RUN = 8  # images per vision-tower pass of the fast scorer, at most (see `_FastScorer._image_features`)
 
 
 @dataclass
@@ -295,29 +296,22 @@ class _FastScorer:
     def _image_features(self, pixels: dict[Hashable, Tensor | Future]) -> dict[Hashable, Tensor]:
         """Run the vision tower + projector once per image: key -> ``[n_image_tokens, d_model]``.
 
-        ``pixels`` may hold Futures of `_image_to_device` (in the order they were queued): each vision pass
-        takes the images ready by then (at least the next one, at most ``max_images``), so the device works
-        while the host is still preprocessing the rest."""
+        ``pixels`` may hold Futures of `_image_to_device` (in the order they were queued): the tower runs on
+        fixed runs of ``VISION_RUN`` images, each as soon as its images are ready, so the device works while
+        the host is still preprocessing the rest. The runs do not depend on timing: the same images share a
+        pass, and so get the same bits, in every run."""
         if not pixels:
             return {}
         keys = list(pixels)
-
-        def ready(j: int) -> bool:
-            v = pixels[keys[j]]
-            return not isinstance(v, Future) or v.done()
 
         def tensor(k: Hashable) -> Tensor:
             v = pixels[k]
             return v.result()[0] if isinstance(v, Future) else v
 
         feats: dict[Hashable, Tensor] = {}
-        b = 0
-        while b < len(keys):
-            e = b + 1  # the next image, waited for if need be; then every one already done, up to max_images
-            while e < len(keys) and e - b < self.max_images and ready(e):
-                e += 1
-            chunk = keys[b:e]
-            b = e
+        step = min(self.max_images, VISION_RUN)
+        for b in range(0, len(keys), step):
+            chunk = keys[b:b + step]
             pv = torch.cat([tensor(k) for k in chunk]).to(self.device, self.model.dtype)
             per_row = hf.image_features(self.body, pv)
             if isinstance(per_row, Tensor):

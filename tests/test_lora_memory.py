@@ -261,6 +261,25 @@ def test_the_context_restores_every_module_and_checkpoints_inside_it_are_plain_p
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
+def test_a_swap_that_fails_halfway_puts_back_what_it_swapped(monkeypatch):
+    pm = wrapped(torch.float32, 0.05)
+    layers = [m for m in L._base_of(pm.hf).modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+    before = [(m.lora_A["default"], m.lora_dropout["default"], m.cast_input_dtype_enabled) for m in layers]
+    real, made = L._DroppedA.__init__, []
+
+    def failing(self, *a, **k):
+        if len(made) == 3:
+            raise RuntimeError("simulated")
+        made.append(1)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(L._DroppedA, "__init__", failing)
+    with pytest.raises(RuntimeError, match="simulated"), L._row_dropout(pm.hf, L._DropoutRows()):
+        pass
+    after = [(m.lora_A["default"], m.lora_dropout["default"], m.cast_input_dtype_enabled) for m in layers]
+    assert all(a is b for x, y in zip(before, after, strict=True) for a, b in zip(x, y, strict=True))
+
+
 # ---- a whole training run ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,checkpointing", [(torch.float32, True), (torch.bfloat16, False)])
 def test_train_lora_gives_the_same_run_as_peft_dropout(text_pairs, tmp_path, monkeypatch, dtype, checkpointing):
