@@ -512,8 +512,10 @@ class _FastScorer:
         uniq = [firsts[j] for j in range(len(distinct))]
         by_prefix: dict[tuple, list[int]] = {}
         for j, p in enumerate(uniq):
-            by_prefix.setdefault((str(image_key(p.image) or ""), p.context or ""), []).append(j)
-        groups = [by_prefix[k] for k in sorted(by_prefix)]
+            by_prefix.setdefault((image_key(p.image), p.context or ""), []).append(j)
+        # In order of first appearance, not sorted by key: an in-memory image's key is its id(), which differs
+        # between processes, and every process must plan the same blocks to take its share of them.
+        groups = list(by_prefix.values())
         # Blocks bound the memory of pixel values (they wait on the device in the model's dtype, ~5 MB an
         # image at 896 px in bf16); the next block is queued on the host as soon as one starts. A boundary
         # never splits the groups of one image (each image is encoded once). Blocks are large: each is a
