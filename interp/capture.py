@@ -151,10 +151,9 @@ def _run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
 
     handles = [model.layers[i].register_forward_hook(make_hook(k, i)) for k, i in enumerate(layers)]
     try:
-        if "pixel_values" in batch.inputs:  # the vision tower runs inside this forward
-            with hf.contiguous_vision(_vision_body(model)[1] or model.hf):
-                model.hf(**batch.inputs, use_cache=False)
-        else:
+        vision = (hf.contiguous_vision(_vision_body(model)[1] or model.hf) if "pixel_values" in batch.inputs
+                  else contextlib.nullcontext())  # the vision tower runs inside this forward
+        with vision:
             model.hf(**batch.inputs, use_cache=False)
     except StopForward:
         pass
@@ -699,7 +698,7 @@ def _prepare_batch(model: Model, items: list[Prompt], idx: list[int], positions:
 
 def _vision_body(model: Model) -> tuple[Any, Any]:
     """(the model under any PEFT wrapping, its multimodal body: vision tower, projector, decoder)."""
-    base = model.hf.get_base_model() if hasattr(model.hf, "get_base_model") else model.hf
+    base = hf.base_model(model.hf)
     return base, getattr(base, "model", None)
 
 

@@ -52,10 +52,14 @@ class Unsupported(Exception):
     """This model cannot take a fast path (the caller falls back, or raises for a verified architecture)."""
 
 
+def base_model(module: nn.Module) -> nn.Module:
+    """The model under any PEFT wrapping (PEFT injects its layers in place: the base holds them)."""
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
 def architecture(hf: nn.Module) -> str:
     """Class name of the model under any PEFT wrapping."""
-    base = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
-    return type(base).__name__
+    return type(base_model(hf)).__name__
 
 
 def is_verified(hf: nn.Module) -> bool:
@@ -266,7 +270,7 @@ class ProcessorSplit:
         return ids, (list(self.processor.create_mm_token_type_ids([ids])[0]) if token_types else None)
 
 
-__all__ = ["VERIFIED", "ProcessorSplit", "Unsupported", "architecture", "cache_from_kv", "cache_kv",
+__all__ = ["VERIFIED", "ProcessorSplit", "Unsupported", "architecture", "base_model", "cache_from_kv", "cache_kv",
            "cache_kwargs", "cache_name", "cache_nbytes", "check_forward", "contiguous_vision", "image_features",
            "is_verified", "new_cache", "output_cache", "run_from_layer", "takes_image_features", "tile_cache",
            "with_image_features"]

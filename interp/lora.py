@@ -314,8 +314,8 @@ class _DroppedA(_RowDropout):
         if small or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return F.linear(super().forward(x.to(w.dtype)), w)
         mask = self.mask_inputs(x) if self.training and self.p > 0 else ()
-        if mask is None:
-            return F.linear(F.dropout(x.to(w.dtype), self.p, True), w)
+        if mask is None:  # not this pass's examples: `_RowDropout` falls back to plain F.dropout
+            return F.linear(super().forward(x.to(w.dtype)), w)
         return _DroppedLinear.apply(x, w, self.threshold, 1.0 / (1.0 - self.p) if mask else 1.0, *mask)
 
 
@@ -375,8 +375,7 @@ def _prefetch(fn: Callable[[Any], Any], items: Sequence[Any], depth: int) -> Ite
 
 
 # ==== the fast path ===================================================================================
-def _base_of(hf: nn.Module) -> nn.Module:
-    return hf.get_base_model() if hasattr(hf, "get_base_model") else hf
+_base_of = hf.base_model
 
 
 def _arch_kind(base: nn.Module, body: nn.Module) -> str:

@@ -293,9 +293,10 @@ class ImageCache:
             fut = self._entries[key] = pool.submit(self._process, image)
         fut.add_done_callback(self._finished(key))
 
-    def get(self, image: Any) -> tuple[Tensor, str]:
-        """``(pixel_values, replacement)`` of ``image``: cached, awaited, or processed now in this thread."""
-        key = image_key(image)
+    def get(self, image: Any, key: Hashable | None = None) -> tuple[Tensor, str]:
+        """``(pixel_values, replacement)`` of ``image`` (``key``: its `image_key`, if the caller has it): cached,
+        awaited, or processed now in this thread."""
+        key = image_key(image) if key is None else key
         with self._lock:
             fut = self._entries.get(key)
             mine = fut is None
@@ -375,7 +376,7 @@ class Model:
             from transformer_lens.model_bridge import TransformerBridge
         except ImportError as e:
             raise InterpError("to_transformer_lens needs transformer-lens >= 3.9 (pip install transformer-lens)") from e
-        base = self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
+        base = _hf.base_model(self.hf)
         if any(hasattr(m, "lora_A") for m in base.modules()):
             raise InterpError(f"'{self.name}' carries LoRA adapters: merge them first (interp.merge) or pass the "
                               "base model, so the bridge sees plain weights")
@@ -609,12 +610,13 @@ class Model:
             out = self.tokenizer([texts[i] for i in plain], return_offsets_mapping=True, add_special_tokens=False)
             for j, i in enumerate(plain):  # via numpy: torch.tensor() on nested lists is slow
                 encs[i] = {k: torch.from_numpy(np.asarray(v[j], dtype=np.int64)[None]) for k, v in out.items()}
+        keys = tuple(image_key(p.image) for p in items)  # once per prompt: the batch's rows carry the same keys
         rows = []
-        for p, text, enc in zip(items, texts, encs, strict=True):
+        for p, key, text, enc in zip(items, keys, texts, encs, strict=True):
             q = p.question.strip()
             qmask = None
             if p.image is not None and split is not None:
-                enc, qmask = self._split_encode(images, p, text, enc, q, pixel_values)
+                enc, qmask = self._split_encode(images, p, key, text, enc, q, pixel_values)
             if enc is None:  # an image prompt without (or not fit for) the split: the processor's own call
                 enc = dict(self.processor(text=[text], images=[[_open_image(p.image)]], return_tensors="pt",
                                           return_offsets_mapping=True, add_special_tokens=False))
@@ -624,26 +626,25 @@ class Model:
                 qmask = _question_mask(text, q, enc.pop("offset_mapping")[0])
             rows.append((enc, qmask))
         self.check_length([r[0]["input_ids"].shape[1] for r in rows], first_index)
-        keys = tuple(image_key(p.image) for p in items)
         return self._pad(rows, self.special_ids, self._image_token_ids(), device, keys)
 
-    def _split_encode(self, images: ImageCache, p: Prompt, text: str, unexpanded: dict[str, Tensor], q: str,
-                      pixel_values: bool) -> tuple[dict[str, Tensor] | None, Tensor | None]:
+    def _split_encode(self, images: ImageCache, p: Prompt, key: Hashable, text: str, unexpanded: dict[str, Tensor],
+                      q: str, pixel_values: bool) -> tuple[dict[str, Tensor] | None, Tensor | None]:
         """One image prompt through the cache's split processor: (inputs, question mask), or (None, None)
         when its question mask cannot be carried over from the unexpanded text (then the full call runs).
 
         The mask is computed on the unexpanded text's offsets: the image expands before the question, so
         the tokens from the question on are the same ids in both, counted from the end. That holds when the
         ids' common tail reaches back to the question's first character; checked per prompt."""
-        pixels, replacement = images.get(p.image)
+        pixels, replacement = images.get(p.image, key)
         ids, types = images.split.expand(text, replacement)
         un_ids = unexpanded["input_ids"][0].tolist()
         offsets = unexpanded["offset_mapping"][0]
         tail = 0
         while tail < min(len(ids), len(un_ids)) and ids[-1 - tail] == un_ids[-1 - tail]:
             tail += 1
+        q_begin, _ = _question_span(text, q, offsets)
         qmask_un = _question_mask(text, q, offsets)
-        q_begin = int(offsets[:, 1].max()) - (len(text) - (text.rfind(q) + len(q))) - len(q)
         cut = len(un_ids) - tail  # first token of the common tail
         if tail == 0 or cut == 0 or int(offsets[cut, 0]) > q_begin or bool(qmask_un[:cut].any()):
             return None, None
@@ -720,11 +721,17 @@ class Model:
                 f"dtype={self.dtype}, device={self.device})")
 
 
+def _question_span(text: str, q: str, offsets: Tensor) -> tuple[int, int]:
+    """Character span of the question ``q`` in the text the tokeniser saw, from its offsets (counted from the
+    end: the characters after the question are unchanged by an image's expansion before it)."""
+    tail = len(text) - (text.rfind(q) + len(q))
+    q_end = int(offsets[:, 1].max()) - tail
+    return q_end - len(q), q_end
+
+
 def _question_mask(text: str, q: str, offsets: Tensor) -> Tensor:
     """``[pos]`` tokens that overlap the question ``q`` in ``text``, from the tokeniser's character offsets."""
-    tail = len(text) - (text.rfind(q) + len(q))  # chars after the question: unchanged by image expansion
-    q_end = int(offsets[:, 1].max()) - tail
-    q_begin = q_end - len(q)
+    q_begin, q_end = _question_span(text, q, offsets)
     # A token overlapping the question counts (BPE may merge "\n" with its first word).
     return (offsets[:, 1] > q_begin) & (offsets[:, 0] < q_end) & (offsets[:, 1] > offsets[:, 0])
 

@@ -34,13 +34,11 @@ from interp.models import (
 
 
 def body_and_head(model: Model):
-    hf = model.hf
-    if hasattr(hf, "get_base_model"):  # PEFT: LoRA layers are injected in place, the base holds them
-        hf = hf.get_base_model()
-    head = hf.get_output_embeddings()
-    body = getattr(hf, "model", None)
+    base = hf.base_model(model.hf)
+    head = base.get_output_embeddings()
+    body = getattr(base, "model", None)
     if body is None or head is None:
-        raise InterpError(f"{type(hf).__name__} has no '.model' body and output embeddings; wrap a standard "
+        raise InterpError(f"{type(base).__name__} has no '.model' body and output embeddings; wrap a standard "
                           "Hugging Face *ForCausalLM or *ForConditionalGeneration model")
     return body, head
 
