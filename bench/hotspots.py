@@ -4,6 +4,7 @@
     python bench/hotspots.py lora --mode text  # one steady accumulation group of the LoRA fast path
     python bench/hotspots.py capture           # capture on bench/ragged.py's image corpus: host vs device time
     python bench/hotspots.py vision            # vision tower and an image-prefix pass under each SDPA backend
+    python bench/hotspots.py ragged            # bench/ragged.py's image corpus: device timeline, batching sweep
 
 Prints GPU-busy time against wall time (the share of the run the device is idle) and the top operators by
 self device time and by self CPU time. ``--smoke`` runs on the CPU with toy shapes.
@@ -183,6 +184,247 @@ def capture_target(smoke: bool) -> None:
                                               progress=False, **kw), f"capture {kw or 'defaults'}", rows=20)
 
 
+def _timeline(fn, label: str) -> None:
+    """One run of ``fn`` under torch.profiler, read back from its trace: wall time, device-busy time (union of
+    kernels and copies), device time inside the "vision" and "forward" ranges, the idle time before the first
+    kernel and after the last, and the largest gaps with what the main thread was doing meanwhile."""
+    import json
+    import os
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("call"):
+            fn()
+        torch.cuda.synchronize()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    events = json.load(open(path))["traceEvents"]
+    call = next(e for e in events if e.get("name") == "call" and e.get("cat") == "user_annotation")
+    t0, t1 = call["ts"], call["ts"] + call["dur"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                     if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("dur") is not None)
+    busy, gaps, end = 0.0, [], None
+    for a, b in kernels:
+        if end is not None and a > end:
+            gaps.append((a - end, end, a))
+        busy += max(0.0, b - max(a, end if end is not None else a))
+        end = b if end is None else max(end, b)
+    main_tid = call["tid"]
+    host = [e for e in events if e.get("cat") == "user_annotation" and e.get("tid") == main_tid and e is not call]
+
+    ops = [e for e in events if e.get("tid") == main_tid and e.get("cat") in ("cpu_op", "cuda_runtime")
+           and e.get("dur") is not None]
+
+    def doing(a: float, b: float) -> str:
+        names = sorted({e["name"] for e in host if e["ts"] < b and e["ts"] + e["dur"] > a})
+        busy = sorted(((min(b, e["ts"] + e["dur"]) - max(a, e["ts"]), e["name"]) for e in ops
+                       if e["ts"] < b and e["ts"] + e["dur"] > a), reverse=True)[:3]
+        return (",".join(names) or "-") + "; longest host ops there: " + ", ".join(
+            f"{n} {d / 1e3:.1f} ms" for d, n in busy)
+
+    def inside(name: str) -> tuple[int, float]:
+        ranges = [(e["ts"], e["ts"] + e["dur"]) for e in events
+                  if e.get("cat") == "gpu_user_annotation" and e.get("name") == name]
+        total = sum(min(b, y) - max(a, x) for x, y in ranges for a, b in kernels if a < y and b > x)
+        return len(ranges), total
+
+    print(f"\n=== timeline {label}: wall {(t1 - t0) / 1e3:.1f} ms, device busy {busy / 1e3:.1f} ms, "
+          f"idle before the first kernel {(kernels[0][0] - t0) / 1e3:.1f} ms, after the last "
+          f"{(t1 - kernels[-1][1]) / 1e3:.1f} ms, gaps > 0.2 ms: {sum(g for g, _, _ in gaps if g > 200) / 1e3:.1f} ms "
+          f"in {sum(g > 200 for g, _, _ in gaps)}")
+    for name in ("vision", "forward", "mask"):
+        n, total = inside(name)
+        print(f"  device time inside '{name}': {total / 1e3:.1f} ms over {n} ranges")
+    for g, a, b in sorted(gaps, reverse=True)[:8]:
+        print(f"  gap {g / 1e3:6.1f} ms at {(a - t0) / 1e3:7.1f} ms: main thread in {doing(a, b)}")
+    names = {}
+    for e in host:
+        names.setdefault(e["name"], [0, 0.0])
+        names[e["name"]][0] += 1
+        names[e["name"]][1] += e["dur"]
+    syncs = {}
+    for e in ops:
+        if e["name"] in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync",
+                         "aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::pin_memory"):
+            syncs.setdefault(e["name"], [0, 0.0])
+            syncs[e["name"]][0] += 1
+            syncs[e["name"]][1] += e["dur"]
+    print("  main thread, blocking kinds: " + ", ".join(f"{k} {v[0]}x {v[1] / 1e3:.1f} ms"
+                                                         for k, v in sorted(syncs.items())))
+    print("  main thread: " + ", ".join(f"{k} {v[0]}x {v[1] / 1e3:.1f} ms" for k, v in sorted(names.items())))
+
+
+def _event_timeline(fn, cap, label: str) -> None:
+    """One run of ``fn`` without the profiler: CUDA events around each vision pass (``hf.image_features`` as
+    capture calls it) and each forward (``capture._run_hooked``), with host clocks at the same points. Prints
+    device time per phase kind (event to event: it includes any idle inside a phase), the device time between
+    phases, before the first and after the last, and host time per phase kind."""
+    marks: list[tuple[str, float, float, torch.cuda.Event, torch.cuda.Event]] = []
+    real_vision, real_run = cap.hf.image_features, cap._run_hooked
+
+    def timed_call(kind, real):
+        def call(*a, **k):
+            ea, eb = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ta = time.perf_counter()
+            ea.record()
+            try:
+                return real(*a, **k)
+            finally:
+                eb.record()
+                marks.append((kind, ta, time.perf_counter(), ea, eb))
+        return call
+
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cap.hf.image_features, cap._run_hooked = timed_call("vision", real_vision), timed_call("forward", real_run)
+    try:
+        t0 = time.perf_counter()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    finally:
+        cap.hf.image_features, cap._run_hooked = real_vision, real_run
+    dev = {"vision": 0.0, "forward": 0.0}
+    host = {"vision": 0.0, "forward": 0.0}
+    between, prev = [], start
+    for kind, ta, tb, ea, eb in marks:
+        dev[kind] += ea.elapsed_time(eb)
+        host[kind] += 1e3 * (tb - ta)
+        between.append(prev.elapsed_time(ea))
+        prev = eb
+    tail = prev.elapsed_time(end)
+    print(f"\n=== events {label}: wall {wall * 1e3:.1f} ms; device: vision {dev['vision']:.1f} ms "
+          f"({sum(m[0] == 'vision' for m in marks)} passes), forwards {dev['forward']:.1f} ms "
+          f"({sum(m[0] == 'forward' for m in marks)}), between phases {sum(between[1:]):.1f} ms, before the first "
+          f"{between[0]:.1f} ms, after the last {tail:.1f} ms; host inside: vision {host['vision']:.1f} ms, "
+          f"forwards {host['forward']:.1f} ms")
+    print("  " + "  ".join(f"{k[0]}{ea.elapsed_time(eb):.0f}/{1e3 * (tb - ta):.0f}+{g:.0f}"
+                           for (k, ta, tb, ea, eb), g in zip(marks, between, strict=True))
+          + "   (kind device/host ms +device ms since the previous phase)")
+
+
+def ragged_target(smoke: bool, sweep: bool = False, timeline: bool = True) -> None:
+    """bench/ragged.py's image corpus: a device timeline of caller-order and default capture, then median wall
+    times over capture's batching constants (cost of a forward in the planner, first-batch share, token cap)."""
+    import concurrent.futures as cf
+    import threading
+
+    import medgemma_shape
+    from ragged import image_corpora
+
+    import interp
+
+    cap = importlib.import_module("interp.capture")
+    model = medgemma_shape.build(smoke=smoke)
+    cuda = model.device.type == "cuda"
+    corpora = image_corpora(model, 24 if smoke else 128, 4, 20 if smoke else 40, 600, 56 if smoke else 768)
+    text = medgemma_shape.prompts_of_lengths(model, medgemma_shape.ragged_lengths(96 if smoke else 512, 40, 1000))
+    layer = 3 if smoke else 17
+    from torch.profiler import record_function
+
+    real = {"_features": cap._ImageFeatures._features, "_run_hooked": cap._run_hooked,
+            "result": cf.Future.result}
+
+    def features(self, key):
+        with record_function("vision"):
+            return real["_features"](self, key)
+
+    def run(*a, **k):
+        with record_function("forward"):
+            return real["_run_hooked"](*a, **k)
+
+    def result(self, timeout=None):
+        if threading.current_thread() is threading.main_thread():
+            with record_function("wait"):
+                return real["result"](self, timeout)
+        return real["result"](self, timeout)
+
+    caller = dict(sort=False, batch_size=16, batch_tokens=10**9)
+
+    def go(prompts, positions="all", **kw):
+        return interp.capture(model, prompts, layers=[layer], positions=positions, progress=False, **kw)
+
+    if cuda and timeline:
+        import sys
+
+        from interp.models import ImageCache
+
+        interval = sys.getswitchinterval()
+        variants = {"as is": {}, "pixels unpinned": {"pin": False}, "4 encoder threads": {"threads": 4},
+                    "forward merges the images": {"merge": False}}
+        threads, merge = cap.ENCODER_THREADS, cap.hf.embeds_with_image_features
+        for kw in (caller, {}):
+            for positions in ("all", "last"):
+                for vname, v in variants.items() if positions == "all" else [("as is", {})]:
+                    ImageCache.pin = v.get("pin", True)
+                    sys.setswitchinterval(v.get("switch", interval))
+                    cap.ENCODER_THREADS = v.get("threads", threads)
+                    cap.hf.embeds_with_image_features = merge if v.get("merge", True) else (lambda *a, **k: None)
+                    try:
+                        go(corpora["images"], positions, **kw)
+                        _event_timeline(lambda kw=kw, positions=positions: go(corpora["images"], positions, **kw),
+                                        cap, f"images {positions} {kw or 'defaults'} [{vname}]")
+                    except Exception:  # diagnosis: keep going
+                        import traceback
+
+                        traceback.print_exc()
+                    finally:
+                        ImageCache.pin = True
+                        sys.setswitchinterval(interval)
+                        cap.ENCODER_THREADS, cap.hf.embeds_with_image_features = threads, merge
+        cap._ImageFeatures._features, cap._run_hooked, cf.Future.result = features, run, result
+        try:
+            for kw in (caller, {}):
+                go(corpora["images"], **kw)
+                try:
+                    _timeline(lambda kw=kw: go(corpora["images"], **kw), f"images {kw or 'defaults'}")
+                except Exception:  # diagnosis: a trace this code cannot read must not cost the sweep
+                    import traceback
+
+                    traceback.print_exc()
+        finally:
+            cap._ImageFeatures._features, cap._run_hooked = real["_features"], real["_run_hooked"]
+            cf.Future.result = real["result"]
+
+    def median(prompts, positions, reps=3, **kw):
+        go(prompts, positions, **kw)
+        times = []
+        for _ in range(reps):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            go(prompts, positions, **kw)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    if not sweep:
+        return
+    dev = "cuda" if cuda else "cpu"
+    saved = dict(cap.BATCH_OVERHEAD_TOKENS)
+    # (batch_tokens, batch_size, planner's cost of a forward in tokens): the defaults first
+    settings = [(None, None, saved[dev]), (16384, 64, 256), (16384, 64, 4096), (32768, 128, 1024),
+                (32768, 128, 8192)]
+    print("\n=== sweep: median wall times; ratio = caller order / setting (same prompts)")
+    try:
+        for cname, prompts, reps in (("images", corpora["images"], 3), ("text", text, 2)):
+            for positions in ("all", "last") if cname == "images" else ("all",):
+                base = median(prompts, positions, reps, **caller)
+                print(f"{cname} {positions}: caller order {base:.3f} s")
+                for tokens, size, overhead in settings:
+                    cap.BATCH_OVERHEAD_TOKENS[dev] = overhead
+                    kw = {} if tokens is None else {"batch_tokens": tokens, "batch_size": size}
+                    t = median(prompts, positions, reps, **kw)
+                    print(f"  batch_tokens {tokens or 'default'} batch_size {size or 'default'} overhead {overhead}: "
+                          f"{t:.3f} s, ratio {base / t:.2f}", flush=True)
+    finally:
+        cap.BATCH_OVERHEAD_TOKENS.update(saved)
+
+
 def vision_target(smoke: bool) -> None:
     """Vision tower (16 images) and a 32-row image-prefix pass under each SDPA backend: time and max difference."""
     import medgemma_shape
@@ -320,23 +562,33 @@ def lora_target(smoke: bool, mode: str, checkpoint: bool) -> None:
             torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
             opt.step()
 
-        with L._row_dropout(pm.hf, trainer.dropout_rows):
-            _profile(step, f"lora {mode} group of 8 pairs, checkpoint={checkpoint}")
-            ts = []
-            for _ in range(5):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                step()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t0)
-            print(f"lora {mode} step seconds (checkpoint={checkpoint}):", np.round(ts, 4).tolist())
+        fold_min = L._DroppedA.FOLD_MIN_TOKENS
+        try:
+            for fold in (True, False):  # the folded dropout on passes of >= FOLD_MIN_TOKENS, and never
+                L._DroppedA.FOLD_MIN_TOKENS = fold_min if fold else 1 << 40
+                with L._row_dropout(pm.hf, trainer.dropout_rows):
+                    _profile(step, f"lora {mode} group of 8 pairs, checkpoint={checkpoint}, fold={fold}")
+                    ts = []
+                    for _ in range(5):
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        step()
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        ts.append(time.perf_counter() - t0)
+                    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+                    print(f"lora {mode} step seconds (checkpoint={checkpoint}, fold={fold}):",
+                          np.round(ts, 4).tolist(), f"peak so far {peak:.2f} GiB")
+        finally:
+            L._DroppedA.FOLD_MIN_TOKENS = fold_min
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("target", choices=["evaluate", "lora", "capture", "vision"])
+    ap.add_argument("target", choices=["evaluate", "lora", "capture", "vision", "ragged"])
+    ap.add_argument("--sweep", action="store_true", help="ragged: also time capture's batching constants")
+    ap.add_argument("--no-timeline", action="store_true", help="ragged: skip the device timelines")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--mode", default="text", choices=["text", "images"])
     ap.add_argument("--pairs", type=int, default=48)
@@ -349,6 +601,8 @@ def main() -> None:
         capture_target(args.smoke)
     elif args.target == "vision":
         vision_target(args.smoke)
+    elif args.target == "ragged":
+        ragged_target(args.smoke, args.sweep, not args.no_timeline)
     else:
         lora_target(args.smoke, args.mode, not args.no_checkpointing)
     print("STATUS hotspots: PASS (diagnosis only: no values to check)")

@@ -311,8 +311,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--fuse-tokens", type=int, default=8192, help="interp: tokens per fused forward pass")
     ap.add_argument("--no-checkpointing", action="store_true", help="interp: keep all upper-layer activations")
     ap.add_argument("--unfused", action="store_true", help="also time interp with one pair per forward pass")
+    ap.add_argument("--fold-min-tokens", type=int, default=None,
+                    help="interp: fold the LoRA dropout into lora_A on passes of at least this many tokens "
+                         "(default: interp's own threshold; a huge value: never)")
     ap.add_argument("--out", help="write the JSON record here")
     args = ap.parse_args(argv)
+    if args.fold_min_tokens is not None:
+        from interp import lora as interp_lora
+
+        interp_lora._DroppedA.FOLD_MIN_TOKENS = args.fold_min_tokens
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     lo, hi = (1, 3) if args.smoke else map(int, args.layers.split("-"))

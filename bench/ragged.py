@@ -57,6 +57,20 @@ def images(n: int, size: int, seed: int = 0) -> list:
     return out
 
 
+def image_corpora(model: interp.Model, n: int, phrasings: int, lo: int, hi: int, side: int) -> dict[str, list]:
+    """The two image corpora, in the order drawn: "images", ``n`` prompts of ``lo``-``hi`` text tokens, every
+    other one with an image, each image shown in ``phrasings`` of them (shuffled); "distinct images", the first
+    half of those prompts, every image different."""
+    short = medgemma_shape.prompts_of_lengths(model, medgemma_shape.ragged_lengths(n, lo, hi, seed=1), seed=1)
+    n_img = len(short) // 2  # prompts with an image: the odd ones
+    pictures = images(max(1, n_img // phrasings), side)
+    order = np.random.default_rng(2).permutation(np.arange(n_img) % len(pictures))  # image of the k-th image prompt
+    distinct = short[: len(short) // 2]
+    own = images(len(distinct) // 2, side, seed=3)
+    return {"images": [Prompt(q, pictures[order[k // 2]] if k % 2 else None) for k, q in enumerate(short)],
+            "distinct images": [Prompt(q, own[k // 2] if k % 2 else None) for k, q in enumerate(distinct)]}
+
+
 class Padding:
     """Counts the prompts, padded positions and forward passes of every batch capture runs."""
 
@@ -67,7 +81,7 @@ class Padding:
 
     def __call__(self, model, batch, *a, **k):
         self.batches += 1
-        self.padded += int(batch.input_ids.numel())
+        self.padded += int(batch.inputs["attention_mask"].numel())
         return self.real(model, batch, *a, **k)
 
     def reset(self) -> tuple[int, int]:
@@ -142,18 +156,8 @@ def main() -> None:
     tol = args.tol if args.tol is not None else tolerance("rows", model.dtype)
     text = medgemma_shape.prompts_of_lengths(model, medgemma_shape.ragged_lengths(args.prompts, args.min_tokens,
                                                                                   args.max_tokens))
-    side = 56 if args.quick else 768
-    short = medgemma_shape.prompts_of_lengths(model, medgemma_shape.ragged_lengths(
-        args.image_prompts, args.min_tokens, min(600, args.max_tokens), seed=1), seed=1)
-    n_img = len(short) // 2  # prompts with an image: the odd ones
-    pictures = images(max(1, n_img // args.phrasings_per_image), side)
-    rng = np.random.default_rng(2)
-    order = rng.permutation(np.arange(n_img) % len(pictures))  # image of the k-th image prompt, shuffled
-    distinct = short[: len(short) // 2]
-    own = images(len(distinct) // 2, side, seed=3)
-    corpora = {"text": text,
-               "images": [Prompt(q, pictures[order[k // 2]] if k % 2 else None) for k, q in enumerate(short)],
-               "distinct images": [Prompt(q, own[k // 2] if k % 2 else None) for k, q in enumerate(distinct)]}
+    corpora = {"text": text, **image_corpora(model, args.image_prompts, args.phrasings_per_image, args.min_tokens,
+                                             min(600, args.max_tokens), 56 if args.quick else 768)}
     configs = {"caller order": dict(sort=False, batch_size=bs, batch_tokens=10**9),
                "sorted": dict(batch_size=bs), "default": {}}
     print(f"{model!r}\ncaller-order batch_size={bs}; corpora: " + ", ".join(f"{k} {len(v)} prompts"

@@ -134,7 +134,10 @@ def _run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
     flat = sel.reshape(-1).nonzero().squeeze(1)
     dtype = out_dtype or model.dtype
     buffer = torch.empty(len(layers), flat.numel(), model.d_model, dtype=dtype, device=model.device)
-    flat = flat.to(model.device, non_blocking=True)
+    if model.device.type == "cuda":  # from pinned memory: a pageable copy may wait for the queued kernels
+        flat = flat.pin_memory().to(model.device, non_blocking=True)
+    else:
+        flat = flat.to(model.device)
     kept: dict[int, Tensor] = {}
     last = max(layers)
 
@@ -201,6 +204,7 @@ def _slug(name: str) -> str:
 # MedGemma-4B forward on an H200 has some 5-10 ms of fixed cost, about what 1k tokens take; on the CPU a
 # token costs far more, so the fixed part is worth fewer of them.
 BATCH_OVERHEAD_TOKENS = {"cuda": 1024, "cpu": 256}
+ENCODER_THREADS = 8  # at most this many threads encode batches with images (image preprocessing), fewer on small hosts
 FIRST_BATCH_SHARE = 4  # the first batch of a capture gets batch_tokens / this: the device starts sooner
 FEATURE_CACHE_BYTES = 512 << 20  # image features kept on the device per capture call (least recently used go)
 IMAGE_CACHE_BYTES = 1 << 30  # processed pixel values kept in host memory per capture call
@@ -742,14 +746,20 @@ class _ImageFeatures:
         self.bytes += self._nbytes(f)
         return f
 
-    def inputs(self, batch: Batch) -> dict[str, Any]:
-        """The batch's inputs with its images' features in place of pixel values (rows in batch order)."""
+    def inputs(self, batch: Batch, host_ids: Tensor) -> dict[str, Any]:
+        """The batch's inputs with its images' features merged into the token embeddings (rows in batch
+        order; ``host_ids``: its ``input_ids`` on the CPU), or, for a body that cannot be merged here, passed
+        to the forward in place of pixel values."""
         keys = [k for k in batch.image_keys if k is not None]
         per = {k: self._features(k) for k in dict.fromkeys(keys)}
         per_row = torch.cat([per[k] for k in keys]) if self.as_tensor else [t for k in keys for t in per[k]]
         while self.bytes > self.max_bytes and len(self.cache) > 1:  # the batch holds what it uses
             self.bytes -= self._nbytes(self.cache.popitem(last=False)[1])
-        return hf.with_image_features(self.body, batch.inputs, per_row)
+        try:
+            merged = hf.embeds_with_image_features(self.body, batch.inputs, per_row, host_ids)
+        except hf.Unsupported:  # counts that do not match: the forward's own merge raises its own error
+            merged = None
+        return merged if merged is not None else hf.with_image_features(self.body, batch.inputs, per_row)
 
 
 class _ShardBuffer:
@@ -851,7 +861,8 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
     # features, run through the vision tower once (_ImageFeatures), while they fit the caches' bounds (beyond
     # them the least recently used are dropped and recomputed if asked for again); both go when the call ends.
     with_images = any(p.image is not None for p in items)
-    encoder = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) - 2))) if with_images else tokeniser
+    encoder = (ThreadPoolExecutor(max(1, min(ENCODER_THREADS, (os.cpu_count() or 2) - 2))) if with_images
+               else tokeniser)
     images = ImageCache(model, max_bytes=IMAGE_CACHE_BYTES) if with_images else None
     features = _ImageFeatures(model, images) if with_images else None
 
@@ -871,9 +882,10 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
             with torch.inference_mode():
                 for job in jobs:
                     for batch, sel, _meta in job.result():
+                        host_ids = batch.input_ids
                         batch = batch.to(model.device)
                         if "pixel_values" not in batch.inputs and any(k is not None for k in batch.image_keys):
-                            batch = dataclasses.replace(batch, inputs=features.inputs(batch))
+                            batch = dataclasses.replace(batch, inputs=features.inputs(batch, host_ids))
                         buffer, _ = _run_hooked(model, batch, layers, sel, out_dtype)
                         if cuda:
                             staged, done = _stage(buffer, stream)

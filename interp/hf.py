@@ -245,6 +245,34 @@ def with_image_features(body: nn.Module, inputs: dict[str, Tensor], per_row: lis
     return out
 
 
+def embeds_with_image_features(body: nn.Module, inputs: dict[str, Tensor], per_row: list[Tensor] | Tensor,
+                               host_ids: Tensor) -> dict[str, Tensor] | None:
+    """``inputs`` with ``input_ids`` (and any ``pixel_values``) replaced by ``inputs_embeds``: the token embeddings
+    with the image placeholders holding ``per_row``'s features in order, as the body's forward merges them
+    (embedding lookup, then ``masked_scatter``), so the values are the same. None where the body has no
+    ``image_token_id`` or token embedding to do it with (pass `with_image_features` to the forward instead).
+
+    The forward's own merge checks the number of image tokens against the features with a device-to-host read,
+    twice (Gemma 3 and LLaVA format the count into the error message before the check): two syncs per forward,
+    each draining the kernel queue. Here the count is checked on ``host_ids`` (``input_ids`` on the CPU)."""
+    token = getattr(getattr(body, "config", None), "image_token_id", None)
+    embed = body.get_input_embeddings() if hasattr(body, "get_input_embeddings") else None
+    if token is None or embed is None:
+        return None
+    feats = per_row if isinstance(per_row, Tensor) else torch.cat(list(per_row))
+    n = int((host_ids == token).sum())
+    if n * feats.shape[-1] != feats.numel():
+        raise Unsupported(f"image features and image tokens do not match: {n} image tokens in the batch, "
+                          f"{feats.numel() // max(1, feats.shape[-1])} feature rows")
+    ids = inputs["input_ids"]
+    vocab = getattr(body, "vocab_size", None) or embed.num_embeddings
+    emb = embed(torch.where(ids == token, 0, ids) if token >= vocab else ids)  # the forward's rule for an OOV id
+    mask = (ids == token).unsqueeze(-1)
+    out = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values")}
+    out["inputs_embeds"] = emb.masked_scatter(mask, feats.to(emb.device, emb.dtype))
+    return out
+
+
 class ProcessorSplit:
     """A multimodal processor's call split in two: each image processed once (thread-safe, no tokenizer),
     each phrasing only expanded and tokenised. Callers check it against the full call before use."""
@@ -271,6 +299,6 @@ class ProcessorSplit:
 
 
 __all__ = ["VERIFIED", "ProcessorSplit", "Unsupported", "architecture", "base_model", "cache_from_kv", "cache_kv",
-           "cache_kwargs", "cache_name", "cache_nbytes", "check_forward", "contiguous_vision", "image_features",
-           "is_verified", "new_cache", "output_cache", "run_from_layer", "takes_image_features", "tile_cache",
-           "with_image_features"]
+           "cache_kwargs", "cache_name", "cache_nbytes", "check_forward", "contiguous_vision",
+           "embeds_with_image_features", "image_features", "is_verified", "new_cache", "output_cache",
+           "run_from_layer", "takes_image_features", "tile_cache", "with_image_features"]

@@ -225,23 +225,55 @@ def _row_mask(shape: torch.Size, counter: Tensor, keys: Tensor, lengths: Tensor,
         h = _mix32(counter[None, :] ^ keys[r:r + step, None])  # [chunk, width * feat]
         torch.ge(h & 0xFFFFFF, threshold, out=keep[r:r + step])
     real = torch.arange(width, device=counter.device)[None, :] < lengths[:, None]
-    return keep.view(shape) & real.view(rows, width, *([1] * (len(shape) - 2)))
+    keep = keep.view(shape)
+    keep &= real.view(rows, width, *([1] * (len(shape) - 2)))  # in place: one mask-sized tensor, not two
+    return keep
+
+
+@functools.cache
+def _bit_values(device: torch.device) -> Tensor:
+    """(1, 2, 4, ..., 128) on ``device``: what bit ``i`` of a `_pack_mask` byte is worth (made once per device,
+    not copied to the GPU in every pass)."""
+    return torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=device)
+
+
+def _pack_mask(keep: Tensor, out: Tensor) -> None:
+    """Write the bool mask ``keep`` [rows, ...] into ``out`` [rows, ceil(n / 8)] (uint8, n: values per row),
+    8 values a byte: bit ``i`` of byte ``j`` is value ``8 * j + i`` of the flattened row. A row whose ``n`` is
+    not a multiple of 8 ends in zero bits; rows start on a byte, so a span of rows is a slice of ``out``."""
+    rows, n = keep.shape[0], math.prod(keep.shape[1:])
+    flat = keep.reshape(rows, n) if n % 8 == 0 else F.pad(keep.reshape(rows, n), (0, -n % 8))
+    torch.sum(flat.view(rows, flat.shape[1] // 8, 8) * _bit_values(flat.device), -1, dtype=torch.uint8, out=out)
+
+
+def _unpack_mask(packed: Tensor, shape: torch.Size) -> Tensor:
+    """The bool mask (``shape`` = [rows, ...]) that `_pack_mask` packed into ``packed`` [rows, ceil(n / 8)]."""
+    bits = (packed[..., None] & _bit_values(packed.device)) != 0  # [rows, bytes, 8]
+    return bits.view(packed.shape[0], packed.shape[1] * 8)[:, :math.prod(shape[1:])].reshape(shape)
 
 
 def _dropped(x: Tensor, dtype: torch.dtype, keep: Tensor | None, scale: float) -> Tensor:
     """What PEFT feeds ``lora_A``: ``x`` cast to the adapter's dtype, then `_RowDropout` (``keep``: its mask).
-    In place on one copy: the same values as ``x * keep * scale`` with one float32 temporary, not three."""
-    return x.to(dtype) if keep is None else x.to(dtype, copy=True).mul_(keep).mul_(scale)
+    The same values as ``x.to(dtype) * keep * scale`` in two kernels on one ``dtype`` copy: the mask is applied
+    in the cast (a product with 0 or 1 is exact in any dtype, so the order changes no bit)."""
+    if keep is None:
+        return x.to(dtype)
+    return torch.mul(x, keep, out=torch.empty(x.shape, dtype=dtype, device=x.device)).mul_(scale)
 
 
 class _DroppedLinear(torch.autograd.Function):
-    """``F.linear(_dropped(x, W.dtype, keep, scale), W)`` that keeps only ``x`` as it came, ``W`` and the hash
-    inputs of ``keep`` (``mask``; none: no dropout) for the backward pass, which recomputes the rest.
+    """``F.linear(_dropped(x, W.dtype, keep, scale), W)`` that keeps for the backward pass only ``x`` as it
+    came, ``W`` and ``keep`` packed 8 values a byte (`_pack_mask`); ``mask``: the hash inputs of ``keep``
+    (none: no dropout). The mask is hashed once, in the forward pass: recomputing its ~14 kernels a chunk in
+    the backward pass made a folded step on an H200 host-bound (kernel launches, not GPU time, set its pace).
 
-    Both passes go through ``x`` a few rows at a time (`ROWS_ELEMENTS` values): the float32 copy, the mask
-    and the input gradient of ``down_proj`` at 4,800 tokens would be ~0.5 GB at once, a peak of their own."""
+    Both passes go through ``x`` a few rows at a time (`ROWS_ELEMENTS` values): the float32 dropped copy and
+    the input gradient of ``down_proj`` at 8,192 tokens would be 0.3 GB each at once, a peak of their own.
+    Spans of 2^24 values (64 MiB in float32) take a pass of 16 rows x 314 tokens whole at 2,560 features and
+    in four spans at 10,240; each further span costs ~8 kernels in the forward pass and ~9 in the backward
+    (2^25 would halve the spans at 10,240 for twice the temporaries, against QLoRA's memory margin)."""
 
-    ROWS_ELEMENTS = 1 << 23
+    ROWS_ELEMENTS = 1 << 24
 
     @staticmethod
     def _spans(x: Tensor) -> list[slice]:
@@ -249,40 +281,43 @@ class _DroppedLinear(torch.autograd.Function):
         return [slice(r, r + step) for r in range(0, x.shape[0], step)]
 
     @staticmethod
-    def _keep(x: Tensor, span: slice, mask: Sequence[Tensor], threshold: int) -> Tensor | None:
-        if not mask:
-            return None
-        counter, keys, lengths = mask
-        return _row_mask(x[span].shape, counter, keys[span], lengths[span], threshold)
-
-    @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, threshold: int, scale: float, *mask: Tensor) -> Tensor:
-        ctx.threshold, ctx.scale = threshold, scale
-        ctx.save_for_backward(x, weight, *mask)
-        parts = [F.linear(_dropped(x[sp], weight.dtype, _DroppedLinear._keep(x, sp, mask, threshold), scale), weight)
-                 for sp in _DroppedLinear._spans(x)]
+        ctx.scale = scale
+        packed = None
+        if mask:
+            counter, keys, lengths = mask
+            packed = torch.empty(x.shape[0], -(-x[0].numel() // 8), dtype=torch.uint8, device=x.device)
+        parts = []
+        for sp in _DroppedLinear._spans(x):
+            keep = None
+            if packed is not None:
+                keep = _row_mask(x[sp].shape, counter, keys[sp], lengths[sp], threshold)
+                _pack_mask(keep, packed[sp])
+            parts.append(F.linear(_dropped(x[sp], weight.dtype, keep, scale), weight))
+        ctx.save_for_backward(x, weight, *(() if packed is None else (packed,)))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, *mask = ctx.saved_tensors
+        x, weight, *packed = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if want_x else None
         grad_w = None
         for sp in _DroppedLinear._spans(x):
-            keep = _DroppedLinear._keep(x, sp, mask, ctx.threshold)
+            keep = _unpack_mask(packed[0][sp], x[sp].shape) if packed else None
             g = grad[sp].reshape(-1, grad.shape[-1])  # [tokens, r]
             if want_w:  # as autograd computes it through F.linear (summed over spans in float32)
                 part = g.t().mm(_dropped(x[sp], weight.dtype, keep, ctx.scale).reshape(-1, x.shape[-1]))
                 grad_w = part if grad_w is None else grad_w.float().add_(part)
-            if want_x:  # autograd's order through PEFT's ops: @ W, * scale, * keep, cast
+            if want_x:  # autograd's order through PEFT's ops: @ W, * scale, * keep, cast (on the way out)
                 gx = g.mm(weight).view(x[sp].shape)
-                if keep is not None:
-                    gx.mul_(ctx.scale).mul_(keep)
-                grad_x[sp] = gx
+                if keep is None:
+                    grad_x[sp] = gx
+                else:
+                    torch.mul(gx.mul_(ctx.scale), keep, out=grad_x[sp])
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        return grad_x, grad_w, None, None, *(None for _ in mask)
+        return grad_x, grad_w, None, None, *(None for _ in ctx.needs_input_grad[4:])
 
 
 class _DroppedA(_RowDropout):
@@ -292,8 +327,9 @@ class _DroppedA(_RowDropout):
     mask (5 bytes per input value), although q/k/v (and gate/up) read one input. Here the input arrives uncast
     (the layer's ``cast_input_dtype_enabled`` is off) and, in a pass of at least ``FOLD_MIN_TOKENS`` tokens,
     only it is kept, in the model's dtype: one tensor for all the modules that read it (2 bytes per value in
-    bf16). Smaller passes, and passes without gradients, take PEFT's ops unchanged. Forward values are PEFT's
-    (bitwise on the CPU, where the tests compare them; a pass split into row spans may round differently on a GPU).
+    bf16), beside each module's mask packed 8 values a byte. Smaller passes, and passes without gradients, take
+    PEFT's ops unchanged. Forward values are PEFT's (bitwise on the CPU, where the tests compare them; a pass
+    split into row spans may round differently on a GPU).
     """
 
     def __init__(self, linear: nn.Linear, p: float, salt: int, ctx: _DropoutRows):
@@ -302,8 +338,9 @@ class _DroppedA(_RowDropout):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     # Below this many tokens per pass (rows x width) the adapters' saved inputs are small (~90 KB a token at
-    # Gemma 3 4B's widths: 0.2 GB at 2,048), and recomputing the mask in the backward pass costs more than they
-    # are worth: on an H200, text pairs of ~50 tokens trained 4.0x plain PEFT folded against 6.0x unfolded.
+    # Gemma 3 4B's widths: 0.2 GB at 2,048), and the folded path's extra kernels cost more than they are worth:
+    # on an H200, text pairs of ~50 tokens trained 4.0x plain PEFT folded against 6.0x unfolded (measured while
+    # the backward pass still recomputed the mask's hash).
     FOLD_MIN_TOKENS = 2048
 
     def forward(self, x: Tensor) -> Tensor:
@@ -359,6 +396,14 @@ def _row_dropout(model: nn.Module, ctx: _DropoutRows, *, fold: bool = True) -> I
             mod.lora_dropout[key] = drop
             if lin is not None:
                 mod.lora_A[key] = lin
+
+
+def _fold_default(qlora: bool) -> bool:
+    """Whether `train_lora` folds the LoRA dropout into ``lora_A`` (`_row_dropout`'s ``fold``) when
+    ``fold_dropout`` is None: under QLoRA, whose point is memory, and not otherwise. Measured on an H200
+    (MedGemma-4B shape, bf16, image pairs, bench/lora.py): folded 19.24 pairs/s at 9.73 GiB peak, unfolded
+    22.12 pairs/s at 10.31 GiB (4.15x and 4.83x the plain PEFT loop's 4.6 pairs/s): 13% of the speed for 0.58 GiB."""
+    return qlora
 
 
 def _prefetch(fn: Callable[[Any], Any], items: Sequence[Any], depth: int) -> Iterator[Any]:
@@ -1326,7 +1371,8 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
                warmup_ratio: float = 0.0, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                qlora: bool = False, fast_path: bool = True, cache: bool | str = "auto",
                fuse_tokens: int | None = None, checkpointing: bool | None = None,
-               eval_batch_size: int | None = None, progress: bool = True) -> TrainResult:
+               eval_batch_size: int | None = None, fold_dropout: bool | None = None,
+               progress: bool = True) -> TrainResult:
     """Train a LoRA on ``layers`` with CE on the first answer token + symmetric KL between phrasings.
 
     Defaults are the study's (r=16, alpha=32, dropout 0.05, q/k/v/o/gate/up/down, lr 2e-4, 1 pair x 8
@@ -1345,7 +1391,10 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
     most ``fuse_tokens`` padded tokens (default 8192 on a GPU, 2048 on the CPU; 0 = one micro-batch per
     pass), and ``checkpointing`` (default: on a GPU) recomputes each adapted-stack layer in the backward
     pass so that fusing costs no extra memory. LoRA dropout masks are drawn per example, so fusing, the
-    number of GPUs and resuming leave them unchanged. ``fast_path=False`` trains with the plain forward.
+    number of GPUs and resuming leave them unchanged. ``fold_dropout``: fold the LoRA dropout into ``lora_A``
+    on long passes: less activation memory (0.58 GiB at MedGemma-4B on image pairs), 13% slower steps; None
+    (the default): folded under ``qlora=True`` only. ``fast_path=False`` trains with the plain
+    forward.
     Under ``accelerate launch`` (or torchrun) each process takes its share of every accumulation group and
     the LoRA gradients are summed across processes (DDP): same result as one GPU up to reduction order.
     """
@@ -1353,6 +1402,9 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
                    grad_accum=grad_accum, ce_weight=ce_weight, kl_weight=kl_weight, kl_space=kl_space,
                    warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                    max_steps=max_steps)
+    if fold_dropout is not None and not isinstance(fold_dropout, bool):
+        raise InterpError(f"fold_dropout={fold_dropout!r} must be True, False or None (the default)")
+    fold = _fold_default(bool(qlora)) if fold_dropout is None else fold_dropout
     pairs = check_pairs(pairs)
     layer_list = _resolve_layers(model, layers)
     targets, _ = resolve_target_modules(model, layer_list, target_modules)  # before the model is wrapped
@@ -1382,7 +1434,7 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
         with torch.random.fork_rng(devices=_rng_devices(model)):
             return _train(peft_model, train, held, cfg, output_dir=output_dir, resume=resume, max_steps=max_steps,
                           fast=fast_path, cache=cache, fuse_tokens=fuse_tokens, checkpointing=checkpointing,
-                          eval_batch_size=eval_batch_size, progress=progress,
+                          eval_batch_size=eval_batch_size, fold=fold, progress=progress,
                           rank=rank, world=world)
     finally:
         _restore_grad_flags(flags)  # the adapters lived in a copy; the caller's model is as it came in
@@ -1390,8 +1442,8 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
 
 def _train(pm: Model, train: list[ParaphrasePair], held: list[ParaphrasePair], cfg: dict[str, Any], *,
            output_dir: Path, resume: bool, max_steps: int | None, fast: bool, cache: Any,
-           fuse_tokens: int | None, checkpointing: bool | None, eval_batch_size: int | None, progress: bool,
-           rank: int, world: int) -> TrainResult:
+           fuse_tokens: int | None, checkpointing: bool | None, eval_batch_size: int | None, fold: bool,
+           progress: bool, rank: int, world: int) -> TrainResult:
     from transformers import get_linear_schedule_with_warmup
 
     layers, seed = cfg["layers"], cfg["seed"]
@@ -1462,7 +1514,7 @@ def _train(pm: Model, train: list[ParaphrasePair], held: list[ParaphrasePair], c
     if not history:
         history.append(evaluate_now(0, 0, None))
 
-    with _row_dropout(pm.hf, trainer.dropout_rows):  # dropout masks drawn per example
+    with _row_dropout(pm.hf, trainer.dropout_rows, fold=fold):  # dropout masks drawn per example
         bar = tqdm(total=total_steps, initial=global_step, desc=f"lora {_span(layers)}", unit="step",
                    disable=not progress or rank != 0)
         for epoch in range(epoch0, cfg["epochs"]):

@@ -259,12 +259,19 @@ class ImageCache:
     def split(self) -> CheckedSplit | None:
         return split_processor(self.model)
 
+    pin = True  # on a CUDA model, hold pixel values in pinned memory (see `_process`)
+
     def _process(self, image: Any) -> tuple[Tensor, str]:
         pixels, replacement = self.split.process_image(image)
         with self._lock:
             self.processed += 1
         # the dtype Model.encode casts pixel values to (half the memory of float32 under bf16)
-        return (pixels.to(self.model.dtype) if self.model.dtype.is_floating_point else pixels), replacement
+        pixels = pixels.to(self.model.dtype) if self.model.dtype.is_floating_point else pixels
+        if self.pin and self.model.device.type == "cuda":
+            # pinned here, on the pool's thread: a copy to the device from pageable memory waits for the
+            # stream's queued work, so each image would drain the kernel queue on the forward's thread
+            pixels = pixels.pin_memory()
+        return pixels, replacement
 
     def _finished(self, key: Hashable):
         def done(fut: Future) -> None:

@@ -136,6 +136,76 @@ def test_rows_equal_alone_when_the_processor_cannot_be_split(tiny_llava, xray_im
     _check_alone(tiny_llava, prompts, acts, 2)
 
 
+@pytest.mark.parametrize("which", ["tiny_medgemma", "tiny_llava"])
+def test_image_features_merged_into_the_embeddings_give_the_forwards_own_merge(request, which, xray_images):
+    """`hf.embeds_with_image_features` (what capture passes) against the forward merging the same features
+    itself (``mm_encoder_outputs``): the same layer outputs, bit for bit, on a padded batch of two images."""
+    model = request.getfixturevalue(which)
+    body = _body(model)
+    batch = model.encode([Prompt(BODY[0], xray_images[0]), Prompt(BODY[1] + " " + BODY[2], xray_images[1]),
+                          Prompt(BODY[3])])
+    with torch.inference_mode():
+        per_row = hf.image_features(body, batch.inputs["pixel_values"])
+        merged = hf.embeds_with_image_features(body, batch.inputs, per_row, batch.input_ids)
+        assert set(merged) >= {"inputs_embeds", "attention_mask"} and not {"input_ids", "pixel_values"} & set(merged)
+        outs = []
+        for inputs in (merged, hf.with_image_features(body, batch.inputs, per_row)):
+            kept = {}
+            h = model.layer(1).register_forward_hook(lambda _m, _a, o, kept=kept: kept.__setitem__(0, layer_output(o)))
+            try:
+                model.hf(**inputs, use_cache=False)
+            finally:
+                h.remove()
+            outs.append(kept[0])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_image_features_that_do_not_fit_the_image_tokens_are_refused(tiny_medgemma, xray_images):
+    body = _body(tiny_medgemma)
+    batch = tiny_medgemma.encode([Prompt(BODY[0], xray_images[0])])
+    with torch.inference_mode():
+        per_row = hf.image_features(body, batch.inputs["pixel_values"])
+        with pytest.raises(hf.Unsupported, match="image tokens"):
+            hf.embeds_with_image_features(body, batch.inputs, per_row[:, 1:], batch.input_ids)
+
+
+def test_capture_with_images_reads_nothing_back_from_the_device_inside_the_forward(tiny_medgemma, xray_images,
+                                                                                    monkeypatch):
+    """The forward's own image merge reads the image-token count back to the host (twice per forward: a sync
+    that drains the GPU's kernel queue); capture merges the features itself, so transformers' modelling code
+    reads nothing back during a capture."""
+    import traceback
+
+    prompts = paraphrase_corpus(xray_images)
+    _warm(tiny_medgemma)
+    reads = []
+    real_item, real_bool = torch.Tensor.item, torch.Tensor.__bool__
+
+    def noted(real):
+        def call(self):
+            if any("modeling_" in f.filename for f in traceback.extract_stack()):
+                reads.append(traceback.extract_stack()[-2])
+            return real(self)
+        return call
+
+    monkeypatch.setattr(torch.Tensor, "item", noted(real_item))
+    monkeypatch.setattr(torch.Tensor, "__bool__", noted(real_bool))
+    acts = interp.capture(tiny_medgemma, prompts, layers=[3], positions="all", batch_size=4, progress=False)
+    monkeypatch.undo()
+    assert reads == []
+    _check_alone(tiny_medgemma, prompts, acts, 3)
+
+
+def test_capture_falls_back_to_the_forwards_merge_when_the_counts_differ(tiny_medgemma, xray_images, monkeypatch):
+    def mismatch(*a, **k):
+        raise hf.Unsupported("image features and image tokens do not match")
+
+    monkeypatch.setattr(capture_mod.hf, "embeds_with_image_features", mismatch)
+    prompts = paraphrase_corpus(xray_images, 8)
+    acts = interp.capture(tiny_medgemma, prompts, layers=[2], positions="all", batch_size=3, progress=False)
+    _check_alone(tiny_medgemma, prompts, acts, 2)
+
+
 # ---- each distinct image once --------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["tiny_medgemma", "tiny_llava"])
 def test_each_distinct_image_is_processed_and_encoded_once_per_call(request, which, xray_images, monkeypatch):
