@@ -81,7 +81,7 @@ class Padding:
 
     def __call__(self, model, batch, *a, **k):
         self.batches += 1
-        self.padded += int(batch.inputs["attention_mask"].numel())
+        self.padded += int(batch.input_ids.numel())
         return self.real(model, batch, *a, **k)
 
     def reset(self) -> tuple[int, int]:

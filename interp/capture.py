@@ -11,7 +11,6 @@ at a time (`Activations.chunks`, `Activations.batches`). The folder format and `
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import inspect
 import json
@@ -126,9 +125,13 @@ def run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
 
 
 def _run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
-                out_dtype: torch.dtype | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+                out_dtype: torch.dtype | None = None, *,
+                inputs: dict[str, Any] | None = None) -> tuple[Tensor, dict[int, Tensor]]:
     """`run_hooked`, also returning the ``[n_layers, n_selected, d_model]`` buffer whose rows the hooks
-    fill (``buffer[k]`` is ``layers[k]``), so that a caller can move every layer to the host in one copy."""
+    fill (``buffer[k]`` is ``layers[k]``), so that a caller can move every layer to the host in one copy.
+    ``inputs``: what the forward takes in place of ``batch.inputs`` (the batch's images merged into its token
+    embeddings), the batch itself kept as it is for its masks and ids."""
+    inputs = batch.inputs if inputs is None else inputs
     # Flat row indices computed on the host: boolean-mask indexing on the device would force a sync
     # in every hook and stall the kernel queue.
     flat = sel.reshape(-1).nonzero().squeeze(1)
@@ -154,10 +157,10 @@ def _run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
 
     handles = [model.layers[i].register_forward_hook(make_hook(k, i)) for k, i in enumerate(layers)]
     try:
-        vision = (hf.contiguous_vision(_vision_body(model)[1] or model.hf) if "pixel_values" in batch.inputs
+        vision = (hf.contiguous_vision(_vision_body(model)[1] or model.hf) if "pixel_values" in inputs
                   else contextlib.nullcontext())  # the vision tower runs inside this forward
         with vision:
-            model.hf(**batch.inputs, use_cache=False)
+            model.hf(**inputs, use_cache=False)
     except StopForward:
         pass
     finally:
@@ -207,7 +210,9 @@ BATCH_OVERHEAD_TOKENS = {"cuda": 1024, "cpu": 256}
 ENCODER_THREADS = 8  # at most this many threads encode batches with images (image preprocessing), fewer on small hosts
 FIRST_BATCH_SHARE = 4  # the first batch of a capture gets batch_tokens / this: the device starts sooner
 FEATURE_CACHE_BYTES = 512 << 20  # image features kept on the device per capture call (least recently used go)
-IMAGE_CACHE_BYTES = 1 << 30  # processed pixel values kept in host memory per capture call
+# processed pixel values kept in host memory per capture call, beyond those of the images that batches queued
+# ahead still need (held: the images of the shard running and of the one planned ahead, at most 256)
+IMAGE_CACHE_BYTES = 1 << 30
 
 
 class _Batching(NamedTuple):
@@ -240,6 +245,10 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
     processed once per call and, on transformers releases whose forward takes image features, run through
     the vision tower once, while its pixels (1 GB) and features (512 MB) fit the call's caches, and when the
     processor's call can be split in two (checked against the full call; else each prompt makes that call).
+    A batch holds its images' pixels in that cache from when it is planned until it has run (with pixel
+    values in the batch: until it is encoded), so an image is dropped for room only once no queued batch
+    needs it (this shard's or the next's); what they hold counts in the cache's bytes and may take it past
+    1 GB, by at most 256 distinct images (beyond those, an image may be processed again).
 
     Memory: finished shards stay in host memory while they fit ``max_memory`` (bytes, or ``"2GB"``;
     default a quarter of this machine's RAM). A larger capture needs a cache and returns lazy
@@ -651,11 +660,16 @@ def _renumbered(e: InterpError, idx: Sequence[int]) -> InterpError:
 
 def _plan_shard(model: Model, items: list[Prompt], span: tuple[int, int], positions: Positions,
                 exclude: Sequence[str], pin: bool, batching: _Batching, lengths: list[int] | None,
-                pool: ThreadPoolExecutor, images: ImageCache | None) -> list[Future]:
+                pool: ThreadPoolExecutor, images: ImageCache | None) -> tuple[list[Future], list[list[Hashable]]]:
     """On the tokeniser thread: shard ``span``'s prompts into batches, each queued for encoding on ``pool``
     (behind the batches queued before, so the forward pass finds them in order). With an image cache, each
     batch's images not seen before are queued one by one just ahead of it, so that a batch's images are
-    processed in parallel and each distinct image once."""
+    processed in parallel and each distinct image once.
+
+    Returns the batches' futures and, per batch, the image keys it holds in the cache until its forward ran
+    (the caller releases them, `ImageCache.release`; empty where the batch carries pixel values: it releases
+    its own once encoded). A batch holds its images from now on, so that however many images the batches
+    queued ahead of it process, the cache does not drop one it will need and process it again."""
     lo, hi = span
     est = lengths[lo:hi] if lengths is not None else _estimate_lengths(model, items, range(lo, hi))
     # text-only counts are exact: an overlong prompt is named now, by its index, before any forward pass
@@ -665,39 +679,44 @@ def _plan_shard(model: Model, items: list[Prompt], span: tuple[int, int], positi
     # The shard that starts the prompt list begins with a small batch, so the device starts early; a rule on
     # the shard, not on this call, keeps each shard's batches the same whichever process or rerun computes it.
     first = batching.batch_tokens // FIRST_BATCH_SHARE if lo == 0 else None
-    jobs = []
+    jobs, holds = [], []
     for g in _plan(est, batching, first_tokens=first):
         idx = [lo + j for j in g]
-        if split:
-            for i in idx:
-                if items[i].image is not None:
-                    images.submit(items[i].image, pool)
+        held = [k for k in (images.submit(items[i].image, pool, hold=True) for i in idx
+                            if split and items[i].image is not None) if k is not None]
         jobs.append(pool.submit(_prepare_batch, model, items, idx, positions, exclude, pin, batching,
-                                images if split else None, features))
-    return jobs
+                                images if split else None, features, release=() if features else held))
+        holds.append(held if features else [])
+    return jobs, holds
 
 
 def _prepare_batch(model: Model, items: list[Prompt], idx: list[int], positions: Positions, exclude: Sequence[str],
                    pin: bool, batching: _Batching, images: ImageCache | None = None,
-                   features: bool = False) -> list[tuple[Batch, Tensor, dict[str, Tensor]]]:
+                   features: bool = False,
+                   release: Sequence[Hashable] = ()) -> list[tuple[Batch, Tensor, dict[str, Tensor]]]:
     """Tokenise prompts ``idx`` on the host: [(batch, selection, row metadata)], one entry unless an image
     expanded to more tokens than estimated and the batch had to be split to stay within ``batch_tokens``.
     With ``features`` the batch carries no pixel values: the forward's thread runs the vision tower once per
-    image (`_ImageFeatures`)."""
+    image (`_ImageFeatures`), on pixels the cache holds for it until then. ``release``: image keys held for
+    this batch (`_plan_shard`), released once it is encoded (its pixel values are in it)."""
     try:
-        batch = model.encode([items[i] for i in idx], device="cpu", images=images, pixel_values=not features)
-    except InterpError as e:
-        raise _renumbered(e, idx) from None
-    lengths = batch.lengths.tolist()
-    if len(idx) > 1 and len(idx) * max(lengths) > batching.batch_tokens:
-        return [part for g in _plan(lengths, batching)
-                for part in _prepare_batch(model, items, [idx[j] for j in g], positions, exclude, pin, batching,
-                                           images, features)]
-    sel = position_mask(model, batch, positions, exclude)
-    rows, pos = sel.nonzero(as_tuple=True)  # row-major: batch order, then position order
-    meta = {"prompt_index": torch.as_tensor(idx, dtype=torch.long)[rows], "position": pos,
-            "token_id": batch.input_ids[rows, pos]}
-    return [((batch.to("cpu", pin=True) if pin else batch), sel, meta)]
+        try:
+            batch = model.encode([items[i] for i in idx], device="cpu", images=images, pixel_values=not features)
+        except InterpError as e:
+            raise _renumbered(e, idx) from None
+        lengths = batch.lengths.tolist()
+        if len(idx) > 1 and len(idx) * max(lengths) > batching.batch_tokens:
+            return [part for g in _plan(lengths, batching)
+                    for part in _prepare_batch(model, items, [idx[j] for j in g], positions, exclude, pin, batching,
+                                               images, features)]
+        sel = position_mask(model, batch, positions, exclude)
+        rows, pos = sel.nonzero(as_tuple=True)  # row-major: batch order, then position order
+        meta = {"prompt_index": torch.as_tensor(idx, dtype=torch.long)[rows], "position": pos,
+                "token_id": batch.input_ids[rows, pos]}
+        return [((batch.to("cpu", pin=True) if pin else batch), sel, meta)]
+    finally:
+        if release:
+            images.release(release)
 
 
 def _vision_body(model: Model) -> tuple[Any, Any]:
@@ -716,7 +735,8 @@ def _takes_image_features(model: Model) -> bool:
 
 class _ImageFeatures:
     """The vision tower and projector's output for each distinct image of one capture call, on the device,
-    least recently used dropped beyond ``max_bytes`` (and computed again if needed).
+    least recently used dropped beyond ``max_bytes`` (and computed again if needed: from the pixels that the
+    image cache holds for each batch until its forward ran, `_plan_shard`, so not processed again).
 
     Each image runs through the tower alone: its features then do not depend on which images share its
     batch, so a shard's values are the same whichever process or rerun computes it. The tower runs on the
@@ -859,7 +879,8 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
     # comes first, so no thread changes the tokenizer's state while another uses it).
     # Each distinct image is processed once per call (ImageCache) and, where the forward takes precomputed
     # features, run through the vision tower once (_ImageFeatures), while they fit the caches' bounds (beyond
-    # them the least recently used are dropped and recomputed if asked for again); both go when the call ends.
+    # them the least recently used are dropped and recomputed if asked for again; but the pixels of a queued
+    # batch's images are held for it until its forward ran); both go when the call ends.
     with_images = any(p.image is not None for p in items)
     encoder = (ThreadPoolExecutor(max(1, min(ENCODER_THREADS, (os.cpu_count() or 2) - 2))) if with_images
                else tokeniser)
@@ -874,19 +895,19 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
     try:
         planned = plan(todo[0])
         for k, span in enumerate(todo):
-            jobs = planned.result()
+            jobs, holds = planned.result()
             if k + 1 < len(todo):
                 planned = plan(todo[k + 1])  # queued behind this shard's batches: one shard of look-ahead
             shard = _ShardBuffer(jobs, span, layers, model.d_model, out_dtype)
             copies, j = [], 0
             with torch.inference_mode():
-                for job in jobs:
+                for job, held in zip(jobs, holds, strict=True):
                     for batch, sel, _meta in job.result():
                         host_ids = batch.input_ids
                         batch = batch.to(model.device)
-                        if "pixel_values" not in batch.inputs and any(k is not None for k in batch.image_keys):
-                            batch = dataclasses.replace(batch, inputs=features.inputs(batch, host_ids))
-                        buffer, _ = _run_hooked(model, batch, layers, sel, out_dtype)
+                        merged = (features.inputs(batch, host_ids) if "pixel_values" not in batch.inputs
+                                  and any(k is not None for k in batch.image_keys) else None)
+                        buffer, _ = _run_hooked(model, batch, layers, sel, out_dtype, inputs=merged)
                         if cuda:
                             staged, done = _stage(buffer, stream)
                             copies.append(copier.submit(shard.copy, j, staged, done))
@@ -894,8 +915,10 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
                             shard.copy(j, buffer)
                         j += 1
                         bar.update(int(batch.lengths.numel()))
+                    if held:  # its forward ran: the cache may drop the pixels of its images now
+                        images.release(held)
             writes.append((span, writer.submit(_finish_shard, copies, shard, folder, manifest, span, entry_files)))
-            del shard, copies, jobs
+            del shard, copies, jobs, holds
             # Once nothing is kept (a lazy result), wait for older writes: host memory then holds a few shards
             # at most. A finished write also surfaces a failed copy or write now, not at the end.
             while writes and (writes[0][1].done() or (len(writes) > IN_FLIGHT and not kept.keeping)):

@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -190,7 +190,28 @@ class CheckedSplit:
         return self.split.expand(text, replacement, self.token_types)
 
 
-_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # processor -> CheckedSplit | None
+class _WeakProcessorSplit(_hf.ProcessorSplit):
+    """A `interp.hf.ProcessorSplit` that holds its processor weakly: `split_processor`'s cache is keyed by the
+    processor, and a value that held its key would keep every processor (and its model's tokenizer) alive
+    for good. The callers reach the processor through a model, which holds it."""
+
+    @property
+    def processor(self) -> Any:
+        proc = self._processor()
+        if proc is None:
+            raise InterpError("this processor split outlived its processor: ask split_processor(model) again "
+                              "with a model that holds one")
+        return proc
+
+    @processor.setter
+    def processor(self, value: Any) -> None:
+        self._processor = weakref.ref(value)
+
+
+# processor -> CheckedSplit | None. Keyed by the processor (not the Model): `lora` wraps one processor in a new
+# Model per adapter, and the check runs once for them all. The values hold the processor weakly
+# (`_WeakProcessorSplit`), so an entry goes with its processor.
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SPLITS_LOCK = threading.Lock()
 
 
@@ -200,16 +221,19 @@ def split_processor(model: Model) -> CheckedSplit | None:
     The split is checked once per processor against the processor's own call on a probe image (same token
     ids, token types and pixel values); a processor without the hooks the split uses, or one whose split
     differs, gets None and callers use the full call (slower, same numbers). Thread-safe: the first caller
-    checks, the others wait for its answer."""
+    checks, the others wait for its answer. The answer is kept while the processor lives, and holds it
+    weakly: it does not keep the processor (or its model) from being collected; use it through a model that
+    holds the processor."""
     proc = model.processor
     if not model.is_multimodal:
         return None
+    try:
+        weakref.ref(proc)
+    except TypeError:  # not weak-referenceable: checked on every call, the split holding it
+        return _check_split(model, weak=False)
     with _SPLITS_LOCK:
-        try:
-            if proc in _SPLITS:
-                return _SPLITS[proc]
-        except TypeError:  # not weak-referenceable: checked on every call
-            return _check_split(model)
+        if proc in _SPLITS:
+            return _SPLITS[proc]
         checked = _SPLITS[proc] = _check_split(model)
         return checked
 
@@ -221,13 +245,16 @@ def _probe_image() -> Any:
     return Image.fromarray(np.random.default_rng(0).integers(0, 256, (83, 61, 3), dtype=np.uint8))
 
 
-def _check_split(model: Model) -> CheckedSplit | None:
+def _check_split(model: Model, weak: bool = True) -> CheckedSplit | None:
+    """The split of ``model``'s processor if it reproduces the full call on a probe image, else None
+    (``weak``: the split holds the processor weakly, for `split_processor`'s cache)."""
     text, probe = model.format("Is this a probe image?", image=True), _probe_image()
     try:
         full = dict(model.processor(text=[text], images=[[probe]], return_tensors="pt", add_special_tokens=False))
         if set(full) - {"input_ids", "attention_mask", "pixel_values", "token_type_ids"}:
             return None  # something more than Model.encode passes on: keep the full call
-        checked = CheckedSplit(_hf.ProcessorSplit(model.processor, model.tokenizer), "token_type_ids" in full)
+        split_type = _WeakProcessorSplit if weak else _hf.ProcessorSplit
+        checked = CheckedSplit(split_type(model.processor, model.tokenizer), "token_type_ids" in full)
         pixels, replacement = checked.process_image(probe)
         ids, types = checked.expand(text, replacement)
     except Exception:  # noqa: BLE001 - a processor without these hooks (or that fails on the probe) takes the full call
@@ -243,15 +270,20 @@ class ImageCache:
 
     Entries are keyed by `image_key`; a second thread asking for an image in progress waits for it rather
     than processing it again. Pixel values are held in the model's dtype, at most ``max_bytes`` of them:
-    beyond that the least recently used finished entries are dropped (and processed again if asked for).
-    `split` is None when the processor cannot be split (see `split_processor`): `Model.encode` then makes
-    the processor's full call and this cache holds nothing. Drop the cache at the end of the call."""
+    beyond that the least recently used finished entries are dropped (and processed again if asked for),
+    except those held: ``submit(..., hold=True)`` keeps an image until as many `release` calls, so that a
+    batch queued ahead (`interp.capture`) finds its images' pixels when it runs, however many other images
+    were processed in between. Held entries count towards the bytes like any other, and may take the total
+    past ``max_bytes``: by at most ``max_held`` distinct images (256: 1.2 GB of MedGemma's 896 px pixels). `split` is None when the processor cannot be split (see
+    `split_processor`): `Model.encode` then makes the processor's full call and this cache holds nothing. Drop
+    the cache at the end of the call."""
 
-    def __init__(self, model: Model, *, max_bytes: int = 1 << 30):
-        self.model, self.max_bytes = model, max_bytes
+    def __init__(self, model: Model, *, max_bytes: int = 1 << 30, max_held: int = 256):
+        self.model, self.max_bytes, self.max_held = model, max_bytes, max_held
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, Future] = OrderedDict()  # key -> (pixel_values, replacement)
         self._sources: dict[Hashable, Any] = {}  # key -> the image itself, to process it again if dropped
+        self._holds: dict[Hashable, int] = {}  # key -> holders (queued batches) that keep it from being dropped
         self._bytes = 0
         self.processed = 0  # images processed so far (each distinct image once, unless dropped for room)
 
@@ -273,6 +305,21 @@ class ImageCache:
             pixels = pixels.pin_memory()
         return pixels, replacement
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of pixel values this cache holds now (held entries included)."""
+        return self._bytes
+
+    def _evict(self, keep: Hashable = None) -> None:
+        """Under the lock: drop finished, unheld entries (least recently used first) but ``keep``, while the
+        bytes exceed ``max_bytes``."""
+        for old in [k for k, f in self._entries.items() if k != keep and f.done() and k not in self._holds]:
+            if self._bytes <= self.max_bytes:
+                break
+            dropped = self._entries.pop(old)
+            if not dropped.cancelled() and dropped.exception() is None:
+                self._bytes -= dropped.result()[0].nbytes
+
     def _finished(self, key: Hashable):
         def done(fut: Future) -> None:
             if fut.cancelled() or fut.exception() is not None:
@@ -281,24 +328,38 @@ class ImageCache:
                 if self._entries.get(key) is not fut:
                     return
                 self._bytes += fut.result()[0].nbytes
-                for old in [k for k, f in self._entries.items() if k != key and f.done()]:
-                    if self._bytes <= self.max_bytes:
-                        break
-                    dropped = self._entries.pop(old)
-                    if not dropped.cancelled() and dropped.exception() is None:
-                        self._bytes -= dropped.result()[0].nbytes
+                self._evict(keep=key)
 
         return done
 
-    def submit(self, image: Any, pool: Executor) -> None:
-        """Start processing ``image`` on ``pool`` unless it is cached or under way."""
-        key = image_key(image)
+    def submit(self, image: Any, pool: Executor, *, hold: bool = False) -> Hashable | None:
+        """Start processing ``image`` on ``pool`` unless it is cached or under way. ``hold``: keep it (not
+        dropped for room) until `release` is called for it, once per such call; returns its `image_key` when
+        held, None when not: at most ``max_held`` distinct images are held at once, so that what holds pin
+        stays bounded whatever the caller queues (an image beyond that may be dropped and processed again)."""
+        key, fut = image_key(image), None
         with self._lock:
-            if key in self._entries:
-                return
-            self._sources[key] = image
-            fut = self._entries[key] = pool.submit(self._process, image)
-        fut.add_done_callback(self._finished(key))
+            held = hold and (key in self._holds or len(self._holds) < self.max_held)
+            if held:
+                self._holds[key] = self._holds.get(key, 0) + 1
+            if key not in self._entries:
+                self._sources[key] = image
+                fut = self._entries[key] = pool.submit(self._process, image)
+        if fut is not None:  # outside the lock: a future already done runs the callback here, which takes it
+            fut.add_done_callback(self._finished(key))
+        return key if held else None
+
+    def release(self, keys: Iterable[Hashable]) -> None:
+        """Undo one ``submit(..., hold=True)`` of each key: once no holder is left, the image may be dropped for
+        room (now, if the cache is over ``max_bytes``)."""
+        with self._lock:
+            for key in keys:
+                n = self._holds.get(key, 0) - 1
+                if n > 0:
+                    self._holds[key] = n
+                else:
+                    self._holds.pop(key, None)
+            self._evict()
 
     def get(self, image: Any, key: Hashable | None = None) -> tuple[Tensor, str]:
         """``(pixel_values, replacement)`` of ``image`` (``key``: its `image_key`, if the caller has it): cached,
@@ -321,13 +382,15 @@ class ImageCache:
         return fut.result()
 
     def pixels(self, key: Hashable) -> Tensor:
-        """Pixel values of the image with ``key`` (one this cache was asked for before)."""
-        return self.get(self._sources[key])[0]
+        """Pixel values of the image with ``key`` (one this cache was asked for before): no processing while
+        it is held (`submit`)."""
+        return self.get(self._sources[key], key)[0]
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
             self._sources.clear()
+            self._holds.clear()
             self._bytes = 0
 
 

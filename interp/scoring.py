@@ -162,6 +162,52 @@ class _Block:
     groups: list[list[int]]  # prompt indices that share image and context (candidates for a shared prefix)
 
 
+def _image_keys(items: Sequence[Prompt]) -> list[Hashable | None]:
+    """Each prompt's `image_key`, taken once per call: every later step looks its image up under this key, so
+    a file rewritten during the call (a new modification time) cannot name two different images. The same
+    path, or the same object, is looked up once (``os.stat`` once per file, not once per phrasing)."""
+    seen: dict[tuple, Hashable | None] = {}
+    keys = []
+    for p in items:
+        image = p.image
+        if image is None:
+            keys.append(None)
+            continue
+        ref = ("path", os.fspath(image)) if isinstance(image, (str, os.PathLike)) else ("object", id(image))
+        if ref not in seen:
+            seen[ref] = image_key(image)
+        keys.append(seen[ref])
+    return keys
+
+
+def _changed(key: Hashable, why: Any) -> InterpError:
+    """The error for an image that cannot be read (or found under its key) any more during the call."""
+    name = f"'{key[1]}'" if key[0] == "path" else "<in-memory image>"
+    return InterpError(f"image {name} could not be read ({why}): the file changed or vanished while evaluate ran; "
+                       "rerun once it is stable")
+
+
+def _found(table: dict, key: Hashable) -> Any:
+    """``table[key]``, or `_changed`'s error naming the image rather than a bare KeyError."""
+    try:
+        return table[key]
+    except KeyError:
+        raise _changed(key, "it is no longer under the name it had when the call started") from None
+
+
+def _read(key: Hashable, fn, *args) -> Any:
+    """``fn(*args)``, a step that opens the image named by ``key``; a file that cannot be opened or decoded
+    any more gets `_changed`'s error naming it."""
+    try:
+        return fn(*args)
+    except InterpError as e:  # `_open_image`: "image file not found", for a file that was there at the start
+        if key[0] == "path" and key[2] is not None and not os.path.isfile(key[1]):
+            raise _changed(key, "it is gone") from e
+        raise
+    except (OSError, SyntaxError) as e:  # PIL: unreadable, truncated or not an image any more
+        raise _changed(key, f"{type(e).__name__}: {e}") from e
+
+
 class _FastScorer:
     """Scores prompts with image reuse, shared-prefix KV caching and yes/no-only logits."""
 
@@ -229,8 +275,8 @@ class _FastScorer:
         block's float32 pixels on the host and copying them in one piece held up the vision pass."""
         return pixels.to(self.device, self.model.dtype if self.model.dtype.is_floating_point else pixels.dtype)
 
-    def _image_to_device(self, image: Any) -> tuple[Tensor, str]:
-        pixels, replacement = self._process_image(image)
+    def _image_to_device(self, key: Hashable, image: Any) -> tuple[Tensor, str]:
+        pixels, replacement = _read(key, self._process_image, image)
         return self._on_device(pixels), replacement
 
     def _expand(self, text: str, replacement: str) -> tuple[list[int], list[int] | None]:
@@ -246,29 +292,32 @@ class _FastScorer:
             raise _FastUnsupported(f"the processor returns {sorted(extra)}, which the fast path does not pass on")
         return enc
 
-    def _start(self, items: Sequence[Prompt], groups: list[list[int]]) -> tuple[dict[Hashable, Future], Future]:
+    def _start(self, items: Sequence[Prompt], keys: Sequence[Hashable | None],
+               groups: list[list[int]]) -> tuple[dict[Hashable, Future], Future]:
         """Queue a block's work on the host: each distinct image on the preprocessing pool (in order, so the
         vision tower can start on the first ones while later ones are still being resized), then its
-        phrasings on the tokeniser thread. Returns (image key -> Future of (pixels on the device, placeholder
-        expansion), Future of the `_Block`)."""
+        phrasings on the tokeniser thread. ``keys``: each prompt's image key (`_image_keys`). Returns (image
+        key -> Future of (pixels on the device, placeholder expansion), Future of the `_Block`)."""
         model = self.model
         first: dict[Hashable, int] = {}  # image key -> its first prompt
         for g in groups:
             for i in g:
-                if items[i].image is not None:
-                    first.setdefault(image_key(items[i].image), i)
+                if keys[i] is not None:
+                    first.setdefault(keys[i], i)
         images: dict[Hashable, Future] = {}
         if first and self._split_ok is None:
             self._split = split_processor(model)
             self._split_ok = self._split is not None
         if first and self._split_ok:
             for key, i in first.items():
-                images[key] = self._pool.submit(self._image_to_device, items[i].image)
-        return images, self._tok.submit(self._tokenise, items, groups, images)
+                images[key] = self._pool.submit(self._image_to_device, key, items[i].image)
+        return images, self._tok.submit(self._tokenise, items, keys, groups, images)
 
-    def _tokenise(self, items: Sequence[Prompt], groups: list[list[int]], images: dict[Hashable, Future]) -> _Block:
+    def _tokenise(self, items: Sequence[Prompt], keys: Sequence[Hashable | None], groups: list[list[int]],
+                  images: dict[Hashable, Future]) -> _Block:
         model, tok = self.model, self.model.tokenizer
         block = _Block(seqs={}, pixels={}, groups=groups)
+        opened: dict[Hashable, Any] = {}  # image key -> the image read once, for the processor's own call
         texts = {i: model.format(items[i].question, context=items[i].context, image=items[i].image is not None)
                  for g in groups for i in g}
         for g in groups:
@@ -277,11 +326,13 @@ class _FastScorer:
                 if p.image is None:
                     block.seqs[i] = _Seq(tok(texts[i], add_special_tokens=False)["input_ids"], None, None)
                     continue
-                key = image_key(p.image)
+                key = keys[i]
                 if self._split_ok:
-                    ids, types = self._expand(texts[i], images[key].result()[1])
+                    ids, types = self._expand(texts[i], _found(images, key).result()[1])
                 else:
-                    enc = self._full_encode(texts[i], p.image)
+                    if key not in opened:  # one read per image: each phrasing sees the same version of the file
+                        opened[key] = _read(key, _open_image, p.image)
+                    enc = self._full_encode(texts[i], opened[key])
                     block.pixels.setdefault(key, enc["pixel_values"])
                     ids = enc["input_ids"][0].tolist()
                     types = enc["token_type_ids"][0].tolist() if "token_type_ids" in enc else None
@@ -332,7 +383,7 @@ class _FastScorer:
             cols = [c for _, pos, _ in slots for c in pos]
             values = []
             for _, pos, key in slots:
-                f = feats[key]
+                f = _found(feats, key)
                 if f.shape[0] != len(pos):
                     raise InterpError(f"{len(pos)} image tokens in the prompt but the vision tower gives "
                                       f"{f.shape[0]} feature rows; check that the processor matches the model")
@@ -499,18 +550,20 @@ class _FastScorer:
         tok = model.tokenizer
         self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         # Distinct prompts, grouped by what they share before the question: image and context.
+        # Each image's key is taken once, here; every later step looks the image up under it.
+        item_keys = _image_keys(items)
         distinct: dict[tuple, int] = {}
         index = []
-        for p in items:
-            key = (p.question.strip(), image_key(p.image), p.context or "")
-            index.append(distinct.setdefault(key, len(distinct)))
-        firsts: dict[int, Prompt] = {}
-        for p, j in zip(items, index, strict=True):
-            firsts.setdefault(j, p)
-        uniq = [firsts[j] for j in range(len(distinct))]
+        for p, image in zip(items, item_keys, strict=True):
+            index.append(distinct.setdefault((p.question.strip(), image, p.context or ""), len(distinct)))
+        firsts: dict[int, int] = {}  # distinct prompt -> its first position in items
+        for i, j in enumerate(index):
+            firsts.setdefault(j, i)
+        uniq = [items[firsts[j]] for j in range(len(distinct))]
+        keys = [item_keys[firsts[j]] for j in range(len(distinct))]  # image key of each distinct prompt
         by_prefix: dict[tuple, list[int]] = {}
         for j, p in enumerate(uniq):
-            by_prefix.setdefault((image_key(p.image), p.context or ""), []).append(j)
+            by_prefix.setdefault((keys[j], p.context or ""), []).append(j)
         # In order of first appearance, not sorted by key: an in-memory image's key is its id(), which differs
         # between processes, and every process must plan the same blocks to take its share of them.
         groups = list(by_prefix.values())
@@ -522,7 +575,7 @@ class _FastScorer:
         # for a whole block: the vision tower starts on its first images (`_image_features`).
         blocks, cur, images, n_prompts = [], [], set(), 0
         for g in groups:
-            key = image_key(uniq[g[0]].image)
+            key = keys[g[0]]
             cap = BLOCK_IMAGES
             if cur and key not in images and (n_prompts + len(g) > 512 or len(images) + (key is not None) > cap):
                 blocks.append(cur)
@@ -543,11 +596,11 @@ class _FastScorer:
                 ThreadPoolExecutor(max_workers=workers) as self._pool, \
                 tqdm(total=sum(len(i) for b in mine for i in b), desc="evaluate", disable=not progress or rank > 0,
                      leave=False) as bar:
-            queued = [self._start(uniq, mine[0])] if mine else []
+            queued = [self._start(uniq, keys, mine[0])] if mine else []
             for b in range(len(mine)):
                 images, block = queued.pop()
                 if b + 1 < len(mine):
-                    queued.append(self._start(uniq, mine[b + 1]))  # behind this block's images on the pool
+                    queued.append(self._start(uniq, keys, mine[b + 1]))  # behind this block's images on the pool
                 self._score_block(images, block, ids, out, bar)
             if world > 1:
                 dist.all_reduce_sum([out])  # each row is non-zero in one process only: the sum is exact

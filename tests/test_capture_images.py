@@ -229,12 +229,82 @@ def test_features_dropped_for_room_are_computed_again_with_the_same_values(tiny_
     reference = interp.capture(tiny_medgemma, prompts, layers=[2], positions="all", batch_size=2, sort=False,
                                progress=False)
     monkeypatch.setattr(capture_mod, "FEATURE_CACHE_BYTES", 1)  # room for one image's features
-    monkeypatch.setattr(capture_mod, "IMAGE_CACHE_BYTES", 1)  # and one image's pixels
+    monkeypatch.setattr(capture_mod, "IMAGE_CACHE_BYTES", 1)  # and one image's pixels (but those queued batches hold)
     vision = _count_vision(monkeypatch, tiny_medgemma)
     acts = interp.capture(tiny_medgemma, prompts, layers=[2], positions="all", batch_size=2, sort=False,
                           progress=False)
     assert sum(vision) > 3
     assert torch.equal(acts[2], reference[2]) and torch.equal(acts.position, reference.position)
+
+
+@pytest.mark.parametrize("which", ["tiny_medgemma", "tiny_llava"])
+@pytest.mark.parametrize("features", [True, False])
+def test_images_a_queued_batch_needs_are_not_dropped_for_room(request, which, features, monkeypatch):
+    """With room for one image's pixels, every batch queued ahead still finds its images: each distinct image
+    is processed once per call (not again on the forward's thread, nor when a later batch is planned or
+    encoded), and the values are those of each prompt run alone."""
+    model = request.getfixturevalue(which)
+    if not features:  # older transformers: pixel values in every batch
+        monkeypatch.setattr(capture_mod, "_takes_image_features", lambda model: False)
+    pictures = _pictures(8, seed=3)
+    # two shards with four images of their own, each image shown by three prompts in three batches
+    prompts = [Prompt(BODY[k % len(BODY)], pictures[k % 4 + 4 * (k // 12)]) for k in range(24)]
+    _warm(model)
+    made = []
+
+    class Recorded(ImageCache):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(capture_mod, "ImageCache", Recorded)
+    monkeypatch.setattr(capture_mod, "IMAGE_CACHE_BYTES", 1)
+    processing = _count_image_processing(monkeypatch, model)
+    acts = interp.capture(model, prompts, layers=[2], positions="all", batch_size=2, sort=False, shard_size=12,
+                          progress=False)
+    assert len(processing) == 8 and made[0].processed == 8
+    _check_alone(model, prompts, acts, 2)
+
+
+def test_a_held_image_stays_until_released_and_the_bytes_count_it(tiny_medgemma):
+    cache = ImageCache(tiny_medgemma, max_bytes=1)  # room for no image: each finished one drops the others
+    a, b, c = _pictures(3, seed=4)
+    with ThreadPoolExecutor(2) as pool:
+        key_a = cache.submit(a, pool, hold=True)
+        key_b = cache.submit(b, pool, hold=True)
+        cache.submit(b, pool, hold=True)  # a second holder of b
+    assert (key_a, key_b) == (image_key(a), image_key(b))
+    with ThreadPoolExecutor(1) as pool:
+        cache.submit(c, pool)  # not held, but the newest: it stays until another one finishes
+    pa, pb = cache.get(a)[0], cache.get(b)[0]
+    assert cache.processed == 3 and cache.nbytes == 3 * pa.nbytes == 3 * pb.nbytes  # past max_bytes, all counted
+    cache.release([key_a, key_b])  # a's holder lets go: a and c drop for room, b has a holder left
+    assert cache.nbytes == pb.nbytes
+    assert cache.get(b)[0] is pb and cache.processed == 3
+    cache.release([key_b])
+    cache.get(a)
+    assert cache.processed == 4  # a, dropped, processed again when asked for
+    assert cache.get(b)[0] is not pb and cache.processed == 5  # and b, once nothing held it
+    cache.clear()
+    assert cache.nbytes == 0
+
+
+def test_at_most_max_held_images_are_held_and_one_not_held_can_go(tiny_medgemma):
+    """Holds are bounded by distinct images (``max_held``), so what queued batches pin stays bounded whatever
+    the shard size; a second hold of an image already held is always taken, an image past the bound is not
+    held (None) and may be dropped for room and processed again."""
+    cache = ImageCache(tiny_medgemma, max_bytes=1, max_held=2)
+    a, b, c = _pictures(3, seed=5)
+    with ThreadPoolExecutor(1) as pool:
+        keys = [cache.submit(x, pool, hold=True) for x in (a, b, c, a)]
+    assert keys == [image_key(a), image_key(b), None, image_key(a)]
+    cache.get(c)
+    assert cache.processed == 3
+    cache.release([image_key(b)])  # b and c are unheld now: both go for room (the bytes are past max_bytes)
+    cache.get(c)
+    assert cache.processed == 4  # c processed again; a (held twice) stays
+    cache.get(a)
+    assert cache.processed == 4
 
 
 def test_the_image_caches_are_freed_when_the_call_ends(tiny_medgemma, xray_images, monkeypatch):
@@ -344,6 +414,31 @@ def test_split_processor_is_checked_against_the_full_call(monkeypatch):
     with_cache = interp.capture(model, prompts, layers=[2], progress=False)  # falls back to the full call
     torch.testing.assert_close(with_cache[2], torch.stack([alone(model, p, 2)[-1] for p in prompts]),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_split_goes_with_its_processor_and_is_checked_once_while_it_lives(monkeypatch):
+    """`split_processor`'s cache keeps neither the processor nor the model (a notebook loading several models
+    would keep them all), and checks each processor once: for its models, and for threads asking at once."""
+    checks, real = [], models_mod._check_split
+    monkeypatch.setattr(models_mod, "_check_split", lambda model, *a, **k: checks.append(1) or real(model, *a, **k))
+    model = interp.load("tiny-medgemma")
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(split_processor, [model] * 8))
+    checked = answers[0]
+    assert checked is not None and all(a is checked for a in answers) and len(checks) == 1
+    assert split_processor(model) is checked and len(checks) == 1  # a live model: not checked again
+    rewrapped = interp.Model.wrap(model.hf, model.processor)  # as lora wraps an adapter: another Model, one processor
+    assert split_processor(rewrapped) is checked and len(checks) == 1
+    ids, types = checked.expand(model.format("Is it?", image=True), checked.process_image(_pictures(1)[0])[1])
+    assert ids and types
+    gone = [weakref.ref(model.processor), weakref.ref(model), weakref.ref(rewrapped)]
+    del model, rewrapped, answers
+    gc.collect()
+    assert [r() for r in gone] == [None, None, None]  # the cache held none of them
+    with pytest.raises(interp.InterpError, match="outlived its processor"):  # a split kept alone says why
+        checked.process_image(_pictures(1)[0])
+    other = interp.load("tiny-medgemma")
+    assert split_processor(other) is not None and len(checks) == 2  # a new processor: checked once more
 
 
 def test_the_first_batch_of_a_capture_is_small(tiny_medgemma, monkeypatch):
