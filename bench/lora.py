@@ -90,6 +90,9 @@ def build_model(smoke: bool, device: str, dtype: torch.dtype) -> interp.Model:
                         else "smoke", chat=True, answer_words=("Yes", "No"), source="bench")
 
 
+FOLD = [False]  # interp's runs: `_row_dropout(fold=...)`, set from --fold-dropout
+
+
 def make_pairs(n: int, images: bool, context_tokens: int, folder: Path) -> list[ParaphrasePair]:
     """``n`` pairs: a chest-X-ray-like image each (or none) and a report padded to about ``context_tokens``."""
     from PIL import Image
@@ -171,7 +174,7 @@ def run_interp(model: interp.Model, pairs: list[ParaphrasePair], layers: list[in
             parts = trainer.backward_group(micro, len(group))
             return torch.stack([q.total.detach() for q in parts]).tolist()
 
-        with L._row_dropout(pm.hf, trainer.dropout_rows):
+        with L._row_dropout(pm.hf, trainer.dropout_rows, fold=FOLD[0]):
             out = _train_loop(model, trainer.params, len(pairs), group_backward, **kw)
         out["epoch_seconds"][0] += prefill_s  # the first epoch pays for filling the cache
         out.update(peak_gib=_peak(model), cache_gib=trainer.runner.cache_bytes / 2**30, path=trainer.runner.kind,
@@ -245,7 +248,7 @@ def check_loss_and_grads(model: interp.Model, pairs: list[ParaphrasePair], layer
         for i in range(layers[0], pm.n_layers):
             trainer.runner.layers[i].train()
         micro = [([p], [i], [L._micro_seed(0, 0, i)]) for i, p in enumerate(chosen)]
-        with L._row_dropout(pm.hf, trainer.dropout_rows):
+        with L._row_dropout(pm.hf, trainer.dropout_rows, fold=FOLD[0]):
             fast_loss = torch.stack([q.total.detach() for q in trainer.backward_group(micro, len(chosen))])
         fast_grads = [p.grad.detach().float().clone() for p in trainer.params]
         for p in trainer.params:
@@ -311,11 +314,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--fuse-tokens", type=int, default=8192, help="interp: tokens per fused forward pass")
     ap.add_argument("--no-checkpointing", action="store_true", help="interp: keep all upper-layer activations")
     ap.add_argument("--unfused", action="store_true", help="also time interp with one pair per forward pass")
+    ap.add_argument("--fold-dropout", choices=["default", "on", "off"], default="default",
+                    help="interp: fold the LoRA dropout into lora_A (default: as train_lora does in bf16: off)")
     ap.add_argument("--fold-min-tokens", type=int, default=None,
                     help="interp: fold the LoRA dropout into lora_A on passes of at least this many tokens "
                          "(default: interp's own threshold; a huge value: never)")
     ap.add_argument("--out", help="write the JSON record here")
     args = ap.parse_args(argv)
+    FOLD[0] = {"default": L._fold_default(qlora=False), "on": True, "off": False}[args.fold_dropout]
     if args.fold_min_tokens is not None:
         from interp import lora as interp_lora
 
@@ -333,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     weights_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else float("nan")
     checks, warned = Checks(), []
     rows, results = [], {"model": repr(model), "dtype": str(dtype), "layers": layers, "weights_gib": weights_gib,
-                         "tolerances": TOL, "checks_detail": {}, "modes": {}, "warnings": warned}
+                         "tolerances": TOL, "checks_detail": {}, "modes": {}, "warnings": warned,
+                         "fold_dropout": FOLD[0]}
     checkpoint = not args.no_checkpointing and device == "cuda"
     with tempfile.TemporaryDirectory() as tmp, recorded_warnings(warned):
         all_pairs = {mode: make_pairs(args.pairs, mode == "images", args.context_tokens, Path(tmp) / mode)

@@ -211,8 +211,9 @@ ENCODER_THREADS = 8  # at most this many threads encode batches with images (ima
 FIRST_BATCH_SHARE = 4  # the first batch of a capture gets batch_tokens / this: the device starts sooner
 FEATURE_CACHE_BYTES = 512 << 20  # image features kept on the device per capture call (least recently used go)
 # processed pixel values kept in host memory per capture call, beyond those of the images that batches queued
-# ahead still need (held: the images of the shard running and of the one planned ahead, at most 256)
+# ahead still need (held: the images of the shard running and of the one planned ahead, at most 256 of them)
 IMAGE_CACHE_BYTES = 1 << 30
+HELD_IMAGES = 256  # at most this many distinct images held for queued batches (the default shard_size of them)
 
 
 class _Batching(NamedTuple):
@@ -884,7 +885,10 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
     with_images = any(p.image is not None for p in items)
     encoder = (ThreadPoolExecutor(max(1, min(ENCODER_THREADS, (os.cpu_count() or 2) - 2))) if with_images
                else tokeniser)
-    images = ImageCache(model, max_bytes=IMAGE_CACHE_BYTES) if with_images else None
+    # pinned pixels only where they go to the device one image at a time (the vision passes of _ImageFeatures);
+    # batches that carry pixel values concatenate them into a new tensor, pinned with the batch
+    images = (ImageCache(model, max_bytes=IMAGE_CACHE_BYTES, max_held=HELD_IMAGES,
+                         pin=None if _takes_image_features(model) else False) if with_images else None)
     features = _ImageFeatures(model, images) if with_images else None
 
     def plan(span: tuple[int, int]) -> Future:

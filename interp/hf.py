@@ -260,10 +260,10 @@ def embeds_with_image_features(body: nn.Module, inputs: dict[str, Tensor], per_r
     if token is None or embed is None:
         return None
     feats = per_row if isinstance(per_row, Tensor) else torch.cat(list(per_row))
-    n = int((host_ids == token).sum())
-    if n * feats.shape[-1] != feats.numel():
-        raise Unsupported(f"image features and image tokens do not match: {n} image tokens in the batch, "
-                          f"{feats.numel() // max(1, feats.shape[-1])} feature rows")
+    n, width = int((host_ids == token).sum()), getattr(embed, "embedding_dim", None) or embed.weight.shape[-1]
+    if feats.shape[-1] != width or n * width != feats.numel():
+        raise Unsupported(f"image features and image tokens do not match: {n} image tokens of width {width} in "
+                          f"the batch, features of shape {tuple(feats.shape)}")
     ids = inputs["input_ids"]
     vocab = getattr(body, "vocab_size", None) or embed.num_embeddings
     emb = embed(torch.where(ids == token, 0, ids) if token >= vocab else ids)  # the forward's rule for an OOV id

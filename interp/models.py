@@ -273,17 +273,20 @@ class ImageCache:
     beyond that the least recently used finished entries are dropped (and processed again if asked for),
     except those held: ``submit(..., hold=True)`` keeps an image until as many `release` calls, so that a
     batch queued ahead (`interp.capture`) finds its images' pixels when it runs, however many other images
-    were processed in between. Held entries count towards the bytes like any other, and may take the total
-    past ``max_bytes``: by at most ``max_held`` distinct images (256: 1.2 GB of MedGemma's 896 px pixels). `split` is None when the processor cannot be split (see
+    were processed in between. ``max_bytes`` bounds the unheld entries; held ones come on top, at most
+    ``max_held`` distinct images (256: 1.2 GB of MedGemma's 896 px pixels). `split` is None when the processor cannot be split (see
     `split_processor`): `Model.encode` then makes the processor's full call and this cache holds nothing. Drop
     the cache at the end of the call."""
 
-    def __init__(self, model: Model, *, max_bytes: int = 1 << 30, max_held: int = 256):
+    def __init__(self, model: Model, *, max_bytes: int = 1 << 30, max_held: int = 256, pin: bool | None = None):
         self.model, self.max_bytes, self.max_held = model, max_bytes, max_held
+        if pin is not None:  # else the class default
+            self.pin = pin
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, Future] = OrderedDict()  # key -> (pixel_values, replacement)
         self._sources: dict[Hashable, Any] = {}  # key -> the image itself, to process it again if dropped
         self._holds: dict[Hashable, int] = {}  # key -> holders (queued batches) that keep it from being dropped
+        self._sizes: dict[Hashable, int] = {}  # key -> bytes, for the entries counted in ``_bytes``
         self._bytes = 0
         self.processed = 0  # images processed so far (each distinct image once, unless dropped for room)
 
@@ -291,7 +294,11 @@ class ImageCache:
     def split(self) -> CheckedSplit | None:
         return split_processor(self.model)
 
-    pin = True  # on a CUDA model, hold pixel values in pinned memory (see `_process`)
+    # On a CUDA model, hold pixel values in pinned memory (see `_process`): for a caller that copies each image's
+    # pixels to the device as they are (capture's vision passes); one that concatenates them first gets a new
+    # pageable tensor anyway and passes ``pin=False``. PyTorch's pinned allocator rounds each block up to a
+    # power of two (an 896 px image of 4.8 MB takes 8 MiB) and keeps freed blocks for reuse by later calls.
+    pin = True
 
     def _process(self, image: Any) -> tuple[Tensor, str]:
         pixels, replacement = self.split.process_image(image)
@@ -311,14 +318,14 @@ class ImageCache:
         return self._bytes
 
     def _evict(self, keep: Hashable = None) -> None:
-        """Under the lock: drop finished, unheld entries (least recently used first) but ``keep``, while the
-        bytes exceed ``max_bytes``."""
-        for old in [k for k, f in self._entries.items() if k != keep and f.done() and k not in self._holds]:
-            if self._bytes <= self.max_bytes:
+        """Under the lock: drop counted, unheld entries (least recently used first) but ``keep``, while the
+        unheld ones exceed ``max_bytes`` (held entries are on top of it: at most ``max_held`` images)."""
+        held = sum(self._sizes.get(k, 0) for k in self._holds)
+        for old in [k for k in self._entries if k != keep and k in self._sizes and k not in self._holds]:
+            if self._bytes - held <= self.max_bytes:
                 break
-            dropped = self._entries.pop(old)
-            if not dropped.cancelled() and dropped.exception() is None:
-                self._bytes -= dropped.result()[0].nbytes
+            del self._entries[old]
+            self._bytes -= self._sizes.pop(old)
 
     def _finished(self, key: Hashable):
         def done(fut: Future) -> None:
@@ -327,7 +334,8 @@ class ImageCache:
             with self._lock:
                 if self._entries.get(key) is not fut:
                     return
-                self._bytes += fut.result()[0].nbytes
+                self._sizes[key] = fut.result()[0].nbytes  # counted now (a done future is not yet counted)
+                self._bytes += self._sizes[key]
                 self._evict(keep=key)
 
         return done
@@ -391,6 +399,7 @@ class ImageCache:
             self._entries.clear()
             self._sources.clear()
             self._holds.clear()
+            self._sizes.clear()
             self._bytes = 0
 
 

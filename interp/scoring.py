@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -180,11 +181,19 @@ def _image_keys(items: Sequence[Prompt]) -> list[Hashable | None]:
     return keys
 
 
+def _name(key: Hashable) -> str:
+    return f"'{key[1]}'" if key[0] == "path" else "<in-memory image>"
+
+
 def _changed(key: Hashable, why: Any) -> InterpError:
     """The error for an image that cannot be read (or found under its key) any more during the call."""
-    name = f"'{key[1]}'" if key[0] == "path" else "<in-memory image>"
-    return InterpError(f"image {name} could not be read ({why}): the file changed or vanished while evaluate ran; "
-                       "rerun once it is stable")
+    return InterpError(f"image {_name(key)} could not be read ({why}): the file changed or vanished during this "
+                       "call; rerun once it is stable")
+
+
+def _unchanged(key: Hashable) -> bool:
+    """Is the image named by ``key`` still the version the call started with (a file: same mtime and size)?"""
+    return key[0] != "path" or image_key(key[1]) == key
 
 
 def _found(table: dict, key: Hashable) -> Any:
@@ -196,16 +205,19 @@ def _found(table: dict, key: Hashable) -> Any:
 
 
 def _read(key: Hashable, fn, *args) -> Any:
-    """``fn(*args)``, a step that opens the image named by ``key``; a file that cannot be opened or decoded
-    any more gets `_changed`'s error naming it."""
+    """``fn(*args)``, a step that opens the image named by ``key``. A file that changed or vanished since the
+    call started gets `_changed`'s error; one that is as it was but cannot be decoded, an error saying so."""
     try:
         return fn(*args)
     except InterpError as e:  # `_open_image`: "image file not found", for a file that was there at the start
         if key[0] == "path" and key[2] is not None and not os.path.isfile(key[1]):
             raise _changed(key, "it is gone") from e
         raise
-    except (OSError, SyntaxError) as e:  # PIL: unreadable, truncated or not an image any more
-        raise _changed(key, f"{type(e).__name__}: {e}") from e
+    except (OSError, SyntaxError) as e:  # PIL: unreadable, truncated or not an image
+        if not _unchanged(key):
+            raise _changed(key, f"{type(e).__name__}: {e}") from e
+        raise InterpError(f"image {_name(key)} cannot be read as an image ({type(e).__name__}: {e}); pass a "
+                          "PNG, JPEG or other file PIL opens, or a PIL image") from e
 
 
 class _FastScorer:
@@ -318,6 +330,7 @@ class _FastScorer:
         model, tok = self.model, self.model.tokenizer
         block = _Block(seqs={}, pixels={}, groups=groups)
         opened: dict[Hashable, Any] = {}  # image key -> the image read once, for the processor's own call
+        uses = Counter(keys[i] for g in groups for i in g if keys[i] is not None)  # to free each after its last
         texts = {i: model.format(items[i].question, context=items[i].context, image=items[i].image is not None)
                  for g in groups for i in g}
         for g in groups:
@@ -333,6 +346,9 @@ class _FastScorer:
                     if key not in opened:  # one read per image: each phrasing sees the same version of the file
                         opened[key] = _read(key, _open_image, p.image)
                     enc = self._full_encode(texts[i], opened[key])
+                    uses[key] -= 1
+                    if not uses[key]:  # decoded full-size images (~23 MB a CXR JPEG): not kept for the block
+                        del opened[key]
                     block.pixels.setdefault(key, enc["pixel_values"])
                     ids = enc["input_ids"][0].tolist()
                     types = enc["token_type_ids"][0].tolist() if "token_type_ids" in enc else None

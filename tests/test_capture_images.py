@@ -307,6 +307,50 @@ def test_at_most_max_held_images_are_held_and_one_not_held_can_go(tiny_medgemma)
     assert cache.processed == 4
 
 
+@pytest.mark.parametrize("held", [16, 8])
+def test_every_image_distinct_and_shards_of_them_queued_ahead(tiny_medgemma, monkeypatch, held):
+    """Each prompt with its own image, shards of 8, no room for unheld pixels: with room to hold two shards'
+    images (16) each image is processed once; with room for one shard (8) the one planned ahead holds
+    none, so some are processed twice, but never more than twice, and the values are right either way."""
+    monkeypatch.setattr(capture_mod, "IMAGE_CACHE_BYTES", 1)
+    monkeypatch.setattr(capture_mod, "HELD_IMAGES", held)
+    prompts = [Prompt(BODY[k % len(BODY)], img) for k, img in enumerate(_pictures(32, seed=11))]
+    _warm(tiny_medgemma)
+    processing = _count_image_processing(monkeypatch, tiny_medgemma)
+    acts = interp.capture(tiny_medgemma, prompts, layers=[2], positions="all", batch_size=2, shard_size=8,
+                          progress=False)
+    assert len(processing) == 32 if held == 16 else 32 <= len(processing) <= 64
+    _check_alone(tiny_medgemma, prompts, acts, 2)
+
+
+def test_unheld_pixels_alone_are_bounded_by_max_bytes(tiny_medgemma):
+    """Held entries come on top of ``max_bytes``: holding images does not push the unheld ones out."""
+    a, b, c = _pictures(3, seed=6)
+    with ThreadPoolExecutor(1) as pool:
+        probe = ImageCache(tiny_medgemma)
+        size = probe.get(a)[0].nbytes
+        cache = ImageCache(tiny_medgemma, max_bytes=size)  # room for one unheld image
+        cache.submit(a, pool, hold=True)
+        cache.submit(b, pool)
+        cache.submit(c, pool)
+    assert cache.processed == 3 and cache.nbytes == 2 * size  # a (held) and c, the newest unheld one
+    cache.get(c)
+    assert cache.processed == 3
+    cache.get(b)
+    assert cache.processed == 4  # b was the one dropped
+
+
+def test_merged_features_of_another_width_are_refused(tiny_medgemma, xray_images):
+    body = _body(tiny_medgemma)
+    batch = tiny_medgemma.encode([Prompt(BODY[0], xray_images[0])])
+    with torch.inference_mode():
+        per_row = hf.image_features(body, batch.inputs["pixel_values"])
+        n, d = per_row.shape[-2:]
+        wider = torch.zeros(per_row.shape[0], n // 2, 2 * d)  # as many values, rows twice as wide
+        with pytest.raises(hf.Unsupported, match="width"):
+            hf.embeds_with_image_features(body, batch.inputs, wider, batch.input_ids)
+
+
 def test_the_image_caches_are_freed_when_the_call_ends(tiny_medgemma, xray_images, monkeypatch):
     made = []
 

@@ -167,7 +167,7 @@ def test_a_file_that_changes_or_vanishes_during_the_call_is_named(medgemma, imag
         evaluate(medgemma, pairs, n_boot=0, progress=False)
     msg = str(err.value)
     assert os.path.abspath(images[1]) in msg
-    assert "the file changed or vanished while evaluate ran; rerun once it is stable" in msg
+    assert "the file changed or vanished during this call; rerun once it is stable" in msg
     assert not isinstance(err.value, KeyError) and not isinstance(err.value.__cause__, KeyError)
 
 
@@ -177,19 +177,33 @@ def test_a_file_missing_from_the_start_keeps_its_not_found_error(medgemma, image
     prompts = [Prompt(q, img) for img in (images[0], str(tmp_path / "no_such.png")) for q in QUESTIONS]
     with pytest.raises(InterpError, match="image file not found: .*no_such.png") as err:
         answer_logits(medgemma, prompts, fast=True)
-    assert "while evaluate ran" not in str(err.value)
+    assert "during this call" not in str(err.value)
 
 
 def test_an_in_memory_image_that_cannot_be_read_is_named(medgemma, images):
-    """A lazily opened PIL image whose file is gone before it is decoded."""
+    """A lazily opened PIL image whose file is gone before it is decoded: it cannot be read (an object in
+    memory is what the caller holds, not a file that changed)."""
     from PIL import Image
 
     lazy = Image.open(images[2])  # header read, pixels not yet
     lazy.fp.close()
     lazy.fp = open(os.devnull, "rb")  # noqa: SIM115  # the bytes vanish under it
-    with pytest.raises(InterpError, match=r"image <in-memory image> could not be read .*rerun once it is stable"):
+    with pytest.raises(InterpError, match=r"image <in-memory image> cannot be read as an image"):
         answer_logits(medgemma, [Prompt(q, lazy) for q in QUESTIONS], fast=True)
     lazy.close()
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split-processor", "processor-call"])
+def test_a_file_that_never_was_an_image_is_named_as_such_not_as_changed(medgemma, images, tmp_path, monkeypatch,
+                                                                         split):
+    if not split:
+        monkeypatch.setattr(scoring, "split_processor", lambda model: None)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"never an image")
+    prompts = [Prompt(q, img) for img in (images[0], bad) for q in QUESTIONS]
+    with pytest.raises(InterpError, match=r"image '.*bad.png' cannot be read as an image") as err:
+        answer_logits(medgemma, prompts, fast=True)
+    assert "changed or vanished" not in str(err.value)
 
 
 def test_lookup_under_a_missing_key_names_the_image():
