@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,16 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 @pytest.fixture(scope="session")
 def tiny_medgemma() -> interp.Model:
     return interp.load("tiny-medgemma")
+
+
+@pytest.fixture(scope="module")
+def medgemma(tiny_medgemma) -> interp.Model:
+    """tiny-medgemma with a random image projector (the built-in one is zero-initialised, so images don't count)."""
+    model = copy.deepcopy(tiny_medgemma)
+    with torch.no_grad():
+        w = model.hf.model.multi_modal_projector.mm_input_projection_weight
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+    return model
 
 
 @pytest.fixture(scope="session")

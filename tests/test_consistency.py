@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -18,16 +17,6 @@ from interp.models import Model, tiny_tokenizer
 QUESTIONS = ("Is there a pleural effusion?", "Is there fluid around the lungs?", "Can an effusion be ruled out?",
              "Do you see any effusion on this film?", "Is the costophrenic angle blunted?")
 POLARITY = (True, True, False, True, True)
-
-
-@pytest.fixture(scope="module")
-def medgemma(tiny_medgemma) -> Model:
-    """tiny-medgemma with a random image projector (the built-in one is zero-initialised, so images don't count)."""
-    model = copy.deepcopy(tiny_medgemma)
-    with torch.no_grad():
-        w = model.hf.model.multi_modal_projector.mm_input_projection_weight
-        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")

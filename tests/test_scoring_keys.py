@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 from pathlib import Path
@@ -14,21 +13,11 @@ import torch
 from interp import InterpError, models, scoring
 from interp.consistency import ConsistencyReport, answer_logits, evaluate
 from interp.data import ParaphraseGroup, ParaphrasePair
-from interp.models import Model, Prompt
+from interp.models import Prompt
 
 QUESTIONS = ("Is there a pleural effusion?", "Is there fluid around the lungs?", "Can an effusion be ruled out?",
              "Is the costophrenic angle blunted?")
 POLARITY = (True, True, False, True)
-
-
-@pytest.fixture(scope="module")
-def medgemma(tiny_medgemma) -> Model:
-    """tiny-medgemma with a random image projector (the built-in one is zero-initialised, so images don't count)."""
-    model = copy.deepcopy(tiny_medgemma)
-    with torch.no_grad():
-        w = model.hf.model.multi_modal_projector.mm_input_projection_weight
-        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
-    return model
 
 
 @pytest.fixture
