@@ -661,7 +661,8 @@ def _renumbered(e: InterpError, idx: Sequence[int]) -> InterpError:
 
 def _plan_shard(model: Model, items: list[Prompt], span: tuple[int, int], positions: Positions,
                 exclude: Sequence[str], pin: bool, batching: _Batching, lengths: list[int] | None,
-                pool: ThreadPoolExecutor, images: ImageCache | None) -> tuple[list[Future], list[list[Hashable]]]:
+                pool: ThreadPoolExecutor, images: ImageCache | None,
+                takes_features: bool = False) -> tuple[list[Future], list[list[Hashable]]]:
     """On the tokeniser thread: shard ``span``'s prompts into batches, each queued for encoding on ``pool``
     (behind the batches queued before, so the forward pass finds them in order). With an image cache, each
     batch's images not seen before are queued one by one just ahead of it, so that a batch's images are
@@ -676,7 +677,7 @@ def _plan_shard(model: Model, items: list[Prompt], span: tuple[int, int], positi
     # text-only counts are exact: an overlong prompt is named now, by its index, before any forward pass
     model.check_length([n if items[lo + j].image is None else 0 for j, n in enumerate(est)], first_index=lo)
     split = images is not None and images.split is not None  # checked here, off the forward's thread
-    features = split and _takes_image_features(model)
+    features = split and takes_features  # the forward takes features computed beforehand (`_takes_image_features`)
     # The shard that starts the prompt list begins with a small batch, so the device starts early; a rule on
     # the shard, not on this call, keeps each shard's batches the same whichever process or rerun computes it.
     first = batching.batch_tokens // FIRST_BATCH_SHARE if lo == 0 else None
@@ -887,13 +888,14 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
                else tokeniser)
     # pinned pixels only where they go to the device one image at a time (the vision passes of _ImageFeatures);
     # batches that carry pixel values concatenate them into a new tensor, pinned with the batch
+    takes_features = with_images and _takes_image_features(model)
     images = (ImageCache(model, max_bytes=IMAGE_CACHE_BYTES, max_held=HELD_IMAGES,
-                         pin=None if _takes_image_features(model) else False) if with_images else None)
+                         pin=None if takes_features else False) if with_images else None)
     features = _ImageFeatures(model, images) if with_images else None
 
     def plan(span: tuple[int, int]) -> Future:
         return tokeniser.submit(_plan_shard, model, items, span, positions, exclude, cuda, batching, lengths,
-                                encoder, images)
+                                encoder, images, takes_features)
 
     writes: deque[tuple[tuple[int, int], Future]] = deque()
     try:
