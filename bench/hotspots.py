@@ -261,7 +261,7 @@ def _event_timeline(fn, cap, label: str) -> None:
     device time per phase kind (event to event: it includes any idle inside a phase), the device time between
     phases, before the first and after the last, and host time per phase kind."""
     marks: list[tuple[str, float, float, torch.cuda.Event, torch.cuda.Event]] = []
-    real_vision, real_run = cap.hf.image_features, cap._run_hooked
+    real_vision, real_run = cap._graphs.vision_pass, cap._run_hooked
 
     def timed_call(kind, real):
         def call(*a, **k):
@@ -277,7 +277,7 @@ def _event_timeline(fn, cap, label: str) -> None:
 
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    cap.hf.image_features, cap._run_hooked = timed_call("vision", real_vision), timed_call("forward", real_run)
+    cap._graphs.vision_pass, cap._run_hooked = timed_call("vision", real_vision), timed_call("forward", real_run)
     try:
         t0 = time.perf_counter()
         start.record()
@@ -286,7 +286,7 @@ def _event_timeline(fn, cap, label: str) -> None:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     finally:
-        cap.hf.image_features, cap._run_hooked = real_vision, real_run
+        cap._graphs.vision_pass, cap._run_hooked = real_vision, real_run
     dev = {"vision": 0.0, "forward": 0.0}
     host = {"vision": 0.0, "forward": 0.0}
     between, prev = [], start
@@ -306,9 +306,12 @@ def _event_timeline(fn, cap, label: str) -> None:
           + "   (kind device/host ms +device ms since the previous phase)")
 
 
-def ragged_target(smoke: bool, sweep: bool = False, timeline: bool = True) -> None:
+def ragged_target(smoke: bool, sweep: bool = False, timeline: bool = True, only: str | None = None,
+                  profile: bool = True) -> None:
     """bench/ragged.py's image corpus: a device timeline of caller-order and default capture, then median wall
-    times over capture's batching constants (cost of a forward in the planner, first-batch share, token cap)."""
+    times over capture's batching constants (cost of a forward in the planner, first-batch share, token cap).
+    ``only``: a comma-separated list of the timeline's variants to run (default: all); ``profile``: also take
+    the profiler traces."""
     import concurrent.futures as cf
     import threading
 
@@ -353,28 +356,58 @@ def ragged_target(smoke: bool, sweep: bool = False, timeline: bool = True) -> No
         from interp.models import ImageCache
 
         interval = sys.getswitchinterval()
-        variants = {"as is": {}, "pixels unpinned": {"pin": False}, "4 encoder threads": {"threads": 4},
-                    "forward merges the images": {"merge": False}}
+        from interp import _imageworkers
+
+        print(f"image worker processes: {_imageworkers.pool(wait=True) is not None} ({_imageworkers.workers()})")
+        variants = {"as is": {}, "threads only": {"workers": False}, "no vision graph": {"graphs": False},
+                    "vision not queued ahead": {"queue": False},
+                    "pixels unpinned": {"pin": False}, "4 encoder threads": {"threads": 4},
+                    "forward merges the images": {"merge": False},
+                    # a bound, not a setting: every image processed before the timed call, so no preprocessing
+                    # thread competes with the one that launches (what GIL-free preprocessing could give at best)
+                    "preprocessed ahead": {"ahead": True}}
+        if only:
+            variants = {k: v for k, v in variants.items() if k in only.split(",")}
+        real_process = ImageCache._process
+        ahead: dict = {}
+
+        def process_ahead(self, image):
+            key = id(image)
+            if key not in ahead:
+                ahead[key] = real_process(self, image)
+            return ahead[key]
+
         threads, merge = cap.ENCODER_THREADS, cap.hf.embeds_with_image_features
         for kw in (caller, {}):
             for positions in ("all", "last"):
                 for vname, v in variants.items() if positions == "all" else [("as is", {})]:
                     ImageCache.pin = v.get("pin", True)
+                    ImageCache.workers = v.get("workers")
+                    cap._graphs.GRAPHS = v.get("graphs", True)
+                    cap._ImageFeatures.ahead = v.get("queue", True)
                     sys.setswitchinterval(v.get("switch", interval))
                     cap.ENCODER_THREADS = v.get("threads", threads)
                     cap.hf.embeds_with_image_features = merge if v.get("merge", True) else (lambda *a, **k: None)
+                    if v.get("ahead"):
+                        ImageCache._process = process_ahead
                     try:
                         go(corpora["images"], positions, **kw)
                         _event_timeline(lambda kw=kw, positions=positions: go(corpora["images"], positions, **kw),
                                         cap, f"images {positions} {kw or 'defaults'} [{vname}]")
+                        print("  vision graphs: " + (", ".join(f"{k[0]}: {'used' if g else 'not used'}"
+                                                              for per in cap._graphs._graphs.values()
+                                                              for k, g in per.items()) or "none"))
                     except Exception:  # diagnosis: keep going
                         import traceback
 
                         traceback.print_exc()
                     finally:
-                        ImageCache.pin = True
+                        ImageCache.pin, ImageCache.workers, cap._graphs.GRAPHS = True, None, True
+                        cap._ImageFeatures.ahead = True
                         sys.setswitchinterval(interval)
                         cap.ENCODER_THREADS, cap.hf.embeds_with_image_features = threads, merge
+                        ImageCache._process = real_process
+    if cuda and timeline and profile:
         cap._ImageFeatures._features, cap._run_hooked, cf.Future.result = features, run, result
         try:
             for kw in (caller, {}):
@@ -423,6 +456,55 @@ def ragged_target(smoke: bool, sweep: bool = False, timeline: bool = True) -> No
                           f"{t:.3f} s, ratio {base / t:.2f}", flush=True)
     finally:
         cap.BATCH_OVERHEAD_TOKENS.update(saved)
+
+
+def syncs_target(smoke: bool) -> None:
+    """Every device-to-host synchronisation in one capture of bench/ragged.py's image corpus (and of text), each
+    caller order and default, by torch's sync debug mode: the op and the frames of interp and transformers
+    that led to it, with counts. A sync in a forward drains the kernel queue, so the device then waits for the
+    host to launch the rest of it."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    import medgemma_shape
+    from ragged import image_corpora
+
+    import interp
+
+    model = medgemma_shape.build(smoke=smoke)
+    corpora = image_corpora(model, 24 if smoke else 128, 4, 20 if smoke else 40, 600, 56 if smoke else 768)
+    text = medgemma_shape.prompts_of_lengths(model, medgemma_shape.ragged_lengths(64, 40, 1000))
+    layer = 3 if smoke else 17
+    for cname, prompts in (("images", corpora["images"]), ("text", text)):
+        for kw in (dict(sort=False, batch_size=16, batch_tokens=10**9), {}):
+            go = lambda prompts=prompts, kw=kw: interp.capture(model, prompts, layers=[layer], progress=False, **kw)  # noqa: E731
+            go()
+            seen: Counter = Counter()
+            real = warnings.showwarning
+
+            def show(message, category, filename, lineno, file=None, line=None, seen=seen):
+                frames = [f for f in traceback.extract_stack()[:-1]
+                          if ("interp" in f.filename or "transformers" in f.filename) and "warnings" not in f.filename]
+                seen[(str(message).split("\n")[0][:70],
+                      " <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in frames[::-1][:5]))] += 1
+
+            warnings.showwarning = show
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("always")
+                    warnings.showwarning = show
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        go()
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+            finally:
+                warnings.showwarning = real
+            print(f"\n=== syncs: {cname} {kw or 'defaults'}: {sum(seen.values())}")
+            for (msg, where), n in seen.most_common(12):
+                print(f"  {n:4d}x {msg} | {where}")
 
 
 def vision_target(smoke: bool) -> None:
@@ -586,9 +668,11 @@ def lora_target(smoke: bool, mode: str, checkpoint: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("target", choices=["evaluate", "lora", "capture", "vision", "ragged"])
+    ap.add_argument("target", choices=["evaluate", "lora", "capture", "vision", "ragged", "syncs"])
     ap.add_argument("--sweep", action="store_true", help="ragged: also time capture's batching constants")
     ap.add_argument("--no-timeline", action="store_true", help="ragged: skip the device timelines")
+    ap.add_argument("--variants", help="ragged: comma-separated timeline variants to run (default: all)")
+    ap.add_argument("--no-profile", action="store_true", help="ragged: skip the profiler traces")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--mode", default="text", choices=["text", "images"])
     ap.add_argument("--pairs", type=int, default=48)
@@ -601,8 +685,10 @@ def main() -> None:
         capture_target(args.smoke)
     elif args.target == "vision":
         vision_target(args.smoke)
+    elif args.target == "syncs":
+        syncs_target(args.smoke)
     elif args.target == "ragged":
-        ragged_target(args.smoke, args.sweep, not args.no_timeline)
+        ragged_target(args.smoke, args.sweep, not args.no_timeline, args.variants, not args.no_profile)
     else:
         lora_target(args.smoke, args.mode, not args.no_checkpointing)
     print("STATUS hotspots: PASS (diagnosis only: no values to check)")

@@ -51,6 +51,11 @@ def build(*, smoke: bool = False, device: str | None = None, dtype: torch.dtype 
             hf = Gemma3ForConditionalGeneration(cfg)
         finally:
             torch.set_default_dtype(default)
+    # transformers initialises Gemma 3's image projector to zero: every image's features would then be zero,
+    # and a value check on images would not see the pixels. Random, at the scale of the token embeddings.
+    with torch.no_grad():
+        w = hf.model.multi_modal_projector.mm_input_projection_weight
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)).to(w) * 0.03)
     hf.eval()
     size = vision["image_size"]
     proc = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": size, "width": size}),

@@ -35,8 +35,9 @@ import medgemma_shape  # noqa: E402
 from common import Checks, finish, recorded_warnings, timed, tolerance  # noqa: E402
 
 import interp  # noqa: E402
+from interp import _imageworkers  # noqa: E402
 from interp.capture import layer_output  # noqa: E402
-from interp.models import Prompt  # noqa: E402
+from interp.models import ImageCache, Prompt  # noqa: E402
 
 capture_mod = importlib.import_module("interp.capture")  # the module; `interp.capture` is the function
 TARGET = 1.5  # issue 14: real tokens/s of the default over caller-order batches
@@ -145,6 +146,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--alone", type=int, default=16, help="prompts per corpus checked against a forward alone")
     ap.add_argument("--tol", type=float, default=None, help="relative error per row (default: by dtype)")
+    ap.add_argument("--image-threads", action="store_true",
+                    help="preprocess images on threads, not in worker processes (the default on a GPU)")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.image_prompts, args.min_tokens, args.max_tokens = 96, 24, 20, 400
@@ -152,6 +155,13 @@ def main() -> None:
     model = medgemma_shape.build(smoke=args.quick, device="cpu" if args.quick else None)
     cuda = model.device.type == "cuda"
     bs = args.batch or (16 if cuda else 8)
+    # image worker processes start in the background on first use, and the first images of a session go to
+    # threads meanwhile: wait for them here, so that every timed run preprocesses alike (both orders)
+    if args.image_threads:
+        ImageCache.workers = False
+    workers = (_imageworkers.workers() if not args.image_threads and ImageCache(model)._use_workers()
+               and _imageworkers.pool(wait=True) is not None else 0)
+    print(f"image preprocessing: {f'{workers} worker processes' if workers else 'threads'}", flush=True)
     L = args.layer
     tol = args.tol if args.tol is not None else tolerance("rows", model.dtype)
     text = medgemma_shape.prompts_of_lengths(model, medgemma_shape.ragged_lengths(args.prompts, args.min_tokens,
@@ -212,7 +222,7 @@ def main() -> None:
     print("targets: " + ", ".join(f"{k} {v['value']:.2f} >= {v['target']}: {'met' if v['met'] else 'NOT met'}"
                                   for k, v in targets.items()))
     finish("ragged", args, {"model": repr(model), "dtype": str(model.dtype), "tolerance": tol,
-                            "caller_order_batch_size": bs, "rows": rows, "ratios": ratios, "targets": targets,
+                            "caller_order_batch_size": bs, "image_worker_processes": workers, "rows": rows, "ratios": ratios, "targets": targets,
                             "warnings": warned}, checks, args.out)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp import dist, hf
+from interp import _graphs, dist, hf
 from interp._errors import InterpError
 from interp._io import release_freed_memory
 from interp.activations import (
@@ -744,13 +744,22 @@ class _ImageFeatures:
     batch, so a shard's values are the same whichever process or rerun computes it. The tower runs on the
     forward's thread and stream, ahead of the forward that reads the features."""
 
+    ahead = True  # queue vision passes ahead on a side stream (`prefetch`)
+
     def __init__(self, model: Model, images: ImageCache, max_bytes: int | None = None):
         self.model, self.images = model, images
         self.max_bytes = FEATURE_CACHE_BYTES if max_bytes is None else max_bytes
         self.body = _vision_body(model)[1]
+        # the vision pass as a CUDA graph where it may be one (`interp._graphs`), checked once per call
+        self.fingerprint = _graphs.prepare(self.body, model.device) if self.body is not None else None
         self.cache: OrderedDict[Hashable, Any] = OrderedDict()  # key -> [crops, tokens, d] tensor or list
         self.bytes = 0
         self.as_tensor = True  # Gemma 3 takes a tensor of all images' features, LLaVA a list
+        # Vision passes of later batches' images, queued ahead on a side stream while the decoder's forwards
+        # run (`prefetch`): key -> the event that marks its features computed there
+        self.side = torch.cuda.Stream(model.device) if self.fingerprint is not None and self.ahead else None
+        self.pending: dict[Hashable, Any] = {}
+        self.prefetched = 0
 
     @staticmethod
     def _nbytes(f: Any) -> int:
@@ -759,14 +768,45 @@ class _ImageFeatures:
     def _features(self, key: Hashable) -> Any:
         if key in self.cache:
             self.cache.move_to_end(key)
-            return self.cache[key]
+            f = self.cache[key]
+            done = self.pending.pop(key, None)
+            if done is not None:  # computed on the side stream: this stream waits for it, and keeps its memory
+                stream = torch.cuda.current_stream(self.model.device)
+                stream.wait_event(done)
+                for t in [f] if isinstance(f, Tensor) else f:
+                    t.record_stream(stream)
+            return f
         pixels = self.images.pixels(key).to(self.model.device, non_blocking=True)
-        f = hf.image_features(self.body, pixels)
+        return self._keep(key, _graphs.vision_pass(self.body, pixels, self.fingerprint))
+
+    def _keep(self, key: Hashable, f: Any) -> Any:
         self.as_tensor = isinstance(f, Tensor)
         f = f if self.as_tensor else list(f)
         self.cache[key] = f
         self.bytes += self._nbytes(f)
         return f
+
+    def prefetch(self, keys: Sequence[Hashable]) -> None:
+        """On the forward's thread, before it launches a forward: queue the vision passes of a later batch's
+        images (``keys``) on the side stream, so that the device runs them in the gaps of the forwards, which
+        are launch-bound. Only images whose pixels are processed and whose pass is a built graph (one launch,
+        `interp._graphs`); the others are computed when their batch runs, as before. The features are the
+        same bits either way (the same graph on the same pixels)."""
+        if self.side is None:
+            return
+        for key in dict.fromkeys(keys):
+            if key in self.cache or not self.images.ready(key):
+                continue
+            host = self.images.pixels(key)
+            if not _graphs.built(self.body, host, self.fingerprint):
+                continue
+            with torch.cuda.stream(self.side):
+                self._keep(key, _graphs.vision_pass(self.body, host.to(self.model.device, non_blocking=True),
+                                                    self.fingerprint))
+                done = torch.cuda.Event()
+                done.record(self.side)
+            self.pending[key] = done
+            self.prefetched += 1
 
     def inputs(self, batch: Batch, host_ids: Tensor) -> dict[str, Any]:
         """The batch's inputs with its images' features merged into the token embeddings (rows in batch
@@ -776,7 +816,10 @@ class _ImageFeatures:
         per = {k: self._features(k) for k in dict.fromkeys(keys)}
         per_row = torch.cat([per[k] for k in keys]) if self.as_tensor else [t for k in keys for t in per[k]]
         while self.bytes > self.max_bytes and len(self.cache) > 1:  # the batch holds what it uses
-            self.bytes -= self._nbytes(self.cache.popitem(last=False)[1])
+            old, f = self.cache.popitem(last=False)
+            self.bytes -= self._nbytes(f)
+            # prefetched and never read here: only the side stream used its memory, and reuses it in order
+            self.pending.pop(old, None)
         try:
             merged = hf.embeds_with_image_features(self.body, batch.inputs, per_row, host_ids)
         except hf.Unsupported:  # counts that do not match: the forward's own merge raises its own error
@@ -907,12 +950,15 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
             shard = _ShardBuffer(jobs, span, layers, model.d_model, out_dtype)
             copies, j = [], 0
             with torch.inference_mode():
-                for job, held in zip(jobs, holds, strict=True):
+                for b, (job, held) in enumerate(zip(jobs, holds, strict=True)):
                     for batch, sel, _meta in job.result():
                         host_ids = batch.input_ids
                         batch = batch.to(model.device)
                         merged = (features.inputs(batch, host_ids) if "pixel_values" not in batch.inputs
                                   and any(k is not None for k in batch.image_keys) else None)
+                        if features is not None and b + 1 < len(holds):
+                            # the next batch's vision passes, on the side stream beside this forward
+                            features.prefetch(holds[b + 1])
                         buffer, _ = _run_hooked(model, batch, layers, sel, out_dtype, inputs=merged)
                         if cuda:
                             staged, done = _stage(buffer, stream)

@@ -291,6 +291,29 @@ class ProcessorSplit:
             raise Unsupported(f"the image processor returns {sorted(extra)}, which the fast path does not pass on")
         return processed["pixel_values"], replacements[0]
 
+    def image_job(self) -> tuple[Any, dict] | None:
+        """``(image_processor, kwargs)``: the image half of `process_image` that another process can run, as
+        ``image_processor([[image]], **kwargs)``, its output then passed to `finish_image`. None where that would
+        not be the same call: a processor with its own ``_process_images``, or an image processor that is not
+        one of transformers' own classes (one loaded with remote code stays in this process)."""
+        from transformers.processing_utils import ProcessorMixin
+
+        proc = self.processor
+        ip = getattr(proc, "image_processor", None)
+        if (ip is None or type(proc)._process_images is not ProcessorMixin._process_images
+                or getattr(proc, "image_token", None) is None
+                or not type(ip).__module__.startswith("transformers.")):
+            return None
+        return ip, self.images_kwargs
+
+    def finish_image(self, processed: Any) -> tuple[Tensor, str]:
+        """`process_image`'s result from the image processor's output for one image (`image_job`)."""
+        extra = set(processed) - {"pixel_values", "num_crops"}
+        if extra:
+            raise Unsupported(f"the image processor returns {sorted(extra)}, which the fast path does not pass on")
+        return processed["pixel_values"], self.processor.replace_image_token(processed, image_idx=0,
+                                                                             **self.images_kwargs)
+
     def expand(self, text: str, replacement: str, token_types: bool) -> tuple[list[int], list[int] | None]:
         """Token ids (and token types) of a prompt whose image placeholder expands to ``replacement``."""
         expanded = self.processor.get_text_with_replacements([text], [replacement])[0][0]

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from interp import _imageworkers
 from interp import hf as _hf
 from interp._errors import InterpError
 from interp._io import file_sha256
@@ -278,10 +279,13 @@ class ImageCache:
     `split_processor`): `Model.encode` then makes the processor's full call and this cache holds nothing. Drop
     the cache at the end of the call."""
 
-    def __init__(self, model: Model, *, max_bytes: int = 1 << 30, max_held: int = 256, pin: bool | None = None):
+    def __init__(self, model: Model, *, max_bytes: int = 1 << 30, max_held: int = 256, pin: bool | None = None,
+                 workers: bool | None = None):
         self.model, self.max_bytes, self.max_held = model, max_bytes, max_held
         if pin is not None:  # else the class default
             self.pin = pin
+        if workers is not None:  # else the class default
+            self.workers = workers
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, Future] = OrderedDict()  # key -> (pixel_values, replacement)
         self._sources: dict[Hashable, Any] = {}  # key -> the image itself, to process it again if dropped
@@ -289,6 +293,7 @@ class ImageCache:
         self._sizes: dict[Hashable, int] = {}  # key -> bytes, for the entries counted in ``_bytes``
         self._bytes = 0
         self.processed = 0  # images processed so far (each distinct image once, unless dropped for room)
+        self.in_workers = 0  # of them, processed in worker processes
 
     @cached_property
     def split(self) -> CheckedSplit | None:
@@ -300,10 +305,35 @@ class ImageCache:
     # power of two (an 896 px image of 4.8 MB takes 8 MiB) and keeps freed blocks for reuse by later calls.
     pin = True
 
+    # Preprocess in worker processes (`interp._imageworkers`) where they can be used, else on the caller's
+    # threads: None (the default) uses them for a model on a GPU, where threads that preprocess compete for the
+    # GIL with the one that launches the kernels; the pixel values are the same either way.
+    workers: bool | None = None
+
+    def _use_workers(self) -> bool:
+        return self.model.device.type == "cuda" if self.workers is None else bool(self.workers)
+
     def _process(self, image: Any) -> tuple[Tensor, str]:
-        pixels, replacement = self.split.process_image(image)
+        pixels = None
+        job = self.split.split.image_job() if self._use_workers() else None
+        pool = _imageworkers.pool() if job is not None else None  # None while the pool starts: threads
+        if pool is not None:
+            dtype = str(self.model.dtype).removeprefix("torch.") if self.model.dtype.is_floating_point else None
+            try:
+                result = pool.submit(_imageworkers.process, job[0], image, job[1], dtype).result()
+            except Exception as e:  # noqa: BLE001 - the path below raises the image's own error, as threads do
+                # a dead worker gives the pool up; an image's own error (a file that is not an image) is raised
+                # again below exactly as threads raise it, and one of the transport (an image object that does
+                # not pickle, a pool shut down meanwhile) does not happen there
+                _imageworkers.broken(e)
+            else:
+                pixels, replacement = self.split.split.finish_image(_imageworkers.tensors(result))
+        remote = pixels is not None
+        if not remote:
+            pixels, replacement = self.split.process_image(image)
         with self._lock:
             self.processed += 1
+            self.in_workers += remote
         # the dtype Model.encode casts pixel values to (half the memory of float32 under bf16)
         pixels = pixels.to(self.model.dtype) if self.model.dtype.is_floating_point else pixels
         if self.pin and self.model.device.type == "cuda":
@@ -393,6 +423,13 @@ class ImageCache:
         """Pixel values of the image with ``key`` (one this cache was asked for before): no processing while
         it is held (`submit`)."""
         return self.get(self._sources[key], key)[0]
+
+    def ready(self, key: Hashable) -> bool:
+        """Whether the pixels of the image with ``key`` are processed and held here now (`pixels` then returns
+        at once)."""
+        with self._lock:
+            fut = self._entries.get(key)
+        return fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
 
     def clear(self) -> None:
         with self._lock:
