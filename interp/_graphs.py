@@ -68,7 +68,9 @@ class _Graph:
                     hf.image_features(body, self.input)
             torch.cuda.current_stream(pixels.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread-local: capture's preprocessing threads pin pixels (cudaHostAlloc) meanwhile, which the
+            # default (global) mode forbids process-wide: it invalidated the capture on an H200
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.output = hf.image_features(body, self.input)
         self.done: torch.cuda.Event | None = None
         self.lock = threading.Lock()
