@@ -273,6 +273,14 @@ def embeds_with_image_features(body: nn.Module, inputs: dict[str, Tensor], per_r
     return out
 
 
+def _pixel_values(processed: Any) -> Tensor:
+    """An image processor's ``pixel_values``, where it returns nothing else the fast path would have to pass on."""
+    extra = set(processed) - {"pixel_values", "num_crops"}
+    if extra:
+        raise Unsupported(f"the image processor returns {sorted(extra)}, which the fast path does not pass on")
+    return processed["pixel_values"]
+
+
 class ProcessorSplit:
     """A multimodal processor's call split in two: each image processed once (thread-safe, no tokenizer),
     each phrasing only expanded and tokenised. Callers check it against the full call before use."""
@@ -286,10 +294,7 @@ class ProcessorSplit:
     def process_image(self, image: Any) -> tuple[Tensor, str]:
         """``pixel_values`` and the placeholder expansion of one opened image."""
         processed, replacements = self.processor._process_images([[image]], **self.images_kwargs)
-        extra = set(processed) - {"pixel_values", "num_crops"}
-        if extra:
-            raise Unsupported(f"the image processor returns {sorted(extra)}, which the fast path does not pass on")
-        return processed["pixel_values"], replacements[0]
+        return _pixel_values(processed), replacements[0]
 
     def image_job(self) -> tuple[Any, dict] | None:
         """``(image_processor, kwargs)``: the image half of `process_image` that another process can run, as
@@ -308,11 +313,9 @@ class ProcessorSplit:
 
     def finish_image(self, processed: Any) -> tuple[Tensor, str]:
         """`process_image`'s result from the image processor's output for one image (`image_job`)."""
-        extra = set(processed) - {"pixel_values", "num_crops"}
-        if extra:
-            raise Unsupported(f"the image processor returns {sorted(extra)}, which the fast path does not pass on")
-        return processed["pixel_values"], self.processor.replace_image_token(processed, image_idx=0,
-                                                                             **self.images_kwargs)
+        return _pixel_values(processed), self.processor.replace_image_token(processed, image_idx=0,
+                                                                            **self.images_kwargs)
+
 
     def expand(self, text: str, replacement: str, token_types: bool) -> tuple[list[int], list[int] | None]:
         """Token ids (and token types) of a prompt whose image placeholder expands to ``replacement``."""
