@@ -742,7 +742,8 @@ class _ImageFeatures:
 
     Each image runs through the tower alone: its features then do not depend on which images share its
     batch, so a shard's values are the same whichever process or rerun computes it. The tower runs on the
-    forward's thread and stream, ahead of the forward that reads the features."""
+    forward's thread: on its stream, ahead of the forward that reads the features, or, for a later batch's
+    images once the pass is a CUDA graph, on a side stream that the reading forward waits for (`prefetch`)."""
 
     ahead = True  # queue vision passes ahead on a side stream (`prefetch`)
 

@@ -316,7 +316,6 @@ class ProcessorSplit:
         return _pixel_values(processed), self.processor.replace_image_token(processed, image_idx=0,
                                                                             **self.images_kwargs)
 
-
     def expand(self, text: str, replacement: str, token_types: bool) -> tuple[list[int], list[int] | None]:
         """Token ids (and token types) of a prompt whose image placeholder expands to ``replacement``."""
         expanded = self.processor.get_text_with_replacements([text], [replacement])[0][0]

@@ -313,9 +313,15 @@ class ImageCache:
     def _use_workers(self) -> bool:
         return self.model.device.type == "cuda" if self.workers is None else bool(self.workers)
 
+    @cached_property
+    def _job(self) -> tuple[Any, dict] | None:
+        """What a worker process runs for each image (`interp.hf.ProcessorSplit.image_job`), decided once per
+        cache; None: this process's threads preprocess."""
+        return self.split.split.image_job() if self._use_workers() else None
+
     def _process(self, image: Any) -> tuple[Tensor, str]:
         pixels = None
-        job = self.split.split.image_job() if self._use_workers() else None
+        job = self._job
         pool = _imageworkers.pool() if job is not None else None  # None while the pool starts: threads
         if pool is not None:
             dtype = str(self.model.dtype).removeprefix("torch.") if self.model.dtype.is_floating_point else None
