@@ -40,8 +40,8 @@ def workers() -> int:
 def available() -> bool:
     """Whether worker processes can be used here at all (Linux and macOS' forkserver; not under a frozen
     interpreter, and not inside a worker itself)."""
-    return (popen_forkserver is not None and "forkserver" in multiprocessing.get_all_start_methods() and not getattr(sys, "frozen", False)
-            and multiprocessing.parent_process() is None)
+    return (popen_forkserver is not None and "forkserver" in multiprocessing.get_all_start_methods()
+            and not getattr(sys, "frozen", False) and multiprocessing.parent_process() is None)
 
 
 def pool(*, wait: bool = False, timeout: float = 120.0) -> ProcessPoolExecutor | None:
