@@ -431,6 +431,10 @@ class _Kept:
             for k in [k for k in rec if k.startswith("layer_")]:
                 del rec[k]
 
+    def over(self, pending: int) -> bool:
+        """Whether shards of ``pending`` bytes, still being written, would not all fit beside what is kept."""
+        return not self.keeping or (self.limit is not None and self.bytes + pending > self.limit)
+
     def add(self, span: tuple[int, int], tensors: dict[str, Tensor], verified: bool = False) -> None:
         if verified:
             self.verified.add(_shard_name(span))
@@ -942,6 +946,8 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
                                 encoder, images, takes_features)
 
     writes: deque[tuple[tuple[int, int], Future]] = deque()
+    sizes: deque[int] = deque()  # bytes of each shard in ``writes``
+    pending = 0  # their sum
     try:
         planned = plan(todo[0])
         for k, span in enumerate(todo):
@@ -970,12 +976,17 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
                         bar.update(int(batch.lengths.numel()))
                     if held:  # its forward ran: the cache may drop the pixels of its images now
                         images.release(held)
+            rows = sum(int(m["prompt_index"].numel()) for f in jobs for _, _, m in f.result())
             writes.append((span, writer.submit(_finish_shard, copies, shard, folder, manifest, span, entry_files)))
+            pending += rows * kept.row_bytes
+            sizes.append(rows * kept.row_bytes)
             del shard, copies, jobs, holds
-            # Once nothing is kept (a lazy result), wait for older writes: host memory then holds a few shards
-            # at most. A finished write also surfaces a failed copy or write now, not at the end.
-            while writes and (writes[0][1].done() or (len(writes) > IN_FLIGHT and not kept.keeping)):
+            # Wait for older writes once nothing is kept (a lazy result), or once the shards still being written
+            # would take what is kept past max_memory: host memory then holds a few shards beyond what is kept,
+            # however slow the disk. A finished write also surfaces a failed copy or write now, not at the end.
+            while writes and (writes[0][1].done() or (len(writes) > IN_FLIGHT and kept.over(pending))):
                 kept.add(*_written(writes.popleft()))
+                pending -= sizes.popleft()
                 if not kept.keeping:
                     release_freed_memory()  # the written shard's buffers, back to the OS
         while writes:

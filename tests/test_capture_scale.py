@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import weakref
 
 import pytest
@@ -219,6 +220,13 @@ def test_capture_holds_a_few_shards_at_a_time(tiny_medgemma, tmp_path, monkeypat
         return out
 
     monkeypatch.setattr(capture_mod._ShardBuffer, "_allocate", allocate)
+    write = capture_mod._write_shard
+
+    def slow_disk(*args, **kwargs):  # a writer slower than the forwards: shards queue behind it
+        time.sleep(0.1)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(capture_mod, "_write_shard", slow_disk)
     prompts = BODY[:24]
     for lazy, budget in ((True, None), (None, 2000)):  # lazy from the start; lazy once past max_memory
         alive.clear(), most.clear()
