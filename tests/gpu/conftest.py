@@ -85,6 +85,18 @@ def medgemma():
 
 
 @pytest.fixture(scope="session")
+def bf16_and_fp32(medgemma):
+    """The session's model in bf16 and in float32 (the same weights): float32 is the truth that bf16 paths are
+    judged against. On the GPU the session's model is the bf16 one; on the CPU the float32 one."""
+    import copy
+    import dataclasses
+
+    other = copy.deepcopy(medgemma.hf).to(torch.bfloat16 if medgemma.dtype == torch.float32 else torch.float32)
+    other = dataclasses.replace(medgemma, hf=other)
+    return (other, medgemma) if medgemma.dtype == torch.float32 else (medgemma, other)
+
+
+@pytest.fixture(scope="session")
 def ragged_prompts(medgemma) -> list[str]:
     """160 prompts of 40-900 tokens in an order nobody sorted (as a new user's corpus would be)."""
     sys.path.insert(0, str(ROOT / "bench"))

@@ -2,10 +2,13 @@
 
 References are computed independently of the code under test: each prompt run alone through the plain
 Hugging Face forward with hooks on the decoder layers; `evaluate(fast=False)`; a one-patch-per-forward
-loop; a plain PEFT forward; numpy. The capture cases run several times each, to stress stream ordering.
+loop; a plain PEFT forward; numpy. Where bf16 rounding alone separates two orders of summation (the margins
+of `evaluate` and patching), both paths are also run in float32 and judged against the float32 reference. The capture cases run several times each, to stress stream ordering.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -18,6 +21,18 @@ from interp.layers import DEFAULT_TARGET_MODULES
 
 REL_TOL = 0.05  # per-row ||capture - alone|| / ||alone|| in bf16; a wrong row is ~1 (and fails the identity check)
 REPEATS = 3
+
+
+@contextlib.contextmanager
+def _ieee_fp32():
+    """float32 matmuls and convolutions in full float32 (cuDNN runs float32 convolutions as TF32 by default:
+    the SigLIP patch embedding would then be a 10-bit-mantissa truth)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _mid(model) -> int:
@@ -126,64 +141,97 @@ def _image_pairs(images: list[str], n: int) -> list[ParaphrasePair]:
             for k in range(n)]
 
 
-def _margin_check(fast, naive) -> dict:
-    a = fast.table[["margin_a", "margin_b"]].to_numpy()
-    b = naive.table[["margin_a", "margin_b"]].to_numpy()
-    scale = float(np.abs(b).max())
-    diff = float(np.abs(a - b).max())
-    return {"max_abs_margin_diff": diff, "margin_scale": scale, "rel": diff / max(scale, 1e-9),
-            "method": fast.method, "sign_disagreements": int((np.sign(a) != np.sign(b))[np.abs(b) > 0.05 * scale].sum())}
+def _margins(result) -> np.ndarray:
+    return result.table[["margin_a", "margin_b"]].to_numpy()
 
 
-def test_evaluate_fast_equals_naive_on_image_pairs_and_groups(medgemma, cxr_images, record):
-    pairs = _image_pairs(cxr_images, 48)
-    fast = interp.evaluate(medgemma, pairs, n_boot=0, progress=False)
-    naive = interp.evaluate(medgemma, pairs, fast=False, n_boot=0, progress=False)
-    res = _margin_check(fast, naive)
-    record("evaluate 48 image pairs: fast vs fast=False", **res)
-    assert "KV cache" in fast.method and res["rel"] < 0.05 and res["sign_disagreements"] == 0, res
+def _against_truth(fast_low, plain_low, fast_high, plain_high) -> dict:
+    """How a fast path compares with its plain reference, judged against a float32 truth.
+
+    In float32 the two must agree to rounding (a defect, such as a misplaced image or a wrong mask, shows up
+    as a difference of the margins' own size). In bf16 they cannot: on this random-weight model the margins
+    are ~1 logit and differ by several bf16 steps between any two summation orders, so the fast path must be
+    no less accurate than the plain one, each measured against the plain float32 result (``plain_high``)."""
+    truth = np.asarray(plain_high, dtype=np.float64)
+    scale = float(np.abs(truth).max())
+    err_fast, err_plain = np.abs(fast_low - truth), np.abs(plain_low - truth)
+    big = np.abs(truth) > 0.05 * scale
+    return {"fp32_max_abs_diff": float(np.abs(fast_high - truth).max()),
+            "fp32_rel": float(np.abs(fast_high - truth).max()) / max(scale, 1e-9), "margin_scale": scale,
+            "bf16_fast_max_err": float(err_fast.max()), "bf16_plain_max_err": float(err_plain.max()),
+            "bf16_fast_mean_err": float(err_fast.mean()), "bf16_plain_mean_err": float(err_plain.mean()),
+            "bf16_fast_vs_plain_max_abs": float(np.abs(fast_low - plain_low).max()),
+            "sign_flips_fast": int((np.sign(fast_low) != np.sign(truth))[big].sum()),
+            "sign_flips_plain": int((np.sign(plain_low) != np.sign(truth))[big].sum()), "n": int(truth.size)}
+
+
+def _assert_as_accurate(res: dict) -> None:
+    assert res["fp32_rel"] < 1e-3, res
+    assert res["bf16_fast_max_err"] <= 2 * res["bf16_plain_max_err"] + 1e-3 * res["margin_scale"], res
+    assert res["bf16_fast_mean_err"] <= 1.5 * res["bf16_plain_mean_err"] + 1e-3 * res["margin_scale"], res
+    assert res["sign_flips_fast"] <= res["sign_flips_plain"] + 1, res
+
+
+def test_evaluate_fast_equals_naive_on_image_pairs_and_groups(bf16_and_fp32, cxr_images, record):
+    low, high = bf16_and_fp32
     base = ("Is there a pleural effusion?", "Is fluid collecting around the lungs?", "Any effusion?")
     groups = [ParaphraseGroup(f"g{k}", base + ("Is a pleural effusion present?",) * (k % 2), answer="yes",
                               image=cxr_images[k % len(cxr_images)]) for k in range(16)]
-    fast = interp.evaluate(medgemma, groups, n_boot=0, progress=False)
-    naive = interp.evaluate(medgemma, groups, fast=False, n_boot=0, progress=False)
-    res = _margin_check(fast, naive)
-    record("evaluate 16 image groups of 3-4 phrasings: fast vs fast=False", **res)
-    assert "KV cache" in fast.method and res["rel"] < 0.05 and res["sign_disagreements"] == 0, res
+    for label, items in (("48 image pairs", _image_pairs(cxr_images, 48)),
+                         ("16 image groups of 3-4 phrasings", groups)):
+        runs = {}
+        for name, model in (("low", low), ("high", high)):
+            with _ieee_fp32():
+                fast = interp.evaluate(model, items, n_boot=0, progress=False)
+                plain = interp.evaluate(model, items, fast=False, n_boot=0, progress=False)
+            assert "KV cache" in fast.method, fast.method
+            runs[name] = (_margins(fast), _margins(plain))
+        res = _against_truth(*runs["low"], *runs["high"])
+        record(f"evaluate {label}: fast vs fast=False, bf16 and float32, against float32 fast=False", **res)
+        _assert_as_accurate(res)
 
 
-def test_patching_strategies_equal_the_one_patch_per_forward_loop(medgemma, cxr_images, record):
-    pairs = _image_pairs(cxr_images, 6)
-    ids = list(medgemma.answer_ids)
-    naive = np.zeros((len(pairs), medgemma.n_layers))
+def _patched_by_hand(model, pairs) -> np.ndarray:
+    """[pairs, layers] margins of prompt b with prompt a's last-token residual patched in at one layer, one
+    plain forward per (pair, layer)."""
+    ids = list(model.answer_ids)
+    out = np.zeros((len(pairs), model.n_layers))
     with torch.inference_mode():
         for r, p in enumerate(pairs):
-            a, b = medgemma.encode([p.prompt_a()]), medgemma.encode([p.prompt_b()])
-            out = medgemma.hf(**a.inputs, output_hidden_states=True, use_cache=False)
+            a, b = model.encode([p.prompt_a()]), model.encode([p.prompt_b()])
+            hidden = model.hf(**a.inputs, output_hidden_states=True, use_cache=False).hidden_states
             # resid_post of each layer at the last token (hidden_states[-1] is after the final norm, so the
             # last layer is left out of the comparison)
-            src = [h[0, -1].clone() for h in out.hidden_states[1:]]
-            for layer in range(medgemma.n_layers - 1):
+            src = [h[0, -1].clone() for h in hidden[1:]]
+            for layer in range(model.n_layers - 1):
                 def patch(_m, _a, o, layer=layer, src=src):
                     (o[0] if isinstance(o, tuple) else o)[:, -1] = src[layer]
                     return o
 
-                hook = medgemma.layer(layer).register_forward_hook(patch)
+                hook = model.layer(layer).register_forward_hook(patch)
                 try:
-                    logits = medgemma.hf(**b.inputs, use_cache=False).logits[0, -1].float()
+                    logits = model.hf(**b.inputs, use_cache=False).logits[0, -1].float()
                 finally:
                     hook.remove()
-                naive[r, layer] = float(logits[ids[0]] - logits[ids[1]])
+                out[r, layer] = float(logits[ids[0]] - logits[ids[1]])
+    return out[:, :-1]
+
+
+def test_patching_strategies_equal_the_one_patch_per_forward_loop(bf16_and_fp32, cxr_images, record):
+    low, high = bf16_and_fp32
+    pairs = _image_pairs(cxr_images, 6)
+    with _ieee_fp32():
+        plain = {"low": _patched_by_hand(low, pairs), "high": _patched_by_hand(high, pairs)}
     for strategy in ("cache", "full"):
-        prof = interp.layer_profile(medgemma, pairs, method="patching", strategy=strategy, progress=False)
-        got = np.asarray(prof.meta["margin_patched"])[:, :-1]
-        want = naive[:, :-1]
-        scale = float(np.abs(want).max())
-        res = {"max_abs": float(np.abs(got - want).max()), "scale": scale,
-               "rel": float(np.abs(got - want).max()) / max(scale, 1e-9)}
-        record(f"layer_profile patching strategy={strategy} vs one patch per forward (6 image pairs x 33 layers)",
-               **res)
-        assert res["rel"] < 0.05, res
+        got = {}
+        for name, model in (("low", low), ("high", high)):
+            with _ieee_fp32():
+                prof = interp.layer_profile(model, pairs, method="patching", strategy=strategy, progress=False)
+            got[name] = np.asarray(prof.meta["margin_patched"])[:, :-1]
+        res = _against_truth(got["low"], plain["low"], got["high"], plain["high"])
+        record(f"layer_profile patching strategy={strategy} vs one patch per forward (6 image pairs x "
+               f"{low.n_layers - 1} layers), bf16 and float32, against the float32 loop", **res)
+        _assert_as_accurate(res)
 
 
 def test_lora_fast_path_gives_the_plain_peft_loss_and_gradients(medgemma, cxr_images, record):
