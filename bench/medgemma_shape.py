@@ -21,11 +21,16 @@ SMOKE_TEXT = dict(TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers
                   num_key_value_heads=2, head_dim=16, vocab_size=2048, sliding_window=64)
 SMOKE_VISION = dict(VISION, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                     image_size=56)
+# MedGemma's depth (34 decoder layers, 1,024-token window) at narrow widths: how rounding grows with depth
+DEEP_TEXT = dict(SMOKE_TEXT, hidden_size=256, intermediate_size=1024, num_hidden_layers=34, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=32, sliding_window=1024)
+DEEP_VISION = dict(SMOKE_VISION, hidden_size=128, intermediate_size=256, num_hidden_layers=4, image_size=112)
 
 
-def build(*, smoke: bool = False, device: str | None = None, dtype: torch.dtype | None = None,
+def build(*, smoke: bool = False, deep: bool = False, device: str | None = None, dtype: torch.dtype | None = None,
           attn: str = "sdpa") -> interp.Model:
-    """MedGemma-4B-shaped `Gemma3ForConditionalGeneration` (random weights) wrapped as an `interp.Model`."""
+    """MedGemma-4B-shaped `Gemma3ForConditionalGeneration` (random weights) wrapped as an `interp.Model`;
+    ``smoke``: toy widths and 6 layers; with ``deep``, 34 layers at narrow widths (`DEEP_TEXT`)."""
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
@@ -37,7 +42,7 @@ def build(*, smoke: bool = False, device: str | None = None, dtype: torch.dtype 
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     tok = tiny_tokenizer(GEMMA_CHAT_TEMPLATE)
     tid = tok.convert_tokens_to_ids
-    text, vision = (SMOKE_TEXT, SMOKE_VISION) if smoke else (TEXT, VISION)
+    text, vision = ((DEEP_TEXT, DEEP_VISION) if deep else (SMOKE_TEXT, SMOKE_VISION)) if smoke else (TEXT, VISION)
     tokens_per_image = 4 if smoke else 256
     cfg = Gemma3Config(text_config=dict(text), vision_config=dict(vision), mm_tokens_per_image=tokens_per_image,
                        boi_token_index=tid("<start_of_image>"), eoi_token_index=tid("<end_of_image>"),

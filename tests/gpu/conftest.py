@@ -23,8 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS: dict[str, dict] = {}
 # INTERP_GPU_SUITE_ON_CPU=1 runs the same suite on the CPU at toy shapes (to check the suite itself
-# before spending GPU time); it proves nothing about the GPU.
-ON_CPU = os.environ.get("INTERP_GPU_SUITE_ON_CPU") == "1"
+# before spending GPU time); =deep at MedGemma's depth (34 layers) but narrow widths, to see how bf16
+# rounding grows with depth. Either proves nothing about the GPU.
+ON_CPU = os.environ.get("INTERP_GPU_SUITE_ON_CPU") in ("1", "deep")
+DEEP = os.environ.get("INTERP_GPU_SUITE_ON_CPU") == "deep"
 DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if ON_CPU else None)
 
 
@@ -80,7 +82,7 @@ def medgemma():
     import medgemma_shape
 
     if DEVICE == "cpu":
-        return medgemma_shape.build(smoke=True, device="cpu", dtype=torch.float32)
+        return medgemma_shape.build(smoke=True, deep=DEEP, device="cpu", dtype=torch.float32)
     return medgemma_shape.build(device="cuda", dtype=torch.bfloat16)
 
 

@@ -166,9 +166,12 @@ def _against_truth(fast_low, plain_low, fast_high, plain_high) -> dict:
 
 
 def _assert_as_accurate(res: dict) -> None:
+    """float32: equal to rounding. bf16: within 2x the plain path's error, largest and mean (two summation
+    orders land 0.6-1.7x apart at MedGemma's depth, `INTERP_GPU_SUITE_ON_CPU=deep`; a value computed in a
+    lower precision than the plain path's, such as a bf16 softmax, is several times worse)."""
     assert res["fp32_rel"] < 1e-3, res
     assert res["bf16_fast_max_err"] <= 2 * res["bf16_plain_max_err"] + 1e-3 * res["margin_scale"], res
-    assert res["bf16_fast_mean_err"] <= 1.5 * res["bf16_plain_mean_err"] + 1e-3 * res["margin_scale"], res
+    assert res["bf16_fast_mean_err"] <= 2 * res["bf16_plain_mean_err"] + 1e-3 * res["margin_scale"], res
     assert res["sign_flips_fast"] <= res["sign_flips_plain"] + 1, res
 
 
