@@ -223,7 +223,8 @@ def result_tables(result: Any) -> str:
                           ("tests", "tests")):
         df = _call(result, name)
         if _is_frame(df):
-            cols = [c for c in df.columns if c not in ("definition", "n_clusters")]
+            # a test's clusters tell a clustered test from one that takes pairs as independent: kept there
+            cols = [c for c in df.columns if c != "definition" and (c != "n_clusters" or name == "tests")]
             parts.append(_table(_frame_rows(df[cols]), caption))
             done = True
     if done:

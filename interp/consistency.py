@@ -89,11 +89,11 @@ def _measures(t: pd.DataFrame, n_boot: int, seed: int) -> dict[str, Any]:
     g = int(len(set(cl)))
     boot_method = (f"cluster bootstrap percentile 95% ({n_boot} resamples of {g} clusters)" if ci["mean_margin_diff"]
                    else "none (n_boot=0 or fewer than two clusters)")
-    methods = {"flip_rate": stats.proportion_ci_method(cl, n), "mean_margin_diff": boot_method,
-               "relative_margin_diff": boot_method, "mean_abs_margin": boot_method,
-               "yes_rate": stats.proportion_ci_method(np.concatenate([cl, cl]), 2 * n),
-               "accuracy": stats.proportion_ci_method(np.concatenate([cl[gold], cl[gold]]), 2 * n_gold)
-               if n_gold else "none (no gold answers)"}
+    methods = {"flip_rate": stats.proportion_ci_method(cl, n, successes=flip.sum()),
+               "mean_margin_diff": boot_method, "relative_margin_diff": boot_method, "mean_abs_margin": boot_method,
+               "yes_rate": stats.proportion_ci_method(np.concatenate([cl, cl]), 2 * n, successes=yes.sum()),
+               "accuracy": stats.proportion_ci_method(np.concatenate([cl[gold], cl[gold]]), 2 * n_gold,
+                                                      successes=correct.sum()) if n_gold else "none (no gold answers)"}
     return dict(n=n, n_flips=int(flip.sum()), flip_rate=float(flip.mean()) if n else _NAN,
                 mean_margin_diff=float(diff.mean()) if n else _NAN,
                 accuracy=float(correct.mean()) if n_gold else None, n_gold=n_gold,
@@ -159,8 +159,16 @@ class ConsistencyReport(Result):
         labels = pair_clusters(pairs) if clusters is None else [str(c) for c in clusters]
         if len(labels) != len(pairs):
             raise InterpError(f"{len(pairs)} pairs but {len(labels)} cluster labels; give one label per pair")
+        bad = np.flatnonzero(~(np.isfinite(m_a) & np.isfinite(m_b)))
+        if len(bad):
+            raise InterpError(f"non-finite margins for {len(bad)} pair(s), e.g. {[pairs[i].id for i in bad[:3]]}: "
+                              "every pair needs two finite margins (NaN/inf logits come from float16 overflow in "
+                              "Gemma 3: use bfloat16 or float32), or drop those pairs and say so")
         same = np.array([p.same_polarity for p in pairs])
         corrected = np.where(same, m_b, -m_b)
+        # decisions: yes when m > 0. B's decision is polarity-corrected as a decision (an inverted B at
+        # m_b = 0 decides "no", which agrees with A's "yes"), not by the sign of -m_b (-0.0 is not > 0)
+        agree = np.where(same, m_b > 0, ~(m_b > 0))
 
         def correct(margin: np.ndarray, answers: list[str | None]) -> list[bool | None]:
             return [None if a is None else bool((m > 0) == (a == "yes")) for m, a in zip(margin, answers, strict=True)]
@@ -170,7 +178,7 @@ class ConsistencyReport(Result):
             "question_a": [p.question_a for p in pairs], "question_b": [p.question_b for p in pairs],
             "answer": [p.answer for p in pairs], "same_polarity": same,
             "margin_a": m_a, "margin_b": m_b, "margin_b_corrected": corrected,
-            "margin_diff": np.abs(m_a - corrected), "flip": (m_a > 0) != (corrected > 0),
+            "margin_diff": np.abs(m_a - corrected), "flip": (m_a > 0) != agree,
             "correct_a": pd.Series(correct(m_a, [p.answer for p in pairs]), dtype=object),
             "correct_b": pd.Series(correct(m_b, [p.answer_b for p in pairs]), dtype=object),
             "cluster": labels, "polarity": np.where(same, "same", "inverted"),
@@ -190,8 +198,9 @@ class ConsistencyReport(Result):
         for name, (unit, definition) in _DEFINITIONS.items():
             value = getattr(self, name)
             ci = self.ci.get(name)
-            n_units = {"share of pairs": self.n, "share of phrasings": 2 * (self.n_gold if name == "accuracy"
-                                                                           else self.n)}.get(unit, self.n)
+            # n of the units the quantity averages: pairs, or phrasings (two a pair; accuracy: pairs with gold)
+            n_units = 2 * self.n_gold if name == "accuracy" else (
+                2 * self.n if unit == "share of phrasings" or name == "mean_abs_margin" else self.n)
             rows.append({"quantity": name, "value": value, "ci_low": None if ci is None else ci[0],
                          "ci_high": None if ci is None else ci[1], "interval": self.ci_method.get(name, ""),
                          "n": n_units, "n_clusters": self.n_clusters, "unit": unit, "definition": definition})
@@ -285,7 +294,10 @@ class ConsistencyComparison(Result):
     table: pd.DataFrame = field(repr=False)  # per pair: both models' margins, diffs and flips
     p_flip: float = _NAN  # headline flip test: ``p_flip_cluster`` (= exact McNemar when no pairs cluster)
     flip_test: str = ""  # name of the headline flip test
-    p_mcnemar_midp: float = _NAN  # mid-p exact McNemar
+    p_mcnemar_midp: float = _NAN  # mid-p exact McNemar, pairs as independent units
+    p_flip_midp: float = _NAN  # mid-p of the headline flip test (the clustered one when pairs cluster)
+    p_margin: float = _NAN  # headline test on |margin diff| changes: ``p_margin_cluster`` when pairs cluster
+    margin_test: str = ""  # its name
     p_flip_cluster: float = _NAN  # exact cluster sign-flip test on per-pair flip changes (clustered McNemar)
     p_accuracy_paired: float | None = None  # headline accuracy test: exact cluster sign-flip on per-phrasing
     accuracy_test: str = ""  # correctness changes, clusters of pairs as units; its name here
@@ -337,10 +349,10 @@ class ConsistencyComparison(Result):
         mc = stats.mcnemar_exact(only_base, only_other)
         flip_cluster = stats.sign_flip_test(fb.astype(float) - fa.astype(float), cl, seed=seed)
         if g == n:
-            p_flip, flip_test = mc.p, "exact McNemar (binomial), pairs as units"
+            p_flip, p_flip_mid, flip_test = mc.p, mc.p_mid, "exact McNemar (binomial), pairs as units"
         else:
-            p_flip, flip_test = flip_cluster.p, (f"exact clustered McNemar (sign-flip test over {g} clusters of "
-                                                 "pairs)")
+            p_flip, p_flip_mid = flip_cluster.p, flip_cluster.p_mid
+            flip_test = f"exact clustered McNemar (sign-flip test over {g} clusters of pairs)"
 
         # margin differences: Wilcoxon on pairs (the study) and a cluster sign-flip test
         da, db = a["margin_diff"].to_numpy(), b["margin_diff"].to_numpy()
@@ -350,6 +362,10 @@ class ConsistencyComparison(Result):
             res = wilcoxon(da, db)
             w, p_w = float(res.statistic), float(res.pvalue)
         p_margin_cluster = stats.sign_flip_test(db - da, cl, seed=seed).p
+        if g == n:
+            p_margin, margin_test = p_w, "Wilcoxon signed-rank, pairs as units"
+        else:  # the signed-rank test takes pairs as independent: with clusters it is shown, not headlined
+            p_margin, margin_test = p_margin_cluster, f"cluster sign-flip test over {g} clusters of pairs"
 
         # accuracy: per-phrasing correctness, paired, clustered by pair (and by cluster of pairs)
         acc = za = pa = acc_delta = p_acc_paired = p_acc_mc = acc_disc = None
@@ -405,6 +421,7 @@ class ConsistencyComparison(Result):
                    margin_diff_relative=ratio(sb["mean_margin_diff"], sa["mean_margin_diff"]),
                    wilcoxon=w, p_wilcoxon=p_w, accuracy=acc, accuracy_delta=acc_delta, z_accuracy=za,
                    p_accuracy=pa, table=table, p_flip=p_flip, flip_test=flip_test, p_mcnemar_midp=mc.p_mid,
+                   p_flip_midp=p_flip_mid, p_margin=p_margin, margin_test=margin_test,
                    p_flip_cluster=flip_cluster.p, p_accuracy_paired=p_acc_paired, accuracy_test=acc_test,
                    accuracy_discordant=acc_disc, p_accuracy_mcnemar=p_acc_mc, p_margin_cluster=p_margin_cluster,
                    relative_margin_diff=(sa["relative_margin_diff"], sb["relative_margin_diff"]),
@@ -420,16 +437,17 @@ class ConsistencyComparison(Result):
         g, n, m, g_gold = self.n_clusters, self.n, 2 * self.n_gold, self.n_clusters_gold
         rows = [
             ("flip rate", self.flip_test, True, f"discordant pairs {self.discordant[0]}/{self.discordant[1]}",
-             self.p_flip, self.p_mcnemar_midp if g == n else None, n, g, "pairs", True),
+             self.p_flip, self.p_flip_midp, n, g, "pairs", True),
             *([("flip rate", "exact McNemar (binomial), pairs as independent units (ignores clusters)", True,
                 f"discordant pairs {self.discordant[0]}/{self.discordant[1]}", self.p_mcnemar, self.p_mcnemar_midp,
                 n, n, "pairs", False)] if g != n else []),
             ("flip rate", "unpaired two-proportion z-test (as in the study)", False, f"z={self.z:.3f}", self.p_z,
              None, 2 * n, 2 * n, "pairs (counted twice, as independent)", False),
-            ("mean |margin diff|", "Wilcoxon signed-rank, pairs as units (as in the study)", True,
-             f"W={self.wilcoxon:.4g}", self.p_wilcoxon, None, n, n, "pairs", True),
+            ("mean |margin diff|", "Wilcoxon signed-rank, pairs as units (as in the study)"
+             + ("" if g == n else "; ignores clusters"), True,
+             f"W={self.wilcoxon:.4g}", self.p_wilcoxon, None, n, n, "pairs", g == n),
             ("mean |margin diff|", f"cluster sign-flip test on |margin diff| changes ({g} clusters)", True,
-             f"{self.margin_diff_delta:+.4g} logits", self.p_margin_cluster, None, n, g, "pairs", False),
+             f"{self.margin_diff_delta:+.4g} logits", self.p_margin_cluster, None, n, g, "pairs", g != n),
         ]
         if self.accuracy is not None and self.accuracy_discordant is not None:
             rows += [
@@ -446,6 +464,7 @@ class ConsistencyComparison(Result):
 
     def changes(self) -> pd.DataFrame:
         """Each quantity before and after, its change and the change's paired cluster-bootstrap 95% CI."""
+        n, m = self.n, 2 * self.n  # pairs; phrasings (two a pair)
         rows = [("flip rate", *self.flip_rate, "difference", self.flip_rate_delta, "flip_rate_delta",
                  "share of pairs"),
                 ("accuracy", *(self.accuracy or (None, None)), "difference", self.accuracy_delta, "accuracy_delta",
@@ -460,6 +479,7 @@ class ConsistencyComparison(Result):
                  "mean_abs_margin_relative", "ratio - 1"),
                 ("yes rate", *self.yes_rate, "difference", self.yes_rate_delta, "yes_rate_delta",
                  "share of phrasings")]
+        units = {"accuracy": 2 * self.n_gold, "yes rate": m, "mean |margin|": m}
         out = []
         for name, before, after, kind, change, key, unit in rows:
             ci = self.ci.get(key)
@@ -467,7 +487,7 @@ class ConsistencyComparison(Result):
                         "ci_low": None if ci is None else ci[0], "ci_high": None if ci is None else ci[1],
                         "interval": f"paired cluster bootstrap percentile 95% ({self.n_boot} resamples of "
                                     f"{self.n_clusters} clusters)" if ci is not None else "none",
-                        "n": self.n, "unit": unit})
+                        "n": units.get(name, n), "unit": unit})
         return pd.DataFrame(out)
 
     def to_dict(self) -> dict[str, Any]:
@@ -479,23 +499,28 @@ class ConsistencyComparison(Result):
     def __repr__(self) -> str:
         def delta(key: str, value: float | None, pct: bool) -> str:
             ci = self.ci.get(key)
-            if value is None:
+            if value is None or not np.isfinite(value):
                 return "n/a"
             if pct:
                 return f"{value * 100:+.1f} pp" + ("" if ci is None else f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]")
             return f"{value:+.1%}" + ("" if ci is None else f" [{ci[0]:+.1%}, {ci[1]:+.1%}]")
 
+        if self.n_clusters == self.n:
+            margins = f"Wilcoxon signed-rank p={_p(self.p_wilcoxon)}"
+        else:
+            margins = (f"cluster sign-flip p={_p(self.p_margin_cluster)}; Wilcoxon, pairs as units as in the study, "
+                       f"p={_p(self.p_wilcoxon)}")
         acc = "" if self.accuracy is None else (
             f", accuracy {self.accuracy[0]:.1%} -> {self.accuracy[1]:.1%} ({delta('accuracy_delta', self.accuracy_delta, True)}; "
             f"paired clustered p={_p(self.p_accuracy_paired)}; unpaired z-test as in the study p={_p(self.p_accuracy)})")
         return (f"ConsistencyComparison({self.baseline!r} -> {self.other!r}, n={self.n} pairs in {self.n_clusters} "
                 f"clusters: flip rate {self.flip_rate[0]:.1%} -> {self.flip_rate[1]:.1%} "
                 f"({delta('flip_rate_delta', self.flip_rate_delta, True)}; {self.flip_test} "
-                f"{self.discordant[0]}/{self.discordant[1]} p={_p(self.p_flip)}, mid-p={_p(self.p_mcnemar_midp)}; "
+                f"{self.discordant[0]}/{self.discordant[1]} p={_p(self.p_flip)}, mid-p={_p(self.p_flip_midp)}; "
                 f"unpaired z-test as in the study p={_p(self.p_z)}){acc}, mean |margin diff| "
                 f"{self.mean_margin_diff[0]:.3g} -> {self.mean_margin_diff[1]:.3g} "
-                f"({delta('margin_diff_relative', self.margin_diff_relative, False)}; Wilcoxon p={_p(self.p_wilcoxon)}, "
-                f"cluster sign-flip p={_p(self.p_margin_cluster)}), |margin diff| / mean |margin| "
+                f"({delta('margin_diff_relative', self.margin_diff_relative, False)}; {margins}), "
+                f"|margin diff| / mean |margin| "
                 f"{_num(self.relative_margin_diff[0])} -> {_num(self.relative_margin_diff[1])}, mean |margin| "
                 f"{_num(self.mean_abs_margin[0])} -> {_num(self.mean_abs_margin[1])} "
                 f"({delta('mean_abs_margin_relative', self.mean_abs_margin_relative, False)}), yes rate "
@@ -520,12 +545,14 @@ class ConsistencyComparison(Result):
                     else "no gold answers")
         panels = [
             ("flip_rate", self.flip_rate, "flip rate",
-             f"{change('flip_rate_delta', self.flip_rate_delta, True)}, McNemar p={_p(self.p_flip)}"),
+             f"{change('flip_rate_delta', self.flip_rate_delta, True)}, "
+             f"{'McNemar' if self.n_clusters == self.n else 'clustered McNemar'} p={_p(self.p_flip)}"),
             ("accuracy", self.accuracy or (_NAN, _NAN), "accuracy",
              f"{change('accuracy_delta', self.accuracy_delta, True)}, {acc_test}"),
             ("yes_rate", self.yes_rate, "yes rate", change("yes_rate_delta", self.yes_rate_delta, True)),
             ("mean_margin_diff", self.mean_margin_diff, "mean |margin diff| (logits)",
-             f"{change('margin_diff_relative', self.margin_diff_relative, False)}, Wilcoxon p={_p(self.p_wilcoxon)}"),
+             f"{change('margin_diff_relative', self.margin_diff_relative, False)}, "
+             f"{'Wilcoxon' if self.n_clusters == self.n else 'cluster sign-flip'} p={_p(self.p_margin)}"),
             ("relative_margin_diff", self.relative_margin_diff, "scale-free: |margin diff| / mean |margin|",
              change("relative_margin_diff_delta", self.relative_margin_diff_delta, False, "{:+.3g}")),
             ("mean_abs_margin", self.mean_abs_margin, "mean |margin| (logits)",
@@ -582,10 +609,6 @@ def evaluate(model: Model, pairs: Iterable[ParaphrasePair | ParaphraseGroup], *,
     seconds = time.perf_counter() - t0
     m = (logits[:, 0] - logits[:, 1]).double().numpy()
     n = len(pairs)
-    if not np.all(np.isfinite(m)):
-        bad = [pairs[i % n].id for i in np.flatnonzero(~np.isfinite(m))[:3]]
-        raise InterpError(f"non-finite margins for pairs {bad}; the model produced NaN/inf logits (check its "
-                          "dtype: float16 overflows in Gemma 3, use bfloat16 or float32)")
     return ConsistencyReport.from_margins(pairs, m[:n], m[n:], model=model.name, n_boot=n_boot, seed=seed,
                                           method=method, seconds=seconds)
 

@@ -606,7 +606,7 @@ def _comparison_summary(c: Any) -> dict[str, Any]:
     return {"p_flip": c.p_flip, "flip_test": c.flip_test, "p_mcnemar": c.p_mcnemar,
             "p_accuracy_paired": c.p_accuracy_paired, "accuracy_test": c.accuracy_test,
             "p_z_unpaired": c.p_z, "p_accuracy_z_unpaired": c.p_accuracy, "p_wilcoxon": c.p_wilcoxon,
-            "margin_diff_relative": c.margin_diff_relative,
+            "p_margin": c.p_margin, "margin_test": c.margin_test, "margin_diff_relative": c.margin_diff_relative,
             "relative_margin_diff_delta": c.relative_margin_diff_delta,
             "mean_abs_margin_relative": c.mean_abs_margin_relative, "yes_rate": list(c.yes_rate),
             "yes_rate_delta": c.yes_rate_delta, "ci": jsonable(c.ci)}
@@ -648,7 +648,7 @@ def _summary_rows(summary: dict[str, Any], layer: int) -> list[tuple[str, str]]:
         ("mean |margin diff| (logits), before -> after",
          f"{_fmt(b['mean_margin_diff'])}{_ci(b, 'mean_margin_diff')} -> {_fmt(a['mean_margin_diff'])}"
          f"{_ci(a, 'mean_margin_diff')} ({_fmt(c['margin_diff_relative'], True)}{_ci(c, 'margin_diff_relative', True)}, "
-         f"Wilcoxon signed-rank p={_fmt(c['p_wilcoxon'])})"),
+         f"{c.get('margin_test') or 'Wilcoxon signed-rank'} p={_fmt(c.get('p_margin', c['p_wilcoxon']))})"),
         ("scale-free |margin diff| / mean |margin|, before -> after",
          f"{_fmt(b['relative_margin_diff'])} -> {_fmt(a['relative_margin_diff'])} (change "
          f"{_fmt(c['relative_margin_diff_delta'])}{_ci(c, 'relative_margin_diff_delta')})"),

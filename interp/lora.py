@@ -2067,7 +2067,9 @@ def ablate_layers(model: Model, pairs: Sequence[ParaphrasePair], ranges: Mapping
 
     ``table``: each arm against the base model (`ConsistencyReport.compare`): ``p_flip`` is the paired flip
     test (exact McNemar, or its cluster version when held-out pairs cluster; named in ``flip_test``),
-    ``p_margin`` the Wilcoxon signed-rank test on per-pair |margin diff|, ``p_accuracy`` the paired test on
+    ``p_margin`` the paired test on per-pair |margin diff| (Wilcoxon signed-rank, or the cluster sign-flip
+    test when held-out pairs cluster; named in ``margin_test``; the Wilcoxon p is kept as
+    ``p_margin_wilcoxon_pairs``), ``p_accuracy`` the paired test on
     per-phrasing correctness; the study's unpaired z-tests are kept as ``p_flip_z_unpaired`` and
     ``p_accuracy_z_unpaired``; deltas carry paired cluster-bootstrap 95% CIs. ``between``: every other arm
     against ``reference`` (default the arm named 'selected', else the first `LayerSelection`, else the first
@@ -2136,7 +2138,8 @@ def _comparison(cmp: Any) -> dict[str, Any]:
     return {"flip_rate_delta": cmp.flip_rate_delta, "flip_rate_delta_ci": cmp.ci.get("flip_rate_delta"),
             "p_flip": cmp.p_flip, "flip_test": cmp.flip_test, "p_flip_z_unpaired": cmp.p_z,
             "margin_diff_relative": cmp.margin_diff_relative, "margin_diff_relative_ci": cmp.ci.get("margin_diff_relative"),
-            "p_margin": cmp.p_wilcoxon, "relative_margin_diff_delta": cmp.relative_margin_diff_delta,
+            "p_margin": cmp.p_margin, "margin_test": cmp.margin_test, "p_margin_wilcoxon_pairs": cmp.p_wilcoxon,
+            "relative_margin_diff_delta": cmp.relative_margin_diff_delta,
             "mean_abs_margin_relative": cmp.mean_abs_margin_relative, "yes_rate_delta": cmp.yes_rate_delta,
             "accuracy_delta": cmp.accuracy_delta, "accuracy_delta_ci": cmp.ci.get("accuracy_delta"),
             "p_accuracy": cmp.p_accuracy_paired, "p_accuracy_z_unpaired": cmp.p_accuracy}

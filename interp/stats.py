@@ -48,28 +48,51 @@ def design_effect(values: Sequence[float], clusters: Sequence[Any] | None) -> fl
     return max(1.0, var / (p * (1 - p) / n))
 
 
+def _units(values: Sequence[float], what: str, binary: bool = False) -> np.ndarray:
+    """``values`` as a float array, refused when a value is not finite (or, for a share, not 0 or 1): a NaN
+    dropped or counted silently would change n or the count behind a printed number."""
+    y = np.asarray(values, dtype=float).reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(y))
+    if len(bad):
+        raise ValueError(f"{what}: {len(bad)} non-finite value(s) (first at unit {bad[0]}); every unit needs a "
+                         "number: drop the units whose values are missing, and say so beside the result")
+    if binary:
+        odd = np.flatnonzero((y != 0) & (y != 1))
+        if len(odd):
+            raise ValueError(f"{what}: value {y[odd[0]]:g} at unit {odd[0]} is not 0 or 1; a share counts "
+                             "units that are 1 (True) among units that are 0 or 1")
+    return y
+
+
 def proportion_ci(values: Sequence[float], clusters: Sequence[Any] | None = None, *, method: str = "beta",
                   level: float = LEVEL) -> tuple[float, float] | None:
     """Interval for the share of 1s in ``values``: Clopper-Pearson (``"beta"``, exact) or Wilson.
 
     With clusters (some cluster holding more than one unit) the count and n are scaled by the design effect
     and the degrees-of-freedom factor (z / t_{G-1})^2 of Korn & Graubard (1998) before the interval is taken,
-    so k successes in G clusters are not read as k independent ones. Without clusters: the plain interval
-    (statsmodels ``proportion_confint``): 0/36 -> [0, 9.7%], 1/36 -> [0.07%, 14.5%].
+    so k successes in G clusters are not read as k independent ones. At 0 or n successes the design effect
+    cannot be estimated and is taken as 1, the degrees-of-freedom factor still applied (the convention of
+    NCHS's Data Presentation Standards for Proportions, Parker et al. 2017). One cluster holding every unit
+    gives no interval (``None``): nothing measures the variation between clusters. Without clusters: the
+    plain interval (statsmodels ``proportion_confint``): 0/36 -> [0, 9.7%], 1/36 -> [0.07%, 14.5%].
+    Values must be 0 or 1 (a ValueError names the first that is not, or is NaN).
     """
     from scipy.stats import norm, t
     from statsmodels.stats.proportion import proportion_confint
 
-    y = np.asarray(values, dtype=float)
+    y = _units(values, "proportion_ci", binary=True)
     n = len(y)
     if n == 0:
         return None
     k = float(y.sum())
     c = codes(clusters, n)
     g = int(c.max() + 1)
+    if g == 1 and n > 1:
+        return None
     n_eff = float(n)
-    if 1 < g < n and 0 < k < n:
-        n_eff = n / design_effect(y, c)
+    if 1 < g < n:
+        if 0 < k < n:
+            n_eff = n / design_effect(y, c)
         n_eff *= (norm.ppf(0.5 + level / 2) / t.ppf(0.5 + level / 2, g - 1)) ** 2
         n_eff = min(n_eff, float(n))
     k_eff = k / n * n_eff
@@ -77,11 +100,21 @@ def proportion_ci(values: Sequence[float], clusters: Sequence[Any] | None = None
     return (float(max(0.0, lo)), float(min(1.0, hi)))
 
 
-def proportion_ci_method(clusters: Sequence[Any] | None, n: int, method: str = "beta") -> str:
+def proportion_ci_method(clusters: Sequence[Any] | None, n: int, method: str = "beta", *,
+                         successes: float | None = None) -> str:
+    """How `proportion_ci` computed its interval for ``n`` units in ``clusters`` (``successes``: the count,
+    which decides whether a design effect could be estimated)."""
     name = {"beta": "Clopper-Pearson exact", "wilson": "Wilson score"}.get(method, method)
     g = n_clusters(clusters, n)
-    if g in (0, n):
+    if g == 0:
+        return "none (no units)"
+    if g == 1 and n > 1:
+        return f"none (all {n} units in one cluster: no variation between clusters to measure)"
+    if g == n:
         return f"{name} 95% interval"
+    if successes is not None and successes in (0, n):
+        return (f"{name} 95% interval, Korn-Graubard effective n over {g} clusters (design effect taken as 1 at "
+                f"{int(successes)} of {n}, degrees of freedom adjusted)")
     return f"{name} 95% interval, Korn-Graubard effective n over {g} clusters"
 
 
@@ -130,7 +163,7 @@ def cluster_bootstrap(columns: np.ndarray | Sequence[Sequence[float]], clusters:
 def mean_ci(values: Sequence[float], clusters: Sequence[Any] | None = None, *, n_boot: int = 1000, seed: int = 0,
             level: float = LEVEL) -> tuple[float, float] | None:
     """Cluster-bootstrap percentile interval of the mean of ``values`` (units pooled within clusters)."""
-    v = np.asarray(values, dtype=float)
+    v = _units(values, "mean_ci")
     if len(v) < 2:
         return None
     return cluster_bootstrap(np.stack([v, np.ones_like(v)], 1), clusters, {"m": lambda s: s[:, 0] / s[:, 1]},
@@ -181,7 +214,7 @@ def sign_flip_test(diff: Sequence[float], clusters: Sequence[Any] | None = None,
     S = sum_g e_g D_g is computed exactly by convolution; with one unit per cluster this is the exact McNemar
     test. Real-valued differences are enumerated exactly up to 16 non-zero clusters, else Monte Carlo.
     """
-    d = np.asarray(diff, dtype=float)
+    d = _units(diff, "sign_flip_test")
     c = codes(clusters, len(d))
     g = int(c.max() + 1) if len(d) else 0
     dg = np.bincount(c, weights=d, minlength=g) if g else np.zeros(0)

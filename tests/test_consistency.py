@@ -489,3 +489,73 @@ def test_every_exported_number_names_its_unit_n_and_interval():
     for row in json.loads(c.to_json())["tests"]:
         assert row["test"] and row["unit"] and row["n"] and row["p"] is not None
     assert "<table" in c._repr_html_()
+
+
+def _grouped_flips() -> tuple[list[ParaphrasePair], ConsistencyReport, ConsistencyReport]:
+    """8 groups of 4 pairs; the baseline flips in 4 whole groups, the other model nowhere."""
+    pairs = [ParaphrasePair(f"p{g}-{i}", f"Is there finding {g}?", f"Any finding {g}, variant {i}?", answer="yes",
+                            group=f"g{g}") for g in range(8) for i in range(4)]
+    ones = np.ones(32)
+    base = ConsistencyReport.from_margins(pairs, ones, np.where(np.arange(32) < 16, -1.0, 1.0), model="base")
+    return pairs, base, ConsistencyReport.from_margins(pairs, ones, ones, model="lora")
+
+
+def test_clustered_comparison_headlines_clustered_p_and_mid_p():
+    _, base, other = _grouped_flips()
+    c = base.compare(other)
+    # by hand: 4 clusters changed by -4 each, S = -16; under the null each sign is +-, |S| = 16 only when all
+    # four agree (2 of 16 sign patterns): p = 1/8, mid-p = P(|S| > 16) + P(|S| = 16) / 2 = 1/16
+    assert (c.p_flip, c.p_flip_midp) == pytest.approx((0.125, 0.0625))
+    assert c.p_mcnemar_midp == pytest.approx(0.5**16)  # pairs as units: kept, not headlined
+    assert "p=0.12, mid-p=0.062" in repr(c)
+    t = c.tests().set_index("test")
+    head = t[t["headline"]]
+    assert head.loc[head["quantity"] == "flip rate", "p_mid"].item() == pytest.approx(0.0625)
+    # margin differences: the cluster sign-flip test is the headline, Wilcoxon (pairs as units) is labelled
+    margin = t[t["quantity"] == "mean |margin diff|"]
+    assert margin.loc[margin["headline"], "p"].item() == pytest.approx(0.125)
+    wil = margin[margin.index.str.startswith("Wilcoxon")]
+    assert not wil["headline"].item() and wil.index[0].endswith("ignores clusters")
+    assert c.p_margin == pytest.approx(0.125) and "cluster sign-flip" in c.margin_test
+    assert "cluster sign-flip p=0.12; Wilcoxon, pairs as units" in repr(c)
+    assert "<th>n_clusters</th>" in c._repr_html_().split("<caption>tests")[1]
+
+
+def test_unclustered_comparison_keeps_mcnemar_and_wilcoxon_as_headlines():
+    pairs = [ParaphrasePair(f"p{i}", f"Is there x{i}?", f"Any x{i}?", answer="yes") for i in range(20)]
+    base = ConsistencyReport.from_margins(pairs, np.ones(20), np.r_[-np.ones(8), np.ones(12)], n_boot=0)
+    other = ConsistencyReport.from_margins(pairs, np.ones(20), np.r_[-np.ones(1), np.ones(19)] * 0.9, n_boot=0)
+    c = base.compare(other)
+    assert c.n_clusters == 20 and (c.p_flip, c.p_flip_midp) == (c.p_mcnemar, c.p_mcnemar_midp)
+    assert c.p_margin == c.p_wilcoxon and c.margin_test.startswith("Wilcoxon")
+
+
+def test_a_zero_margin_on_an_inverted_pair_is_a_decision_not_a_flip():
+    """B inverts the answer and decides "no" (m_b = 0 is not > 0): consistent with A's "yes"."""
+    pairs = [ParaphrasePair("x", "Is there an effusion?", "Can an effusion be ruled out?", answer="yes",
+                            same_polarity=False),
+             ParaphrasePair("y", "Is there a mass?", "Is a mass present?", answer="yes")]
+    r = ConsistencyReport.from_margins(pairs, [2.0, 1.0], [0.0, 0.0], n_boot=0)
+    assert r.table["flip"].tolist() == [False, True]  # y: A yes, B (same polarity) no
+    assert r.table["correct_b"].tolist() == [True, False]
+
+
+def test_non_finite_margins_name_the_pairs():
+    pairs = [ParaphrasePair(f"p{i}", f"Is there x{i}?", f"Any x{i}?") for i in range(3)]
+    with pytest.raises(InterpError, match=r"non-finite margins for 1 pair\(s\), e.g. \['p1'\]"):
+        ConsistencyReport.from_margins(pairs, [1.0, np.nan, 1.0], [1.0, 1.0, 1.0])
+
+
+def test_each_change_and_measure_counts_its_own_units():
+    pairs = [ParaphrasePair(f"p{i}", f"Is there x{i}?", f"Any x{i}?", answer="yes" if i < 6 else None)
+             for i in range(10)]
+    ones = np.ones(10)
+    base = ConsistencyReport.from_margins(pairs, ones, ones, n_boot=0)  # no margin differences at all
+    other = ConsistencyReport.from_margins(pairs, ones, np.r_[ones[:9], -1.0], n_boot=0)
+    n = base.compare(other).changes().set_index(["quantity", "change"])["n"]
+    assert n[("flip rate", "difference")] == 10 and n[("accuracy", "difference")] == 12  # 6 gold pairs x 2
+    assert n[("yes rate", "difference")] == 20 and n[("mean |margin|", "relative change")] == 20
+    m = base.measures().set_index("quantity")["n"]
+    assert (m["flip_rate"], m["mean_abs_margin"], m["yes_rate"], m["accuracy"]) == (10, 20, 20, 12)
+    text = repr(base.compare(other))
+    assert "nan" not in text and "mean |margin diff| 0 -> 0.2 (n/a" in text  # relative change of a zero

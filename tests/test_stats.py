@@ -125,3 +125,34 @@ def test_paired_bootstrap_of_a_ratio_of_means():
                                               "delta": lambda s: (s[:, 2] - s[:, 1]) / s[:, 0]}, n_boot=300)
     assert ci["rel"] == pytest.approx((-0.5, -0.5))
     assert ci["delta"][0] < -0.5 * a.mean() < ci["delta"][1]
+
+
+def test_one_cluster_holding_every_unit_gives_no_interval():
+    y = [1] * 5 + [0] * 15
+    assert stats.proportion_ci(y, ["img"] * 20) is None  # there was the plain interval, labelled Korn-Graubard
+    assert stats.proportion_ci_method(["img"] * 20, 20).startswith("none (all 20 units in one cluster")
+    assert stats.proportion_ci([1], ["img"]) == stats.proportion_ci([1])  # one unit: its own cluster
+
+
+def test_zero_successes_in_clusters_keep_the_degrees_of_freedom_factor():
+    """0 of 128 in 32 clusters: the design effect cannot be estimated (taken as 1), but the interval still
+    takes t with 31 df, not the 128 units at face value: n_eff = 128 (z / t_31)^2, Clopper-Pearson at 0."""
+    from scipy.stats import norm, t
+
+    cl = np.repeat(np.arange(32), 4)
+    n_eff = 128 * (norm.ppf(0.975) / t.ppf(0.975, 31)) ** 2
+    hi = 1 - 0.025 ** (1 / n_eff)  # Clopper-Pearson upper bound at 0 successes, written out
+    assert stats.proportion_ci(np.zeros(128), cl) == pytest.approx((0.0, hi), rel=1e-9)
+    assert stats.proportion_ci(np.zeros(128), cl)[1] > stats.proportion_ci(np.zeros(128))[1]
+    assert stats.proportion_ci(np.ones(128), cl) == pytest.approx((1 - hi, 1.0), rel=1e-9)
+    assert "design effect taken as 1 at 0 of 128" in stats.proportion_ci_method(cl, 128, successes=0)
+
+
+@pytest.mark.parametrize("fn, values, match", [
+    (stats.proportion_ci, [1, 0, np.nan, 1], "non-finite value.*unit 2"),
+    (stats.proportion_ci, [2, 0, 1], "value 2 at unit 0 is not 0 or 1"),
+    (stats.sign_flip_test, [1.0, np.nan, 2.0], "non-finite value.*unit 1"),
+    (stats.mean_ci, [1.0, np.inf, 2.0], "non-finite value.*unit 1")])
+def test_missing_or_impossible_values_are_refused_not_dropped(fn, values, match):
+    with pytest.raises(ValueError, match=match):
+        fn(values)
