@@ -7,8 +7,10 @@ of each pair (paired tests, Benjamini-Hochberg FDR); `feature_card` shows what o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,11 +21,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp import stats as cluster_stats
 from interp._errors import InterpError
 from interp._results import Result
 from interp.capture import Activations, capture, layer_output, position_mask
 from interp.consistency import ConsistencyReport
 from interp.data import ParaphrasePair, check_pairs
+from interp.data import clusters as pair_clusters
 from interp.models import Model, Prompt, _as_prompt
 from interp.scoring import last_hidden, project
 
@@ -151,7 +155,16 @@ def _paired_p(diff: np.ndarray, test: str) -> np.ndarray:
     return p
 
 
-def paired_stats(xa: np.ndarray, xb: np.ndarray, test: str = "wilcoxon") -> pd.DataFrame:
+def _cluster_means(x: np.ndarray, codes: np.ndarray, g: int) -> np.ndarray:
+    """Column means of the rows of ``x`` [n, k] within each of the ``g`` clusters ``codes`` [n]: ``[g, k]``."""
+    order = np.argsort(codes, kind="stable")
+    counts = np.bincount(codes, minlength=g)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return np.add.reduceat(x[order], starts, axis=0) / counts[:, None]
+
+
+def paired_stats(xa: np.ndarray, xb: np.ndarray, test: str = "wilcoxon",
+                 clusters: Sequence[Any] | None = None) -> pd.DataFrame:
     """Paired comparison of every column of ``xa`` [n_pairs, k] with ``xb``: means, d_z, p and BH q.
 
     Every column is tested by one method, so p-values rank columns consistently: ``"wilcoxon"`` is the
@@ -160,13 +173,26 @@ def paired_stats(xa: np.ndarray, xb: np.ndarray, test: str = "wilcoxon") -> pd.D
     null gives smaller p at small n, which once ranked random directions above a planted feature).
     ``"ttest"`` is the paired t-test. Columns whose paired differences are all zero (never active on these
     prompts) are not tested: their p, q and d_z are NaN and they do not count towards the FDR correction.
-    ``n_nonzero``: pairs whose difference is not zero (the signed-rank test's n).
+
+    ``clusters``: one label per pair (`interp.data.clusters`). Pairs in one cluster (a shared question group,
+    image, case, report or phrasing) are not independent, so when some cluster holds more than one pair the
+    per-pair values and differences are first averaged within each cluster and the clusters are the units of
+    the test, of d_z and of mean_a / mean_b / diff. Without clusters, or with one pair per cluster, the pairs
+    are the units (the same numbers as without ``clusters``). ``n_nonzero``: units whose difference is not
+    zero (the signed-rank test's n); ``n_clusters``: the units tested; ``active_a`` / ``active_b`` stay
+    per phrasing.
     """
     from statsmodels.stats.multitest import multipletests
 
     if test not in ("wilcoxon", "ttest"):
         raise InterpError(f"test={test!r}: use 'wilcoxon' (signed-rank) or 'ttest' (paired t)")
     diff = xa - xb
+    active_a, active_b = (xa > 0).mean(0), (xb > 0).mean(0)
+    if clusters is not None:
+        codes = cluster_stats.codes(clusters, diff.shape[0])
+        g = int(codes.max() + 1) if len(codes) else 0
+        if g < diff.shape[0]:  # the clusters are the units: each one the mean of its pairs
+            xa, xb, diff = (_cluster_means(v, codes, g) for v in (xa, xb, diff))
     n = diff.shape[0]
     tested = np.any(diff != 0, axis=0)
     p = _paired_p(diff, test)
@@ -178,7 +204,8 @@ def paired_stats(xa: np.ndarray, xb: np.ndarray, test: str = "wilcoxon") -> pd.D
     with np.errstate(divide="ignore", invalid="ignore"):
         d_z = np.where(tested, mean_diff / sd, np.nan)  # Cohen's d_z: mean paired difference / its SD
     return pd.DataFrame({"mean_a": xa.mean(0), "mean_b": xb.mean(0), "diff": mean_diff, "d_z": d_z, "p": p, "q": q,
-                         "n_nonzero": (diff != 0).sum(0), "active_a": (xa > 0).mean(0), "active_b": (xb > 0).mean(0)})
+                         "n_nonzero": (diff != 0).sum(0), "n_clusters": n, "active_a": active_a,
+                         "active_b": active_b})
 
 
 def random_directions(d_model: int, k: int, seed: int) -> np.ndarray:
@@ -188,30 +215,38 @@ def random_directions(d_model: int, k: int, seed: int) -> np.ndarray:
 
 
 def random_direction_stats(ra: np.ndarray, rb: np.ndarray, *, k: int = 256, seed: int = 0,
-                           test: str = "wilcoxon") -> pd.DataFrame:
+                           test: str = "wilcoxon", clusters: Sequence[Any] | None = None) -> pd.DataFrame:
     """The control for a feature table: pooled residuals ``ra``/``rb`` [n_pairs, d_model] projected on ``k``
     seeded random unit directions, then `paired_stats` on the projections, one row per direction.
 
     A random direction means nothing; when many of them differ between the phrasings (p < alpha far above
     the nominal rate), the phrasings differ along most directions (length, wording) and "this feature
-    differs" says little by itself.
+    differs" says little by itself. ``clusters``: as in `paired_stats` (the same units as the features).
     """
     u = random_directions(ra.shape[1], k, seed)
-    out = paired_stats(ra @ u, rb @ u, test)
+    out = paired_stats(ra @ u, rb @ u, test, clusters)
     out.insert(0, "direction", np.arange(k))
     return out
 
 
 def sign_flip_pass_rates(ra: np.ndarray, rb: np.ndarray, *, k: int = 256, seed: int = 0, test: str = "wilcoxon",
-                         alpha: float = 0.05, n_flips: int = 200) -> np.ndarray:
+                         alpha: float = 0.05, n_flips: int = 200,
+                         clusters: Sequence[Any] | None = None) -> np.ndarray:
     """The null distribution of the random-direction pass rate: the share of the ``k`` random directions with
-    p < ``alpha`` after swapping the two phrasings of a random half of the pairs, ``n_flips`` times.
+    p < ``alpha`` after swapping the two phrasings of a random half of the units, ``n_flips`` times.
 
     Under "no systematic difference between phrasing a and b" the swaps change nothing in distribution, so
-    the observed rate's place among these rates is a permutation test of that hypothesis.
+    the observed rate's place among these rates is a permutation test of that hypothesis. ``clusters``: as in
+    `paired_stats`; when pairs cluster, whole clusters (their mean differences) are swapped, the units of
+    the observed test.
     """
     u = random_directions(ra.shape[1], k, seed)
     proj = (ra - rb) @ u  # [n_pairs, k]
+    if clusters is not None:
+        codes = cluster_stats.codes(clusters, proj.shape[0])
+        g = int(codes.max() + 1) if len(codes) else 0
+        if g < proj.shape[0]:
+            proj = _cluster_means(proj, codes, g)  # [n_clusters, k]
     signs = np.where(np.random.default_rng(seed + 1).random((n_flips, proj.shape[0])) < 0.5, -1.0, 1.0)
     return np.array([float(np.nan_to_num(_paired_p(s[:, None] * proj, test), nan=1.0).__lt__(alpha).mean())
                      for s in signs])
@@ -231,19 +266,23 @@ def _clopper_pearson(count: int, n: int, alpha: float = 0.05) -> tuple[float, fl
 FEATURE_COLUMNS = {
     "feature": "SAE feature index",
     "pool": "'question': mean activation over the question's tokens; 'last': activation at the answer position",
-    "mean_a": "mean pooled activation on phrasing a over the n pairs (SAE activation units)",
-    "mean_b": "mean pooled activation on phrasing b over the n pairs (SAE activation units)",
-    "diff": "mean(a - b) over pairs (SAE activation units)",
-    "d_z": D_Z_FORMULA,
-    "p": "two-sided p of the table's paired test (named in `test_name`), one method for every feature",
+    "mean_a": ("mean pooled activation on phrasing a over the units (SAE activation units); units are the pairs, "
+               "or, when pairs cluster (interp.data.clusters), the clusters, each the mean of its pairs"),
+    "mean_b": "mean pooled activation on phrasing b over the same units (SAE activation units)",
+    "diff": "mean(a - b) over the units (SAE activation units)",
+    "d_z": D_Z_FORMULA + ", over the units",
+    "p": ("two-sided p of the table's paired test (named in `test_name`) with the units in `units`, one method "
+          "for every feature"),
     "q": "Benjamini-Hochberg FDR q over the tested features of the same pool (statsmodels fdr_bh)",
-    "n_nonzero": "pairs with a non-zero a - b difference (the signed-rank test's n)",
+    "n_nonzero": "units (pairs, or clusters of pairs) with a non-zero a - b difference (the signed-rank test's n)",
+    "n_clusters": ("units of the test: clusters of dependent pairs (shared question group, image, case, report or "
+                   "phrasing; interp.data.clusters), equal to the number of pairs when no two pairs share one"),
     "p_random": ("empirical p against random residual directions: (1 + #{random |d_z| >= |d_z|}) / (1 + k), k "
                  "random unit directions of the same pooled residual stream; small = more register-selective "
                  "than a direction chosen at random"),
     "direction": "labels[0] when the feature fires more on phrasing a, labels[1] when more on b",
-    "active_a": "fraction of the n phrasings a where the pooled activation is > 0",
-    "active_b": "fraction of the n phrasings b where the pooled activation is > 0",
+    "active_a": "fraction of the n_pairs phrasings a where the pooled activation is > 0 (per phrasing, not per unit)",
+    "active_b": "fraction of the n_pairs phrasings b where the pooled activation is > 0 (per phrasing, not per unit)",
 }
 
 
@@ -256,9 +295,14 @@ class FeatureTable(Result):
 
     Columns (definitions in ``FEATURE_COLUMNS`` and ``to_dict()["columns"]``): feature, pool, mean_a,
     mean_b, diff (a - b), d_z (mean(a - b) / SD(a - b)), p (one paired test for every feature), q
-    (Benjamini-Hochberg within each pool), n_nonzero, p_random (against random residual directions),
-    direction, active_a/active_b. Sorted by q, then p, then |d_z| (the signed-rank test saturates when every
-    pair moves the same way, so |d_z| orders those).
+    (Benjamini-Hochberg within each pool), n_nonzero, n_clusters, p_random (against random residual
+    directions), direction, active_a/active_b. Sorted by q, then p, then |d_z| (the signed-rank test
+    saturates when every unit moves the same way, so |d_z| orders those).
+
+    Units (``units``): the ``n_clusters`` clusters of dependent pairs (`interp.data.clusters`: a shared question
+    group, image, case, report or phrasing), each the mean of its pairs; the pairs themselves when no two
+    share a cluster. ``selection_pairs`` keeps the pairs that selected the features, so `ablate_feature` can
+    tell whether evaluation pairs share a cluster with them (not only an id).
 
     ``random``: the control, one row per (pool, random unit direction of the residual stream) with the same
     columns and test; `calibration()` says how often a random direction passes, beside how often a feature
@@ -282,6 +326,12 @@ class FeatureTable(Result):
     pair_ids: tuple[str, ...] = ()  # the pairs that selected these features (to check that evaluation is held out)
     test_name: str = ""  # the paired test in full
     random_null: dict[str, tuple[float, ...]] = field(default_factory=dict)  # sign-flip null of the pass rate
+    n_clusters: int = 0  # units of the tests: clusters of dependent pairs (0: not recorded, an older table)
+    units: str = ""  # what the units of the tests are, in words
+    clusters: tuple[str, ...] = field(default=(), repr=False)  # cluster label of each pair, in pair_ids' order
+    # the selection pairs themselves (their question texts, group, image, case and report): held-out checks
+    # cluster them with the evaluation pairs; empty in a table from an older version (ids are checked then)
+    selection_pairs: tuple[ParaphrasePair, ...] = field(default=(), repr=False)
 
     def significant(self, pool: str | None = None, *, beats_random: bool = False) -> pd.DataFrame:
         """Rows with q < alpha (of one pool, by default the first); ``beats_random``: also p_random < alpha."""
@@ -332,6 +382,7 @@ class FeatureTable(Result):
             "random_n_p_below_alpha": 0, "random_p_rate": math.nan, "random_p_rate_ci": (math.nan,) * 2,
             "confounded": False, "n_significant_beating_random": int((sig & (t["p_random"] < self.alpha)).sum()),
             "interval": "exact Clopper-Pearson 95% (statsmodels proportion_confint, method='beta')",
+            "n_pairs": self.n_pairs, "n_clusters": self.n_clusters or None, "units": self.units,
         }
         if self.random is not None and len(self.random):
             r = self.random[self.random["pool"] == pool]
@@ -392,18 +443,22 @@ class FeatureTable(Result):
         fig.update_yaxes(title_text="-log10 p", row=1, col=1)
         cal = self.calibration()
         ctrl = (f"; random directions pass {cal['random_pass_rate']:.0%}" if cal["n_random"] else "")
-        fig.update_layout(title=dict(text=f"Register features at layer {self.layer} ({self.n_pairs} pairs)",
+        fig.update_layout(title=dict(text=f"Register features at layer {self.layer} ({self._n_text()})",
                                      subtitle=dict(text=f"{_TEST_NAMES.get(self.test, self.test)}, BH q < "
                                                         f"{self.alpha} coloured{ctrl} (nominal 5%)")),
                           template="plotly_white", margin=dict(t=115))
         return fig
 
+    def _n_text(self) -> str:
+        return f"{self.n_pairs} pairs" + (f" in {self.n_clusters} clusters" if self.n_clusters else "")
+
     def __repr__(self) -> str:
         cal = self.calibration()
         lo, hi = cal["frac_significant_ci"]
         lines = [f"FeatureTable: layer {self.layer}, {self.d_sae} features x {len(self.pools)} pool(s), "
-                 f"{self.n_pairs} pairs ({self.model_name}, {self.sae_name})",
-                 f"  test: {self.test_name or self.test}; BH FDR within each pool; {D_Z_FORMULA}",
+                 f"{self._n_text()} ({self.model_name}, {self.sae_name})",
+                 f"  test: {self.test_name or self.test}; BH FDR within each pool; {D_Z_FORMULA}"
+                 + (f"; units: {self.units}" if self.units else ""),
                  f"  {self.pools[0]} pooling: {cal['n_significant']} of {cal['n_tested']} tested features significant "
                  f"at q<{self.alpha} ({cal['frac_significant']:.1%}, exact 95% CI [{lo:.1%}, {hi:.1%}])"]
         if cal["n_random"]:
@@ -431,6 +486,26 @@ class FeatureTable(Result):
         return "\n".join(lines)
 
 
+def _pair_cluster_labels(items: Sequence[ParaphrasePair], clusters: Sequence[Any] | None, where: str) -> list[str]:
+    """One cluster label per pair: ``clusters`` as given, else `interp.data.clusters` of the pairs."""
+    if clusters is None:
+        return pair_clusters(items)
+    if isinstance(clusters, str):
+        raise InterpError(f"{where}: clusters={clusters!r} is one string; pass one label per pair")
+    labels = [str(c) for c in clusters]
+    if len(labels) != len(items):
+        raise InterpError(f"{where}: {len(labels)} cluster labels for {len(items)} pairs; pass one label per pair "
+                          "(or leave clusters= out for interp.data.clusters)")
+    return labels
+
+
+def _units_text(n: int, g: int) -> str:
+    if g < n:
+        return (f"the {g} clusters of the {n} pairs (pairs sharing a question group, image, case, report or "
+                "phrasing, interp.data.clusters), each the mean of its pairs")
+    return f"the {n} pairs (no two share a question group, image, case, report or phrasing)"
+
+
 def _p_random(d_z: np.ndarray, random_d_z: np.ndarray) -> np.ndarray:
     """(1 + #{random |d_z| >= |d_z|}) / (1 + k) per feature; NaN for untested features or no random directions."""
     r = np.sort(np.abs(random_d_z[np.isfinite(random_d_z)]))
@@ -444,15 +519,25 @@ def _p_random(d_z: np.ndarray, random_d_z: np.ndarray) -> np.ndarray:
 def register_features(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, layer: int | None = None,
                       pool: Sequence[str] | str = ("question", "last"), test: PairedTest = "wilcoxon",
                       alpha: float = 0.05, labels: tuple[str, str] = REGISTERS, n_random: int = 256, seed: int = 0,
-                      batch_size: int | None = None, progress: bool = True) -> FeatureTable:
+                      batch_size: int | None = None, progress: bool = True,
+                      clusters: Sequence[str] | None = None) -> FeatureTable:
     """Every SAE feature's activation on both phrasings of every pair, with paired tests and FDR q-values.
 
     ``pool``: ``"question"`` (mean over the question's tokens) and/or ``"last"`` (the answer position).
     ``layer`` defaults to the one in the SAE's ``hook_name``. ``n_random`` seeded random unit directions of
     the residual stream, pooled and tested the same way, are the control (``n_random=0`` skips it).
+    ``clusters``: one label per pair (default `interp.data.clusters`: shared question group, image, case,
+    report or phrasing); pairs of one cluster are averaged and the clusters are the units of every test.
     Run it on the pairs that select features only (training pairs); evaluate elsewhere.
     """
     items = check_pairs(pairs, minimum=2)
+    labels_cl = _pair_cluster_labels(items, clusters, "register_features")
+    n_units = cluster_stats.n_clusters(labels_cl, len(items))
+    if n_units < 2:
+        raise InterpError(f"register_features: the {len(items)} pairs form {n_units} cluster of dependent pairs "
+                          "(they share a question group, image, case, report or phrasing; interp.data.clusters), "
+                          "and a paired test needs at least 2 independent units: pass pairs of more questions, "
+                          "images or cases")
     layer = sae_layer(model, sae, layer)
     pools = (pool,) if isinstance(pool, str) else tuple(pool)
     if not pools or set(pools) - {"question", "last"}:
@@ -472,13 +557,14 @@ def register_features(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *
     null: dict[str, tuple[float, ...]] = {}
     for pl in pools:
         x = pooled[pl].numpy().astype(np.float64)
-        stats = paired_stats(x[:n], x[n:], test)
+        stats = paired_stats(x[:n], x[n:], test, labels_cl)
         if n_random:
             r = resid[pl].numpy()
-            rand = random_direction_stats(r[:n], r[n:], k=int(n_random), seed=seed, test=test)
+            rand = random_direction_stats(r[:n], r[n:], k=int(n_random), seed=seed, test=test, clusters=labels_cl)
             rand.insert(0, "pool", pl)
             controls.append(rand)
-            null[pl] = tuple(sign_flip_pass_rates(r[:n], r[n:], k=int(n_random), seed=seed, test=test, alpha=alpha))
+            null[pl] = tuple(sign_flip_pass_rates(r[:n], r[n:], k=int(n_random), seed=seed, test=test, alpha=alpha,
+                                                  clusters=labels_cl))
             stats["p_random"] = _p_random(stats["d_z"].to_numpy(), rand["d_z"].to_numpy())
         else:
             stats["p_random"] = np.nan
@@ -496,7 +582,8 @@ def register_features(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *
                         alpha=alpha, d_sae=int(sae.cfg.d_sae), model_name=model.name, sae_name=name,
                         random=random, n_random=int(n_random), seed=seed,
                         pair_ids=tuple(str(p.id) for p in items), test_name=_test_name(test),
-                        random_null=null)
+                        random_null=null, n_clusters=n_units, units=_units_text(n, n_units),
+                        clusters=tuple(labels_cl), selection_pairs=tuple(items))
 
 
 # ---- one feature -----------------------------------------------------------------------------------
@@ -725,8 +812,9 @@ class FeatureAblation(Result):
     forward pass, with intervals, named paired tests and a random-feature control.
 
     Flip rate: share of pairs whose decisions differ after polarity correction; margin diff: mean over pairs
-    of |margin_a - corrected margin_b| in logits (margin = logit(yes) - logit(no)); all on ``n_pairs`` pairs,
-    named in ``evaluated_on``. ``tests`` names the test or interval behind every number.
+    of |margin_a - corrected margin_b| in logits (margin = logit(yes) - logit(no)); all on ``n_pairs`` pairs
+    in ``n_clusters`` clusters of dependent pairs, named in ``evaluated_on``. When pairs cluster, the clusters
+    are the units of every test and interval; ``tests`` names the test or interval behind every number.
     """
 
     feature: int
@@ -740,21 +828,21 @@ class FeatureAblation(Result):
     margin_diff_after: float
     accuracy_before: float | None
     accuracy_after: float | None
-    p_flip: float  # exact McNemar test on the paired flips
-    p_margin_diff: float  # Wilcoxon signed-rank on the paired change of |margin difference|
-    pairs: pd.DataFrame  # id, margin_a/b before/after (b polarity-corrected), flip and diff before/after
+    p_flip: float  # exact McNemar test on the paired flips (its cluster sign-flip version when pairs cluster)
+    p_margin_diff: float  # Wilcoxon signed-rank on the per-pair change of |margin diff| (cluster sign-flip: clusters)
+    pairs: pd.DataFrame  # id, cluster, margin_a/b before/after (b polarity-corrected), flip and diff before/after
     clamp_values: dict[str, float] = field(default_factory=dict)  # mode="clamp": value set on each register
     model_name: str = ""
     evaluated_on: str = ""  # which pairs were used, and whether they are held out from the selection
     held_out: bool | None = None  # None: the selection pairs were not given
-    flip_rate_ci_before: tuple[float, float] = (math.nan, math.nan)  # Clopper-Pearson 95%
+    flip_rate_ci_before: tuple[float, float] = (math.nan, math.nan)  # Clopper-Pearson 95% (Korn-Graubard n_eff)
     flip_rate_ci_after: tuple[float, float] = (math.nan, math.nan)
     flips_removed: int = 0  # pairs that flipped before and not after
     flips_added: int = 0  # pairs that flipped after and not before
     flip_rate_change: float = math.nan  # after - before
-    flip_rate_change_ci: tuple[float, float] = (math.nan, math.nan)  # Newcombe paired, 95%
+    flip_rate_change_ci: tuple[float, float] = (math.nan, math.nan)  # Newcombe paired (cluster bootstrap), 95%
     margin_diff_change: float = math.nan  # mean over pairs of (|diff| after - |diff| before), logits
-    margin_diff_change_ci: tuple[float, float] = (math.nan, math.nan)  # percentile bootstrap over pairs, 95%
+    margin_diff_change_ci: tuple[float, float] = (math.nan, math.nan)  # bootstrap over pairs (clusters), 95%
     margin_diff_relative: float = math.nan  # margin_diff_after / margin_diff_before - 1
     margin_diff_relative_ci: tuple[float, float] = (math.nan, math.nan)
     random_control: pd.DataFrame | None = None  # feature, size, margin_diff_change, flip_rate_change per random arm
@@ -763,6 +851,20 @@ class FeatureAblation(Result):
     tests: dict[str, str] = field(default_factory=dict)
     n_boot: int = 0
     seed: int = 0
+    n_clusters: int = 0  # clusters of dependent pairs (interp.data.clusters); 0: not recorded
+
+    def _names(self) -> dict[str, str]:
+        """Short names of the tests and intervals behind the printed numbers."""
+        g = self.n_clusters
+        if 0 < g < self.n_pairs:
+            boot = f"paired cluster bootstrap over {g} clusters, 95%"
+            return {"n": f"{self.n_pairs} pairs in {g} clusters", "flip_ci": f"Clopper-Pearson 95%, Korn-Graubard "
+                    f"effective n over {g} clusters", "change_ci": boot, "margin_ci": boot,
+                    "flip_test": f"exact clustered McNemar (sign-flip test over {g} clusters)",
+                    "margin_test": f"cluster sign-flip test over {g} clusters"}
+        return {"n": f"{self.n_pairs} pairs" + (f" in {g} clusters" if g else ""), "flip_ci": "Clopper-Pearson 95%",
+                "change_ci": "Newcombe paired 95%", "margin_ci": "bootstrap over pairs 95%",
+                "flip_test": "exact McNemar", "margin_test": "Wilcoxon signed-rank"}
 
     def figure(self):
         """Per-pair |margin difference| before vs after (left); the change in mean |margin diff| of this feature
@@ -795,11 +897,12 @@ class FeatureAblation(Result):
         import textwrap
 
         ml, mh = self.margin_diff_change_ci
+        names = self._names()
         sub = "<br>".join(textwrap.wrap(
-            f"mean |margin diff| change {self.margin_diff_change:+.3g} [{ml:+.3g}, {mh:+.3g}] logits (bootstrap 95%), "
-            f"Wilcoxon p={self.p_margin_diff:.2g}, random-feature control p={self.p_random:.2g}; flip rate "
-            f"{self.flip_rate_before:.1%} -> {self.flip_rate_after:.1%}, exact McNemar p={self.p_flip:.2g}; "
-            f"{self.evaluated_on}", 120))
+            f"{names['n']}: mean |margin diff| change {self.margin_diff_change:+.3g} [{ml:+.3g}, {mh:+.3g}] logits "
+            f"({names['margin_ci']}), {names['margin_test']} p={self.p_margin_diff:.2g}, random-feature control "
+            f"p={self.p_random:.2g}; flip rate {self.flip_rate_before:.1%} -> {self.flip_rate_after:.1%}, "
+            f"{names['flip_test']} p={self.p_flip:.2g}; {self.evaluated_on}", 120))
         n_lines = sub.count("<br>") + 1
         fig.update_layout(title=dict(text=f"{self.mode} feature {self.feature} at layer {self.layer}",
                                      subtitle=dict(text=sub, font=dict(size=12)), yref="container", y=1,
@@ -813,15 +916,16 @@ class FeatureAblation(Result):
         cl, ch = self.flip_rate_change_ci
         ml, mh = self.margin_diff_change_ci
         rl, rh = self.margin_diff_relative_ci
+        names = self._names()
         lines = [f"FeatureAblation: {self.mode} feature {self.feature} at layer {self.layer} ({self.positions} "
-                 f"positions), {self.n_pairs} pairs; {self.evaluated_on}",
-                 f"  flip rate {self.flip_rate_before:.1%} [{fb[0]:.1%}, {fb[1]:.1%}] -> {self.flip_rate_after:.1%} "
-                 f"[{fa[0]:.1%}, {fa[1]:.1%}] (Clopper-Pearson 95%); change {self.flip_rate_change:+.1%} "
-                 f"[{cl:+.1%}, {ch:+.1%}] (Newcombe paired 95%); {self.flips_removed} flips removed, "
-                 f"{self.flips_added} added: exact McNemar p={self.p_flip:.2g}",
+                 f"positions), {names['n']}; {self.evaluated_on}",
+                 f"  flip rate (share of pairs) {self.flip_rate_before:.1%} [{fb[0]:.1%}, {fb[1]:.1%}] -> "
+                 f"{self.flip_rate_after:.1%} [{fa[0]:.1%}, {fa[1]:.1%}] ({names['flip_ci']}); change "
+                 f"{self.flip_rate_change:+.1%} [{cl:+.1%}, {ch:+.1%}] ({names['change_ci']}); {self.flips_removed} "
+                 f"flips removed, {self.flips_added} added (pairs): {names['flip_test']} p={self.p_flip:.2g}",
                  f"  mean |margin diff| {self.margin_diff_before:.3f} -> {self.margin_diff_after:.3f} logits, change "
                  f"{self.margin_diff_change:+.3f} [{ml:+.3f}, {mh:+.3f}] ({self.margin_diff_relative:+.1%} "
-                 f"[{rl:+.1%}, {rh:+.1%}]; bootstrap over pairs 95%): Wilcoxon signed-rank p={self.p_margin_diff:.2g}"]
+                 f"[{rl:+.1%}, {rh:+.1%}]; {names['margin_ci']}): {names['margin_test']} p={self.p_margin_diff:.2g}"]
         if self.random_control is not None and len(self.random_control):
             r = self.random_control["margin_diff_change"]
             lines.append(f"  random-feature control ({len(r)} alive features of similar size): change in mean |margin "
@@ -850,35 +954,55 @@ def _feature_means(sae: Any, acts: Activations, layer: int, is_a: Tensor,
     return sum_a / max(n_a, 1), sum_b / max(n_b, 1), fired
 
 
+_LINKS = "a question group, image, case, report or phrasing"  # what interp.data.clusters links pairs by
+
+
 def _selection_overlap(items: list[ParaphrasePair], selection: Any) -> tuple[bool | None, str]:
-    """Whether the evaluation pairs are held out from the pairs that selected the feature, in words."""
+    """Whether the evaluation pairs are held out from the pairs that selected the feature, in words.
+
+    An evaluation pair is in-sample when it has a selection pair's id or shares a cluster with one:
+    `interp.data.clusters` over the selection and evaluation pairs together (a shared question group, image,
+    case, report or phrasing), so a renamed copy of a selection pair, or another phrasing of its question,
+    is caught. A `FeatureTable` from an older version records only ids: those are compared, with a warning.
+    """
     n = len(items)
     if selection is None:
         return None, (f"evaluated on {n} pairs; selection pairs not given (selection=), so whether they are held out "
                       "is unknown")
-    if isinstance(selection, FeatureTable):
+    if isinstance(selection, FeatureTable) and not selection.selection_pairs:
         sel_ids = set(selection.pair_ids)
         if not sel_ids:
             return None, f"evaluated on {n} pairs; the FeatureTable records no pair ids, held out unknown"
+        warnings.warn("ablate_feature: this FeatureTable records only the ids of the pairs that selected its features "
+                      "(it was made by an older interp version or by hand), so held-out is checked by pair id "
+                      f"alone: a renamed pair, or one sharing {_LINKS} with a selection pair, is not caught. Pass "
+                      "selection=<the selection pairs> or rebuild the table with register_features", stacklevel=3)
         overlap = [p.id for p in items if str(p.id) in sel_ids]
-        m = len(sel_ids)
+        m, how = len(sel_ids), " (checked by pair id only: the FeatureTable records no selection pairs)"
+        if not overlap:
+            return True, f"held out: {n} evaluation pairs, none among the {m} pairs that selected the feature{how}"
     else:
-        sel = check_pairs(selection)
-        ids = {str(p.id) for p in sel}
-        texts = {(p.question_a, p.question_b) for p in sel}
-        overlap = [p.id for p in items if str(p.id) in ids or (p.question_a, p.question_b) in texts]
-        m = len(sel)
+        sel = list(selection.selection_pairs) if isinstance(selection, FeatureTable) else check_pairs(selection)
+        m, how = len(sel), ""
+        sel_ids = {str(p.id) for p in sel}
+        # ids play no part in the clustering; unique ones keep the labels of the two sets apart
+        labels = pair_clusters([dataclasses.replace(p, id=f"selection-{i}") for i, p in enumerate(sel)]
+                               + [dataclasses.replace(p, id=f"evaluation-{i}") for i, p in enumerate(items)])
+        shared = set(labels[:m])
+        overlap = [p.id for p, c in zip(items, labels[m:], strict=True) if c in shared or str(p.id) in sel_ids]
     if overlap:
-        return False, (f"IN-SAMPLE: {len(overlap)} of the {n} evaluation pairs also selected the feature (of {m} "
-                       f"selection pairs, e.g. {overlap[:3]}); pass held-out pairs")
-    return True, f"held out: {n} evaluation pairs, none among the {m} pairs that selected the feature"
+        return False, (f"IN-SAMPLE: {len(overlap)} of the {n} evaluation pairs share an id or a cluster ({_LINKS}) "
+                       f"with the {m} pairs that selected the feature (e.g. {overlap[:3]}){how}; pass held-out pairs "
+                       "(interp.data.split keeps clusters on one side)")
+    return True, (f"held out: {n} evaluation pairs, none among the {m} pairs that selected the feature or sharing "
+                  f"{_LINKS} with them{how}")
 
 
 def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, feature: int,
                    layer: int | None = None, mode: Literal["zero", "clamp"] = "zero",
                    positions: Literal["all", "question", "last"] = "all", selection: Any = None,
                    n_random: int = 20, n_boot: int = 2000, seed: int = 0, batch_size: int | None = None,
-                   progress: bool = True) -> FeatureAblation:
+                   progress: bool = True, clusters: Sequence[str] | None = None) -> FeatureAblation:
     """Zero one SAE feature (or clamp it to the other register's mean) inside the forward pass; report answers.
 
     ``pairs`` are the evaluation pairs; ``selection`` (the `FeatureTable` or the pairs that chose the feature)
@@ -888,9 +1012,13 @@ def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, f
     "question" tokens, or the "last" token). ``clamp`` sets phrasing a's feature to its mean on phrasing b
     (over the same positions of these prompts) and vice versa. Control: ``n_random`` alive features of
     similar size (mean activation x decoder norm at the edited positions) are edited the same way.
-    """
-    import warnings
 
+    ``clusters``: one label per pair (default `interp.data.clusters`: shared question group, image, case,
+    report or phrasing). When pairs cluster, clusters are the units: flip-rate intervals take the Korn-Graubard
+    effective n, flips and |margin diff| changes are tested by the cluster sign-flip test (the exact McNemar
+    test over clusters), and change intervals come from a paired cluster bootstrap. With one pair per cluster
+    the pairs are the units (exact McNemar, Clopper-Pearson, Newcombe, Wilcoxon, bootstrap over pairs).
+    """
     from statsmodels.stats.contingency_tables import mcnemar
 
     items = check_pairs(pairs)
@@ -905,6 +1033,7 @@ def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, f
     for name, v in (("n_random", n_random), ("n_boot", n_boot)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise InterpError(f"{name}={v!r}: pass a whole number >= 0")
+    cl = _pair_cluster_labels(items, clusters, "ablate_feature")
     held_out, evaluated_on = _selection_overlap(items, selection)
     if held_out is False:
         warnings.warn(f"ablate_feature: {evaluated_on}", stacklevel=2)
@@ -923,12 +1052,25 @@ def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, f
     def clamp_for(f: int) -> dict[str, float]:
         return {} if mode == "zero" else {"a": float(mean_b[f]), "b": float(mean_a[f])}
 
-    tests = {"p_flip": "exact McNemar test on the paired flips before/after (statsmodels mcnemar(exact=True)), "
-                       f"two-sided, n = {n} pairs",
-             "flip_rate_ci": "Clopper-Pearson exact 95% (statsmodels proportion_confint, method='beta')",
-             "flip_rate_change_ci": "Newcombe (1998) method 10 for paired proportions, 95%",
-             "margin_diff_change_ci": f"95% percentile bootstrap over pairs ({n_boot} resamples, seed {seed})",
-             "margin_diff_relative_ci": "the same bootstrap, of mean(after) / mean(before) - 1"}
+    g = cluster_stats.n_clusters(cl, n)
+    clustered = g < n
+    size = f"n = {n} pairs in {g} clusters"
+    if clustered:
+        boot_name = (f"95% paired cluster bootstrap percentile interval ({n_boot} resamples of the {g} clusters, seed "
+                     f"{seed}; interp.stats.cluster_bootstrap), {size}")
+        tests = {"p_flip": ("exact clustered McNemar: cluster sign-flip test on the per-pair flip changes after - "
+                            f"before, cluster sums (interp.stats.sign_flip_test), two-sided, {size}; unit: clusters"),
+                 "flip_rate_ci": f"{cluster_stats.proportion_ci_method(cl, n)} (interp.stats.proportion_ci), {size}",
+                 "flip_rate_change_ci": f"{boot_name}, of the mean of flip after - flip before",
+                 "margin_diff_change_ci": boot_name,
+                 "margin_diff_relative_ci": "the same cluster bootstrap, of mean(after) / mean(before) - 1"}
+    else:
+        tests = {"p_flip": "exact McNemar test on the paired flips before/after (statsmodels mcnemar(exact=True)), "
+                           f"two-sided, {size}; unit: pairs",
+                 "flip_rate_ci": f"Clopper-Pearson exact 95% (statsmodels proportion_confint, method='beta'), {size}",
+                 "flip_rate_change_ci": f"Newcombe (1998) method 10 for paired proportions, 95%, {size}",
+                 "margin_diff_change_ci": f"95% percentile bootstrap over pairs ({n_boot} resamples, seed {seed}), {size}",
+                 "margin_diff_relative_ci": "the same bootstrap, of mean(after) / mean(before) - 1"}
 
     bar = tqdm(total=4 * n, desc=f"ablate feature {feature}", unit="prompt", disable=not progress, leave=False)
     kw = dict(layer=layer, positions=positions, batch_size=batch_size, bar=bar)
@@ -949,7 +1091,7 @@ def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, f
 
     rep_before, rep_after = consistency(before_a, before_b), consistency(after_a, after_b)
     sign = torch.tensor([1.0 if p.same_polarity else -1.0 for p in items])
-    t = pd.DataFrame({"id": [p.id for p in items],
+    t = pd.DataFrame({"id": [p.id for p in items], "cluster": cl,
                       "margin_a_before": before_a.numpy(), "margin_b_before": (before_b * sign).numpy(),
                       "margin_a_after": after_a.numpy(), "margin_b_after": (after_b * sign).numpy()})
     for when, rep in (("before", rep_before), ("after", rep_after)):
@@ -957,14 +1099,33 @@ def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, f
         t[f"diff_{when}"] = rep.table["margin_diff"].to_numpy()
     table = pd.crosstab(t["flip_before"], t["flip_after"]).reindex(index=[True, False], columns=[True, False],
                                                                   fill_value=0).to_numpy()
-    p_flip = float(mcnemar(table, exact=True).pvalue)
     d_before, d_after = t["diff_before"].to_numpy(float), t["diff_after"].to_numpy(float)
-    p_diff, how = _signed_rank(d_after - d_before)
-    tests["p_margin_diff"] = f"Wilcoxon signed-rank on the per-pair change of |margin diff|, two-sided, {how}"
-    change_ci, rel_ci = _boot_mean_ci(d_before, d_after, n_boot, seed)
+    flip_b, flip_a = t["flip_before"].to_numpy(float), t["flip_after"].to_numpy(float)
+    n_flip_b, n_flip_a = int(flip_b.sum()), int(flip_a.sum())
+    if clustered:  # clusters are the units, as in ConsistencyComparison
+        p_flip = cluster_stats.sign_flip_test(flip_a - flip_b, cl, seed=seed).p
+        margin = cluster_stats.sign_flip_test(d_after - d_before, cl, seed=seed)
+        p_diff = margin.p
+        tests["p_margin_diff"] = ("cluster sign-flip test on the per-pair change of |margin diff|, cluster sums "
+                                  f"(interp.stats.sign_flip_test, {margin.method}; {margin.n_clusters} clusters "
+                                  f"changed), two-sided, {size}; unit: clusters")
+        nan2 = (math.nan, math.nan)
+        ci_b, ci_a = (cluster_stats.proportion_ci(v, cl) or nan2 if g > 1 else nan2 for v in (flip_b, flip_a))
+        boot = cluster_stats.cluster_bootstrap(
+            np.stack([np.ones(n), flip_b, flip_a, d_before, d_after], 1), cl,
+            {"flip": lambda s: (s[:, 2] - s[:, 1]) / s[:, 0], "change": lambda s: (s[:, 4] - s[:, 3]) / s[:, 0],
+             "relative": lambda s: s[:, 4] / s[:, 3] - 1}, n_boot=n_boot, seed=seed)
+        flip_change_ci, change_ci, rel_ci = (boot[k] or nan2 for k in ("flip", "change", "relative"))
+    else:
+        p_flip = float(mcnemar(table, exact=True).pvalue)
+        p_diff, how = _signed_rank(d_after - d_before)
+        tests["p_margin_diff"] = (f"Wilcoxon signed-rank on the per-pair change of |margin diff|, two-sided, {how}, "
+                                  f"{size}; unit: pairs")
+        ci_b, ci_a = _clopper_pearson(n_flip_b, n), _clopper_pearson(n_flip_a, n)
+        flip_change_ci = _newcombe_paired(table)
+        change_ci, rel_ci = _boot_mean_ci(d_before, d_after, n_boot, seed)
     change = float((d_after - d_before).mean())
     rel = float(d_after.mean() / d_before.mean() - 1) if d_before.mean() > 0 else math.nan
-    n_flip_b, n_flip_a = int(t["flip_before"].sum()), int(t["flip_after"].sum())
 
     control, p_random, rank = None, math.nan, 0
     if n_random and fired is not None:
@@ -1008,8 +1169,8 @@ def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, f
         accuracy_before=rep_before.accuracy, accuracy_after=rep_after.accuracy, p_flip=p_flip,
         p_margin_diff=p_diff, pairs=t, clamp_values=clamp_for(feature), model_name=model.name,
         evaluated_on=evaluated_on, held_out=held_out,
-        flip_rate_ci_before=_clopper_pearson(n_flip_b, n), flip_rate_ci_after=_clopper_pearson(n_flip_a, n),
+        flip_rate_ci_before=ci_b, flip_rate_ci_after=ci_a,
         flips_removed=int(table[0, 1]), flips_added=int(table[1, 0]), flip_rate_change=(n_flip_a - n_flip_b) / n,
-        flip_rate_change_ci=_newcombe_paired(table), margin_diff_change=change, margin_diff_change_ci=change_ci,
+        flip_rate_change_ci=flip_change_ci, margin_diff_change=change, margin_diff_change_ci=change_ci,
         margin_diff_relative=rel, margin_diff_relative_ci=rel_ci, random_control=control, p_random=p_random,
-        rank_among_random=rank, tests=tests, n_boot=n_boot, seed=seed)
+        rank_among_random=rank, tests=tests, n_boot=n_boot, seed=seed, n_clusters=g)

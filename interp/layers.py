@@ -21,10 +21,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp import dist, hf
+from interp import stats as stats_mod
 from interp._errors import InterpError
 from interp._results import Result, jsonable
 from interp.capture import capture, layer_output, position_mask, run_hooked
 from interp.data import ParaphrasePair, check_pairs
+from interp.data import clusters as pair_clusters
 from interp.features import _margin, _pair_prompts, paired_stats, pooled_features, sae_layer
 from interp.models import Batch, Model, Prompt
 from interp.scoring import body_and_head, last_hidden
@@ -426,15 +428,17 @@ def _sae_profile(model: Model, items: list[ParaphrasePair], saes: dict[int, Any]
                    progress=progress)
     values = np.full(model.n_layers, np.nan)
     n_significant: dict[int, int] = {}
+    labels = pair_clusters(items)
     for layer, sae in checked.items():
         x = pooled_features(sae, acts, layer, (positions,))[positions].numpy().astype(np.float64)
-        stats = paired_stats(x[:n], x[n:], test)
+        stats = paired_stats(x[:n], x[n:], test, labels)  # clusters of dependent pairs are the test's units
         dec = sae.W_dec.detach().float().norm(dim=1).cpu().numpy()  # a feature's size in the residual stream
         sig = (stats["q"] < alpha).to_numpy()
         total = float((((stats["mean_a"] + stats["mean_b"]) / 2).to_numpy() * dec).sum())
         values[layer] = float((stats["diff"].abs().to_numpy()[sig] * dec[sig]).sum() / total) if total > 0 else 0.0
         n_significant[layer] = int(sig.sum())
-    return values, {"n_significant": n_significant, "test": test, "alpha": alpha}
+    return values, {"n_significant": n_significant, "test": test, "alpha": alpha,
+                    "n_clusters": stats_mod.n_clusters(labels, n)}
 
 
 # ---- method "patching" ------------------------------------------------------------------------------

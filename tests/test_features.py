@@ -430,3 +430,196 @@ def test_results_print_plot_and_serialise(plant):
     for result in (table, card, ablation):
         assert result.figure().data
         json.loads(json.dumps(result.to_dict()))
+
+
+# ---- clusters of dependent pairs are the units ------------------------------------------------------------
+def _by_hand_cluster_means(x: np.ndarray, labels: list[str]) -> np.ndarray:
+    """Row means of ``x`` within each label, in order of first appearance (written out, no library helper)."""
+    order = list(dict.fromkeys(labels))
+    return np.stack([x[[i for i, c in enumerate(labels) if c == lab]].mean(0) for lab in order])
+
+
+def test_paired_stats_tests_cluster_means_when_pairs_cluster():
+    """24 pairs in 6 clusters of unequal size: p, d_z and means are those of scipy's tests on the 6 cluster means
+    (the old code took the 24 pairs as independent); one pair per cluster gives the pair-level numbers exactly."""
+    from interp.features import paired_stats
+
+    rng = np.random.default_rng(3)
+    sizes = [1, 2, 3, 4, 6, 8]
+    labels = [f"q{g}" for g, m in enumerate(sizes) for _ in range(m)]
+    n = len(labels)
+    xb = rng.normal(size=(n, 5))
+    xa = xb + 0.4 + rng.normal(size=(n, 5))
+    xa[:, 4] = xb[:, 4]  # never differs: untested
+    for test in ("wilcoxon", "ttest"):
+        out = paired_stats(xa, xb, test, clusters=labels)
+        da = _by_hand_cluster_means(xa - xb, labels)  # [6, 5]
+        for j in range(4):
+            want = (stats.wilcoxon(da[:, j], method="asymptotic", correction=True, zero_method="wilcox").pvalue
+                    if test == "wilcoxon" else stats.ttest_1samp(da[:, j], 0.0).pvalue)
+            assert out["p"][j] == pytest.approx(want, rel=1e-9)
+        np.testing.assert_allclose(out["d_z"][:4], da[:, :4].mean(0) / da[:, :4].std(0, ddof=1), rtol=1e-9)
+        np.testing.assert_allclose(out["mean_a"], _by_hand_cluster_means(xa, labels).mean(0), rtol=1e-9)
+        np.testing.assert_allclose(out["q"][:4], multipletests(out["p"][:4], method="fdr_bh")[1], rtol=1e-12)
+        assert np.isnan(out["p"][4]) and (out["n_clusters"] == 6).all() and out["n_nonzero"][0] == 6
+        assert out["active_a"][0] == pytest.approx((xa[:, 0] > 0).mean())  # per phrasing, not per unit
+        plain = paired_stats(xa, xb, test)
+        assert (plain["n_clusters"] == n).all() and plain["p"][0] != out["p"][0]
+        pd_testing = pytest.importorskip("pandas.testing")
+        pd_testing.assert_frame_equal(paired_stats(xa, xb, test, clusters=[str(i) for i in range(n)]), plain,
+                                      check_exact=True)
+        diff = xa - xb  # the pair-level numbers, as before clusters were taken into account
+        want = (stats.wilcoxon(diff[:, 0], method="asymptotic", correction=True, zero_method="wilcox").pvalue
+                if test == "wilcoxon" else stats.ttest_rel(xa[:, 0], xb[:, 0]).pvalue)
+        assert plain["p"][0] == pytest.approx(want, rel=1e-9)
+        assert plain["d_z"][0] == pytest.approx(diff[:, 0].mean() / diff[:, 0].std(ddof=1), rel=1e-12)
+
+
+def test_random_direction_control_uses_the_same_units_as_the_features():
+    """The control's directions and its sign-flip null are computed on cluster means too (whole clusters
+    swapped), so features and directions are compared like for like."""
+    from interp.features import random_direction_stats, sign_flip_pass_rates
+
+    rng = np.random.default_rng(4)
+    labels = [f"g{i // 4}" for i in range(32)]  # 8 clusters of 4 pairs
+    ra, rb = rng.normal(size=(32, 16)), rng.normal(size=(32, 16)) + 0.2
+    ma, mb = _by_hand_cluster_means(ra, labels), _by_hand_cluster_means(rb, labels)
+    got = random_direction_stats(ra, rb, k=32, seed=1, clusters=labels)
+    want = random_direction_stats(ma, mb, k=32, seed=1)  # the 8 cluster means as 8 pairs
+    np.testing.assert_allclose(got["p"], want["p"], rtol=1e-9)
+    np.testing.assert_allclose(got["d_z"], want["d_z"], rtol=1e-9)
+    assert (got["n_clusters"] == 8).all()
+    np.testing.assert_allclose(sign_flip_pass_rates(ra, rb, k=32, seed=1, n_flips=50, clusters=labels),
+                               sign_flip_pass_rates(ma, mb, k=32, seed=1, n_flips=50))
+
+
+def _grouped(pairs, n_questions: int = 4, per: int = 4):
+    """Each of ``n_questions`` questions asked in ``per`` pairs that share phrasing A and a question group."""
+    ends = ["", " please", " now", " today"]
+    return [dataclasses.replace(p, id=f"{p.id}-{k}", question_b=p.question_b + ends[k], group=p.id)
+            for p in pairs[:n_questions] for k in range(per)]
+
+
+def test_register_features_takes_question_groups_as_units(plant):
+    """4 questions x 4 pairs: the planted feature is tested on 4 units (signed-rank p 0.10, not significant),
+    not on 16 (p 4.8e-4, as the old code reported); p and d_z match scipy on cluster means computed by hand
+    from per-prompt forwards."""
+    model, pairs, sae, _ = plant
+    grouped = _grouped(pairs)
+    labels = [p.group for p in grouped]
+    table = register_features(model, sae, grouped, pool="question", n_random=16, progress=False)
+    top = table.table.set_index("feature").loc[PLANTED]
+    n = 4
+    known = 2 * stats.norm.sf((n * (n + 1) / 4 - 0.5) / np.sqrt(n * (n + 1) * (2 * n + 1) / 24))
+    assert top["p"] == pytest.approx(known, rel=1e-9) and known == pytest.approx(0.100, abs=1e-3)
+    assert top["n_clusters"] == 4 and top["n_nonzero"] == 4 and not top["q"] < 0.05
+    assert table.n_pairs == 16 and table.n_clusters == 4 and "16 pairs in 4 clusters" in repr(table)
+    assert "each the mean of its pairs" in table.units
+    prompts = [p.prompt_a() for p in grouped] + [p.prompt_b() for p in grouped]
+    x = np.stack([sae.encode(resid).detach().numpy()[batch.question_mask[0].numpy()].mean(0)
+                  for resid, batch in _one_by_one(model, prompts, K)]).astype(np.float64)
+    da = _by_hand_cluster_means(x[:16] - x[16:], labels)
+    got = table.table.set_index("feature").sort_index()
+    tested = np.flatnonzero((da != 0).any(0))
+    p = [stats.wilcoxon(da[:, j], method="asymptotic", correction=True, zero_method="wilcox").pvalue for j in tested]
+    np.testing.assert_allclose(got["p"].to_numpy()[tested], p, rtol=1e-3)
+    np.testing.assert_allclose(got["d_z"].to_numpy()[tested], da[:, tested].mean(0) / da[:, tested].std(0, ddof=1),
+                               rtol=1e-3)
+    assert (table.random["n_clusters"] == 4).all()  # the control on the same units
+    assert table.selection_pairs == tuple(grouped) and table.clusters == tuple(grouped[4 * (i // 4)].id
+                                                                              for i in range(16))
+
+
+def test_ablation_takes_clusters_as_units_when_pairs_cluster(plant):
+    """The same 16 pairs in 4 clusters: flip-rate intervals with the Korn-Graubard effective n, the flip and
+    margin tests as exact sign-flip tests over the 4 clusters (enumerated by hand here), change intervals from
+    the cluster bootstrap; every test string names n pairs, clusters and the unit."""
+    import itertools
+
+    from interp import stats as cstats
+
+    model, pairs, sae, _ = plant
+    grouped = _grouped(pairs)
+    labels = [p.group for p in grouped]
+    result = ablate_feature(model, sae, grouped, feature=PLANTED, n_random=0, n_boot=400, progress=False)
+    t = result.pairs
+
+    def exact_sign_flip(d: np.ndarray) -> float:
+        sums = np.array([d[[i for i, c in enumerate(labels) if c == g]].sum() for g in dict.fromkeys(labels)])
+        null = [abs(np.dot(s, sums)) for s in itertools.product((1, -1), repeat=len(sums))]
+        return float(np.mean([v >= abs(sums.sum()) - 1e-9 for v in null]))
+
+    fb, fa = t["flip_before"].to_numpy(float), t["flip_after"].to_numpy(float)
+    change = (t["diff_after"] - t["diff_before"]).to_numpy()
+    assert result.p_flip == pytest.approx(exact_sign_flip(fa - fb), abs=1e-12)
+    assert result.p_margin_diff == pytest.approx(exact_sign_flip(change), abs=1e-12)
+    assert result.p_margin_diff == pytest.approx(2 / 2 ** 4)  # every cluster more consistent: 2 of 16 patterns
+    assert result.n_clusters == 4 and t["cluster"].tolist() == [grouped[4 * (i // 4)].id for i in range(16)]
+    assert result.flip_rate_ci_before == pytest.approx(cstats.proportion_ci(fb, labels))
+    k = int(fb.sum())
+    cp = (stats.beta.ppf(0.025, k, 16 - k + 1) if k else 0.0, stats.beta.ppf(0.975, k + 1, 16 - k) if k < 16 else 1.0)
+    lo, hi = result.flip_rate_ci_before
+    assert hi - lo > cp[1] - cp[0]  # 4 clusters carry less information than 16 independent pairs
+    np.testing.assert_allclose(result.margin_diff_change_ci, cstats.mean_ci(change, labels, n_boot=400, seed=0),
+                               rtol=1e-9)
+    for key in ("p_flip", "p_margin_diff", "flip_rate_ci", "flip_rate_change_ci", "margin_diff_change_ci"):
+        assert "16 pairs in 4 clusters" in result.tests[key], key
+    assert "unit: clusters" in result.tests["p_flip"] and "sign_flip_test" in result.tests["p_margin_diff"]
+    text = repr(result)
+    assert "16 pairs in 4 clusters" in text and "exact clustered McNemar" in text and "Korn-Graubard" in text
+    assert "Wilcoxon" not in text and "Newcombe" not in text
+    json.loads(json.dumps(result.to_dict()))
+
+
+# ---- held out means no shared cluster, not only no shared id ----------------------------------------------
+def test_held_out_check_catches_renamed_pairs_and_shared_clusters(plant):
+    """The review's case: the selection pairs renamed "eval-..." were reported held out. Now an evaluation
+    pair that shares a cluster (interp.data.clusters over both sets) with a selection pair is in-sample."""
+    from interp.data import clusters
+    from interp.features import _selection_overlap
+
+    model, pairs, sae, _ = plant
+    table = register_features(model, sae, pairs[:8], pool="last", n_random=0, progress=False)
+    renamed = [dataclasses.replace(p, id="eval-" + p.id) for p in pairs[:4]]
+    with pytest.warns(UserWarning, match="IN-SAMPLE: 4 of the 4 evaluation pairs share an id or a cluster"):
+        leak = ablate_feature(model, sae, renamed, feature=PLANTED, selection=table, n_random=0, n_boot=50,
+                              progress=False)
+    assert leak.held_out is False
+    assert table.selection_pairs == tuple(pairs[:8])
+    other = [dataclasses.replace(pairs[9], id="x1", context=pairs[0].context),  # a selection pair's report
+             dataclasses.replace(pairs[10], id="x2", case="patient-7"),  # a selection pair's case
+             dataclasses.replace(pairs[11], id="x3", group="q-12"),  # a selection pair's question group
+             dataclasses.replace(pairs[12], id="x4")]  # nothing shared: held out
+    sel = [*pairs[:7], dataclasses.replace(pairs[7], case="patient-7", group="q-12")]
+    union = clusters(sel + other)  # the independent answer: which evaluation pairs join a selection cluster
+    expect = [c in set(union[:8]) for c in union[8:]]
+    assert expect == [True, True, True, False]
+    held, text = _selection_overlap(other, sel)
+    assert held is False and "IN-SAMPLE: 3 of the 4" in text
+    assert _selection_overlap(other[3:], sel)[0] is True
+    assert _selection_overlap(renamed, list(pairs[:8]))[0] is False  # pairs as selection: the same check
+
+
+def test_an_old_feature_table_without_selection_pairs_falls_back_to_ids_and_says_so(plant):
+    """A FeatureTable pickled by the previous version has pair_ids but no selection_pairs (nor n_clusters): the
+    id check runs, with a warning that renamed or clustered pairs are not caught; repr still works."""
+    import pickle
+    import warnings
+
+    from interp.features import FeatureTable, _selection_overlap
+
+    model, pairs, sae, _ = plant
+    table = register_features(model, sae, pairs[:6], pool="last", n_random=0, progress=False)
+    old = FeatureTable.__new__(FeatureTable)
+    state = {k: v for k, v in table.__dict__.items() if k not in ("selection_pairs", "clusters", "n_clusters", "units")}
+    object.__setattr__(old, "__dict__", state)  # what unpickling an old file gives
+    old = pickle.loads(pickle.dumps(old))
+    assert old.selection_pairs == () and old.n_clusters == 0 and "6 pairs (" in repr(old)
+    renamed = [dataclasses.replace(p, id="eval-" + p.id) for p in pairs[:2]]
+    with pytest.warns(UserWarning, match="checked by pair id\\s+alone"):
+        held, text = _selection_overlap(renamed, old)
+    assert held is True and "checked by pair id only" in text  # the documented limit of an id-only table
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        held, text = _selection_overlap(list(pairs[:2]), old)
+    assert held is False and "IN-SAMPLE: 2 of the 2" in text
