@@ -568,11 +568,11 @@ def run_loop(config: LoopConfig, *, progress: bool = True) -> LoopReport:
     manifest = run_manifest(model=model, sae=sae, data=[p.to_dict() for p in pairs], seed=config.seed,
                             extra={"config": config.to_dict(), "selection": summary["data"]["selection"],
                                    "evaluation": summary["data"]["evaluation"]})
-    (out / "manifest.json").write_text(json.dumps(jsonable(manifest), indent=1))
-    (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1))
-    report = _report_markdown(model.name, layer, summary, sorted(p.name for p in (out / "figures").glob("*.html")))
     from interp._io import atomic_write_text
 
+    atomic_write_text(out / "manifest.json", json.dumps(jsonable(manifest), indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(jsonable(summary), indent=1))
+    report = _report_markdown(model.name, layer, summary, sorted(p.name for p in (out / "figures").glob("*.html")))
     atomic_write_text(out / "report.md", report)
     console.print(_summary_table(summary, layer))
     console.rule(f"[bold green]done in {seconds:.0f} s[/bold green]: report in {out / 'report.md'}")
