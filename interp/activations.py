@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from interp._errors import InterpError
-from interp._io import atomic_write_text, file_sha256, release_freed_memory
+from interp._io import _path, atomic_write_text, file_sha256, release_freed_memory
 from interp.models import Model
 
 try:
@@ -725,7 +725,7 @@ def load_activations(folder: str | os.PathLike, lazy: bool | None = None,
     ``lazy``: None reads the activations into memory when they fit ``max_memory`` (bytes or ``"2GB"``;
     default a quarter of this machine's RAM) and returns lazy `Activations` otherwise; True or False forces
     either. A lazy result keeps ``prompt_index``, ``position`` and ``token_id`` in memory (24 bytes a row)."""
-    folder = Path(folder)
+    folder = _path(folder, "folder")
     budget = _memory_bytes(max_memory)
     if lazy is not None and not isinstance(lazy, bool):
         raise InterpError(f"lazy={lazy!r}: pass True, False or None")

@@ -151,12 +151,12 @@ def _write(result, out: str | None, name: str) -> None:
         return
     from interp._io import atomic_write_text
     from interp._results import jsonable
-    from interp.export import prepare_output
+    from interp.export import prepare_output, write_figure_html
 
     folder = prepare_output(out, what="--out")
     atomic_write_text(folder / f"{name}.json", json.dumps(jsonable(result.to_dict()), indent=1))
     if hasattr(result, "figure"):
-        result.figure().write_html(str(folder / f"{name}.html"), include_plotlyjs="directory")
+        write_figure_html(result.figure(), folder / f"{name}.html")
     console.print(f"wrote [bold]{folder / name}.json[/bold]")
 
 

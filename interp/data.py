@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from interp._errors import InterpError
+from interp._io import _path
 from interp.models import Prompt
 
 RESOURCES = Path(__file__).parent / "resources"
@@ -414,7 +415,7 @@ def load_pairs(path: str | Path, *, mapping: Mapping[str, str] | None = None, im
     ``study_id``/``subject_id``/``image_id``-style columns as the case; `split` and the statistics keep
     pairs that share either together. ``encoding`` is the file's text encoding (default UTF-8).
     """
-    path = Path(path)
+    path = _path(path, "path")
     if not path.is_file():
         raise InterpError(f"pair file not found: '{path}'")
     rows = _read_all_rows(path, encoding)

@@ -19,12 +19,13 @@ import platform
 import shutil
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from interp._errors import InterpError
-from interp._io import atomic_write_text, has_marker, mark_folder, usable_folder
+from interp._errors import ForeignFilesError, InterpError
+from interp._io import _path, atomic_write, atomic_write_text, has_marker, mark_folder, usable_folder
 from interp._results import Result, jsonable
 
 
@@ -44,29 +45,41 @@ NOTEBOOK_ORDER = ("01_capture", "02_sae_transfer", "03_register_features", "04_f
 def prepare_output(folder: str | os.PathLike, *, create: bool = True, what: str = "output folder") -> Path:
     """Check that ``folder`` can take the workbench's output and (``create``) make it, marked as ours.
 
-    Refused, with the reason: a file, a path inside /proc, /sys or /dev, a place that cannot be written, and
-    a non-empty folder that the workbench did not write (no marker, no interp manifest): a user's files are
-    never overwritten. ``create=False`` only checks, writing nothing."""
+    Refused, with the reason: a file, a path inside /proc, /sys or /dev, a place that cannot be written, a
+    non-empty folder without the workbench's marker (`ForeignFilesError`: a user's files are never
+    overwritten), and an activation cache (its manifest.json and shards are capture's, not a run's).
+    ``create=False`` only checks, writing nothing."""
     path = usable_folder(folder, what=what)
     if path.is_dir():
+        if _is_activation_cache(path):
+            raise ForeignFilesError(f"{what} '{folder}' is an activation cache written by interp.capture (its "
+                                    "manifest.json lists the cached shards); writing a run there would overwrite "
+                                    "it. Choose a new or empty folder")
         entries = sorted(p.name for p in path.iterdir())
         if entries and not is_workbench_folder(path):
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-            raise InterpError(f"{what} '{folder}' already holds files that interp did not write ({shown}); "
-                              "choose a new or empty folder so that nothing of yours is overwritten")
+            raise ForeignFilesError(f"{what} '{folder}' already holds files that interp did not write ({shown}); "
+                                    "choose a new or empty folder so that nothing of yours is overwritten")
     return mark_folder(path, what=what) if create else path
 
 
 def is_workbench_folder(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` was written by the workbench (our marker, or the manifest of an earlier run)."""
+    """Whether ``folder`` is one the workbench writes runs into: it carries our marker (``.interp-output.json``,
+    written by `prepare_output` and the other writers when they make a folder) and is not an activation cache.
+    A manifest.json alone proves nothing: every capture cache has one that names interp's version."""
     folder = Path(folder)
-    if has_marker(folder):
-        return True
+    return has_marker(folder) and not _is_activation_cache(folder)
+
+
+def _is_activation_cache(folder: Path) -> bool:
+    """Whether ``folder``'s manifest.json is a capture cache's (``format``: `interp.activations.FORMAT`)."""
+    from interp.activations import FORMAT
+
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(manifest, dict) and "interp" in (manifest.get("versions") or {})
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
 def static_export_available() -> bool:
@@ -93,30 +106,38 @@ def warn_no_static(reason: str = "no Chrome or Chromium was found for kaleido") 
 
 
 class Recorder:
-    """Writes a run's figures, tables and metrics into ``folder`` (``figures/``, ``tables/``, ``metrics.json``)."""
+    """Writes a run's figures, tables and metrics into ``folder`` (``figures/``, ``tables/``, ``metrics.json``).
 
-    def __init__(self, folder: str | os.PathLike, *, static: bool | None = None):
-        self.folder = Path(folder)
-        (self.folder / "figures").mkdir(parents=True, exist_ok=True)
-        (self.folder / "tables").mkdir(parents=True, exist_ok=True)
+    The folder goes through `prepare_output`: a new or empty folder is made and marked as the workbench's, one
+    already marked (an earlier run, a notebook re-run) is written into again, and anything else is refused
+    before a file is touched. Every file is written to a temporary name and renamed into place."""
+
+    def __init__(self, folder: str | os.PathLike, *, static: bool | None = None, what: str = "folder"):
+        self.folder = prepare_output(folder, what=what)
+        try:
+            for sub in ("figures", "tables"):
+                (self.folder / sub).mkdir(exist_ok=True)
+        except OSError as e:
+            raise InterpError(f"{what} '{folder}' cannot be written ({e.strerror or e}); choose another "
+                              "folder") from None
         self.static = static_export_available() if static is None else static
         if static is None and not self.static:
             warn_no_static()
-        path = self.folder / "metrics.json"
-        self.metrics: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        self.metrics: dict[str, Any] = _read_metrics(self.folder / "metrics.json")
 
     def figure(self, name: str, fig: Any) -> Path:
         """Save a plotly figure as interactive HTML and, where possible, static PNG and SVG."""
         html = self.folder / "figures" / f"{name}.html"
         # "directory": one shared plotly.min.js beside the figures, so pages open offline
-        fig.write_html(str(html), include_plotlyjs="directory", full_html=True)
+        write_figure_html(fig, html)
         if self.static:
             # the figure's own size where it sets one (wide multi-panel figures), else 900 x 560
             width, height = fig.layout.width or 900, fig.layout.height or 560
             try:
                 for ext in ("png", "svg"):
-                    fig.write_image(str(self.folder / "figures" / f"{name}.{ext}"), width=width, height=height,
-                                    scale=2 if ext == "png" else 1)
+                    atomic_write(self.folder / "figures" / f"{name}.{ext}",
+                                 lambda tmp, ext=ext: fig.write_image(str(tmp), format=ext, width=width,
+                                                                      height=height, scale=2 if ext == "png" else 1))
             except Exception as e:  # kaleido without a working browser: HTML is still written, said once
                 self.static = False
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -148,6 +169,29 @@ class Recorder:
                 self.metric(f"{prefix}.{k}", v)
 
 
+def write_figure_html(fig: Any, path: str | os.PathLike) -> Path:
+    """A plotly figure as an HTML page at ``path``, written atomically, with one shared ``plotly.min.js`` beside
+    it (``include_plotlyjs="directory"``) so that pages open offline."""
+    return atomic_write(path, lambda tmp: fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True))
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    """The metrics an earlier run recorded in ``path`` (none when it is not there); an `InterpError` naming the
+    file when it is not a JSON object, rather than overwriting it or failing inside json."""
+    if not path.exists():
+        return {}
+    fix = "move it out of the folder (or delete it, if it is an interp file you no longer need) and run again"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise InterpError(f"'{path}' cannot be read as the metrics JSON interp writes ({why}); {fix}") from None
+    if not isinstance(metrics, dict):
+        raise InterpError(f"'{path}' holds a JSON {type(metrics).__name__}, not the object of metrics interp "
+                          f"writes; {fix}")
+    return metrics
+
+
 def pairs_digest(pairs: Any) -> dict[str, Any]:
     """Which pairs a step used: their number and the sha256 of their sorted ids (for reports and manifests)."""
     ids = sorted(str(p.id) for p in pairs)
@@ -170,7 +214,8 @@ def notebook_setup(model_name: str, *, output_dir: str | os.PathLike, seed: int 
     np.random.seed(seed)
     torch.manual_seed(seed)
     viz.use_notebook_renderer()
-    return load(model_name, device=device, dtype=dtype), Recorder(output_dir)
+    recorder = Recorder(output_dir, what="output_dir")  # before the model: a folder it may not write fails at once
+    return load(model_name, device=device, dtype=dtype), recorder
 
 
 def run_manifest(*, model: Any = None, sae: Any = None, data: Any = None, seed: int | None = None,
@@ -291,7 +336,7 @@ def parse_parameter(text: str) -> tuple[str, Any]:
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         try:
             value = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             if not re.fullmatch(r"[\w.\-/:@+~]*", raw):
                 raise InterpError(f"--param {name}={raw!r}: the value is not a Python literal; quote text "
                                   f"({name}=\"'...'\"), or give a number, list, dict, True/False or None") from None
@@ -360,27 +405,48 @@ def _check_sources(per_notebook: dict[str, dict]) -> None:
             check_sae_source(release, sae_id, what=f"notebook parameter sae_release={release!r}")
 
 
+def _notebook_names(notebooks: Any) -> list[str]:
+    """``notebooks=`` as a list of names: None or empty (all, in order), one name, or a list or tuple of names."""
+    if notebooks is None or (isinstance(notebooks, (list, tuple)) and not notebooks):
+        return list(NOTEBOOK_ORDER)
+    if isinstance(notebooks, str):
+        return [notebooks]  # one name, not its characters
+    if not isinstance(notebooks, (list, tuple)) or not all(isinstance(n, str) for n in notebooks):
+        raise InterpError(f"notebooks={notebooks!r}: pass a notebook name or a list of them, e.g. "
+                          f"notebooks=['01_capture'] (available: {', '.join(NOTEBOOK_ORDER)})")
+    bad = [n for n in notebooks if not n or Path(n).name != n or n in (".", "..")]
+    if bad:
+        raise InterpError(f"notebook {bad[0]!r} is not a notebook name; pass names such as '01_capture' "
+                          f"(available: {', '.join(NOTEBOOK_ORDER)})")
+    return list(notebooks)
+
+
 def export(out: str | os.PathLike = "exports/run", *, parameters: dict[str, Any] | None = None,
-           notebooks: tuple[str, ...] | list[str] | None = None, seed: int = 0, kernel: str = "python3",
+           notebooks: str | tuple[str, ...] | list[str] | None = None, seed: int = 0, kernel: str = "python3",
            progress: bool = True) -> ExportResult:
     """Execute the notebooks headless with fixed ``parameters`` and seed; write them, their HTML, and
     every figure/table/metric they record into ``out``.
 
-    Each notebook gets the ``parameters`` its parameters cell declares; a name that no chosen notebook
+    ``notebooks``: one name, a list of names, or None for all six in order. Each notebook gets the
+    ``parameters`` (a dict) its parameters cell declares; a name that no chosen notebook
     declares, or a value that is not a literal, is an `InterpError` before anything runs, as is a model
     that does not resolve or an ``out`` that holds files the workbench did not write."""
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
 
-    names = list(notebooks or NOTEBOOK_ORDER)
+    names = _notebook_names(notebooks)
     unknown = [n for n in names if not (NOTEBOOKS / f"{n}.ipynb").is_file()]
     if unknown:
         raise InterpError(f"notebook {unknown[0]!r} not found in {NOTEBOOKS}; available: "
                           f"{', '.join(sorted(p.stem for p in NOTEBOOKS.glob('*.ipynb')))}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise InterpError(f"seed={seed!r}: give an integer >= 0")
-    folder = Path(out).expanduser().resolve()
+    folder = _path(out, "out").expanduser().resolve()
+    if parameters is not None and not isinstance(parameters, Mapping):
+        raise InterpError(f"parameters={parameters!r} is of type {type(parameters).__name__}; pass a dict of notebook "
+                          "parameters, e.g. parameters={'n_pairs': 20} (text such as 'n_pairs=20' is read with "
+                          "interp.export.parse_parameter)")
     per_notebook = _notebook_params(names, dict(parameters or {}), folder, seed)
     _check_sources(per_notebook)
     prepare_output(folder, what="export folder")
@@ -418,7 +484,7 @@ def export(out: str | os.PathLike = "exports/run", *, parameters: dict[str, Any]
             else:
                 os.environ[key] = before
     metrics_path = folder / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = _read_metrics(metrics_path)
     manifest = run_manifest(seed=seed, extra={"parameters": per_notebook, "notebooks": names})
     atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
     return ExportResult(folder, tuple(executed), tuple(pages), metrics, time.perf_counter() - t0)

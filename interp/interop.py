@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -23,11 +24,14 @@ import torch
 from torch import Tensor
 
 from interp._errors import ForeignFilesError, InterpError
-from interp._io import OUTPUT_MARKER, atomic_write_text, has_marker, mark_folder, shown, usable_folder
+from interp._io import OUTPUT_MARKER, _path, atomic_write_text, mark_folder, read_marker, shown, usable_folder
 from interp.capture import Activations, load_activations
+from interp.models import layer_arg
 
 META_FILE = "interp_sae_lens.json"  # our metadata beside the dataset; sae-lens never reads it
 _SAE_LENS_FILES = ("dataset_info.json", "state.json")  # what `Dataset.save_to_disk` writes (plus data-*.arrow)
+EXPORT_KIND = "sae-lens export"  # the marker's ``kind`` in a folder export_sae_lens wrote
+_ARROW_RE = re.compile(r"^data-\d{5}-of-\d{5}\.arrow$")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
 # Arrow has no bfloat16/float16-safe Array2D path in every reader; those are widened exactly to float32
 _ARROW_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16"}
@@ -45,20 +49,20 @@ def export_sae_lens(acts_or_folder: Activations | str | os.PathLike, out_dir: st
     Rows are packed in capture order (prompt by prompt) into sequences of ``context_size`` tokens, as sae-lens
     packs a tokenized corpus; the last ``n_rows % context_size`` rows are dropped with a warning.
     ``context_size=None`` keeps one sequence per prompt, which needs every prompt to have the same number of
-    rows. Refuses a non-empty ``out_dir`` the workbench did not write; replaces one it did.
+    rows. An ``out_dir`` that holds an earlier export (its marker says so, and it holds nothing else) is
+    replaced; any other non-empty folder is refused with `ForeignFilesError`, a workbench folder of another kind
+    (a train_lora run, a report folder) included.
     """
     import datasets
 
-    acts = acts_or_folder if isinstance(acts_or_folder, Activations) else load_activations(acts_or_folder)
+    acts = (acts_or_folder if isinstance(acts_or_folder, Activations)
+            else load_activations(_path(acts_or_folder, "acts_or_folder")))
+    layer = layer_arg(layer)
     if layer not in acts.layers:
         raise InterpError(f"layer {layer} is not in the capture {acts!r}: captured layers are {acts.layers}; "
                           f"pass layer= one of those, or capture layer {layer} first")
-    out = usable_folder(out_dir, what="sae-lens export folder")
-    if out.exists() and any(out.iterdir()) and not has_marker(out):
-        names = sorted(p.name for p in out.iterdir())
-        raise ForeignFilesError(f"sae-lens export folder '{out_dir}' holds files the workbench did not write "
-                                f"({shown(names)}); nothing was changed. Choose a new or empty folder")
-
+    out = usable_folder(out_dir, what="out_dir")
+    _check_replaceable(out, out_dir)
     n_rows, d_model, dtype = len(acts), acts.d_model, acts.dtype
     ctx = _context_size(acts, context_size)
     n_seq = n_rows // ctx
@@ -107,9 +111,15 @@ def export_sae_lens(acts_or_folder: Activations | str | os.PathLike, out_dir: st
             "dtype": arrow_dtype, "source_dtype": str(dtype), "rows_dropped": n_rows - kept,
             "n_prompts": acts.n_prompts, "positions": acts.positions, "model": acts.model_name,
             "source": str(acts.path) if acts.path else None}
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    scratch = out.parent / f".{out.name}.arrow{os.getpid()}"
+    # everything is written inside a fresh hidden folder beside ``out`` (same file system, so the final renames
+    # are atomic), and that folder, the only thing ever deleted, is removed whatever happens
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp{os.getpid()}-", dir=out.parent))
+    except OSError as e:
+        raise InterpError(f"out_dir '{out_dir}' could not be written ({e.strerror or e}); choose another "
+                          "folder") from None
+    tmp, scratch = work / "export", work / "arrow"
     try:
         # a fingerprint of our own: datasets would otherwise hash the generator, and with it the capture
         ds = datasets.Dataset.from_generator(sequences, features=features, cache_dir=str(scratch),
@@ -117,14 +127,13 @@ def export_sae_lens(acts_or_folder: Activations | str | os.PathLike, out_dir: st
         ds.save_to_disk(str(tmp), num_shards=1)
         del ds
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
-        mark_folder(tmp, what="sae-lens export folder", kind="sae-lens export", layer=layer)
-        _swap_in(tmp, out)
+        mark_folder(tmp, what="sae-lens export folder", kind=EXPORT_KIND, layer=layer)
+        _swap_in(tmp, out, out_dir, work)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
         raise InterpError(f"sae-lens export folder '{out_dir}' could not be written ({e.strerror or e}); "
                           "free space or choose another folder") from None
-    shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
@@ -137,7 +146,7 @@ def import_sae_lens(folder: str | os.PathLike, *, hook_name: str | None = None) 
     """
     import datasets
 
-    path = Path(folder)
+    path = _path(folder, "folder")
     if not (path / "state.json").is_file() or not (path / "dataset_info.json").is_file():
         raise InterpError(f"'{folder}' is not a sae-lens activation cache: no state.json/dataset_info.json from "
                           "datasets' save_to_disk. Pass the folder given to CacheActivationsRunner as "
@@ -170,8 +179,7 @@ def import_sae_lens(folder: str | os.PathLike, *, hook_name: str | None = None) 
         raise InterpError(f"column {hook_name!r} of '{folder}' is {feature}, not the Array2D(context_size, d_in) "
                           "sae-lens writes")
     ctx, d_in = feature.shape
-    meta_path = path / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = _read_meta(path / META_FILE)
 
     cols = [c for c in (hook_name, "token_ids", "prompt_index", "position") if c in ds.column_names]
     ds = ds.with_format("torch", columns=cols)
@@ -189,13 +197,48 @@ def import_sae_lens(folder: str | os.PathLike, *, hook_name: str | None = None) 
     prompt_index = col("prompt_index", seq)
     position = col("position", torch.arange(ctx).repeat(n_seq))
     token_id = col("token_ids", torch.full((n_seq * ctx,), -1, dtype=torch.int64))
-    n_prompts = int(meta.get("n_prompts", int(prompt_index.max()) + 1 if prompt_index.numel() else 0))
+    seen = int(prompt_index.max()) + 1 if prompt_index.numel() else 0
+    n_prompts = seen if meta.get("n_prompts") is None else meta["n_prompts"]
+    if n_prompts < seen:
+        raise InterpError(f"'{path / META_FILE}' says n_prompts={n_prompts}, but the rows reach prompt {seen - 1}: "
+                          "the metadata belongs to another export; re-export the capture with "
+                          "interp.export_sae_lens")
     return Activations(acts={layer: rows}, prompt_index=prompt_index, position=position, token_id=token_id,
-                       n_prompts=n_prompts, positions=meta.get("positions", "all"),
-                       model_name=meta.get("model", ""), path=path,
+                       n_prompts=n_prompts, positions=meta.get("positions") or "all",
+                       model_name=meta.get("model") or "", path=path,
                        meta={"layers": [layer], "hook_name": hook_name, "context_size": ctx,
                              "format": "sae-lens", "dtype": str(rows.dtype),
                              "rows_dropped": meta.get("rows_dropped")})
+
+
+# what import_sae_lens reads from our metadata file, and the types it needs them to have
+_META_TYPES: dict[str, tuple[type, ...]] = {"n_prompts": (int,), "positions": (str,), "model": (str,),
+                                            "source_dtype": (str,), "rows_dropped": (int,)}
+
+
+def _read_meta(meta_path: Path) -> dict:
+    """``interp_sae_lens.json`` (empty when there is none: a folder sae-lens wrote), checked: a JSON object whose
+    keys that import_sae_lens reads have the types export_sae_lens writes."""
+    if not meta_path.exists():
+        return {}
+    fix = (f"re-export the capture with interp.export_sae_lens, or delete '{meta_path.name}' to read the folder "
+           "as a plain sae-lens cache (one prompt per sequence)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise InterpError(f"'{meta_path}' cannot be read as JSON ({why}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise InterpError(f"'{meta_path}' holds a JSON {type(meta).__name__}, not the object export_sae_lens "
+                          f"writes; {fix}")
+    for key, types in _META_TYPES.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types) or (isinstance(value, int) and value < 0):
+            want = "a count >= 0" if types == (int,) else "text"
+            raise InterpError(f"'{meta_path}': {key!r} is {value!r}, not {want}; {fix}")
+    return meta
 
 
 def _context_size(acts: Activations, context_size: int | None) -> int:
@@ -214,8 +257,44 @@ def _context_size(acts: Activations, context_size: int | None) -> int:
     return int(counts[0])
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``out``; an empty ``out`` or one we wrote is replaced."""
+def _foreign_entries(out: Path) -> list[str] | None:
+    """The entries of a non-empty ``out`` that stand in the way of replacing it: None when it is a folder an
+    earlier `export_sae_lens` wrote (its marker's kind, and nothing but what an export writes), else the
+    entries that make it not one (all of them when it carries no such marker)."""
+    names = sorted(p.name for p in out.iterdir())
+    marker = read_marker(out)
+    if marker is None or marker.get("kind") != EXPORT_KIND:
+        return names
+    ours = {*_SAE_LENS_FILES, META_FILE, OUTPUT_MARKER}
+    extra = [n for n in names if not ((n in ours or _ARROW_RE.match(n)) and (out / n).is_file())]
+    return extra or None
+
+
+def _check_replaceable(out: Path, out_dir: object) -> None:
+    """Refuse (`ForeignFilesError`, changing nothing) an ``out`` that is neither new, empty, nor an earlier
+    sae-lens export of ours: a user's files, and other workbench folders (a train_lora run, a report folder
+    with notes in it), are never replaced."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    foreign = _foreign_entries(out)
+    if foreign is None:
+        return
+    marker = read_marker(out)
+    if marker is None:
+        what = "holds files the workbench did not write"
+    elif marker.get("kind") != EXPORT_KIND:
+        by = marker.get("kind") or marker.get("by")
+        what = (f"is another workbench folder ({by + ' output' if by else 'a run or report folder'}), not a "
+                "sae-lens export")
+    else:
+        what = "is a sae-lens export that now also holds files the export did not write"
+    raise ForeignFilesError(f"out_dir '{out_dir}' {what} ({shown(foreign)}); export_sae_lens replaces the whole "
+                            "folder, so nothing was changed. Choose a new or empty folder for the export")
+
+
+def _swap_in(tmp: Path, out: Path, out_dir: object, work: Path) -> None:
+    """Rename the finished ``tmp`` folder to ``out``; an empty ``out``, or an earlier export of ours, is replaced
+    (moved into ``work``, which the caller deletes)."""
     if not out.exists():
         os.replace(tmp, out)
         return
@@ -223,9 +302,6 @@ def _swap_in(tmp: Path, out: Path) -> None:
         out.rmdir()
         os.replace(tmp, out)
         return
-    if not (out / OUTPUT_MARKER).is_file():  # checked before writing too; a race must not clobber foreign files
-        raise ForeignFilesError(f"'{out}' gained files the workbench did not write; the export is left in '{tmp}'")
-    old = out.parent / f".{out.name}.old{os.getpid()}"
-    os.replace(out, old)
+    _check_replaceable(out, out_dir)  # checked before writing too; files that came meanwhile must not be lost
+    os.replace(out, work / "previous")
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

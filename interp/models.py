@@ -12,6 +12,7 @@ import hashlib
 import json
 import operator
 import os
+import pickle
 import shutil
 import tempfile
 import threading
@@ -140,6 +141,11 @@ def _find_layers(module: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _open_image(image: Any) -> Any:
+    """``image`` (a file path, a PIL image or an HxWx3 array) as an RGB PIL image.
+
+    A missing file is an `InterpError`; a file or object PIL cannot decode raises PIL's own error (OSError,
+    SyntaxError, ...), because `interp.scoring` tells a file that changed during a call from one that never was
+    an image by that type. Callers that face the user go through `open_image`, which names the file."""
     from PIL import Image
 
     if isinstance(image, (str, Path)):
@@ -156,6 +162,34 @@ def _open_image(image: Any) -> Any:
 
         return Image.fromarray(np.asarray(image).astype("uint8")).convert("RGB")
     raise InterpError(f"image must be a file path, a PIL image or an HxWx3 array, got {type(image).__name__}")
+
+
+# what PIL raises for bytes it cannot decode: UnidentifiedImageError and "image file is truncated" are
+# OSErrors, a damaged header can be a SyntaxError or ValueError, a huge one a DecompressionBombError
+_IMAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, EOFError)
+
+
+def _image_error(image: Any, e: BaseException) -> InterpError:
+    """The user-facing error for an image PIL could not read: names the file and what to pass instead."""
+    what = f"image file '{image}'" if isinstance(image, (str, os.PathLike)) else f"image {type(image).__name__}"
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return InterpError(f"{what} cannot be read as an image ({type(e).__name__}: {first}); it is not an image or is "
+                       "truncated (an interrupted copy or download). Pass a PNG or JPEG file (or another format "
+                       "PIL opens), a PIL image or an HxWx3 array")
+
+
+def open_image(image: Any) -> Any:
+    """`_open_image`, with an `InterpError` naming the file when PIL cannot decode it."""
+    try:
+        return _open_image(image)
+    except InterpError:
+        raise
+    except _IMAGE_ERRORS as e:
+        raise _image_error(image, e) from e
+    except Exception as e:  # PIL.Image.DecompressionBombError and other decoder errors
+        if type(e).__module__.startswith("PIL"):
+            raise _image_error(image, e) from e
+        raise
 
 
 # ---- images, each processed once per call -------------------------------------------------------------
@@ -335,8 +369,8 @@ class ImageCache:
             else:
                 pixels, replacement = self.split.split.finish_image(_imageworkers.tensors(result))
         remote = pixels is not None
-        if not remote:
-            pixels, replacement = self.split.process_image(image)
+        if not remote:  # opened first, so that a file that is not an image is named as such
+            pixels, replacement = self.split.process_image(open_image(image))
         with self._lock:
             self.processed += 1
             self.in_workers += remote
@@ -740,7 +774,7 @@ class Model:
             if p.image is not None and split is not None:
                 enc, qmask = self._split_encode(images, p, key, text, enc, q, pixel_values)
             if enc is None:  # an image prompt without (or not fit for) the split: the processor's own call
-                enc = dict(self.processor(text=[text], images=[[_open_image(p.image)]], return_tensors="pt",
+                enc = dict(self.processor(text=[text], images=[[open_image(p.image)]], return_tensors="pt",
                                           return_offsets_mapping=True, add_special_tokens=False))
                 if not pixel_values:
                     enc.pop("pixel_values")
@@ -929,6 +963,26 @@ def check_device(device: Any, *, what: str = "device") -> torch.device:
     return dev
 
 
+def layer_arg(layer: Any, *, what: str = "layer", n_layers: int | None = None, model: str = "") -> int:
+    """A single ``layer=`` argument as a decoder-layer index: an int >= 0 (not a bool, a float or a string),
+    below ``n_layers`` when the model is known; an `InterpError` naming ``what`` otherwise. (`Model.check_layers`
+    is the lenient reader of layer lists; this is for entry points that take one layer number.)"""
+    if isinstance(layer, (bool, np.bool_)):
+        raise InterpError(f"{what}={layer!r}: a bool is not a layer index; pass an int such as {what}=17")
+    try:
+        index = operator.index(layer)
+    except TypeError:
+        raise InterpError(f"{what}={layer!r} is of type {type(layer).__name__}, not a layer index; pass an int such as "
+                          f"{what}=17") from None
+    if index < 0:
+        raise InterpError(f"{what}={index}: negative layer indices are not accepted; pass the layer's number "
+                          "(0 is the first decoder layer)")
+    if n_layers is not None and index >= n_layers:
+        raise InterpError(f"{what}={index} is out of range: {model or 'the model'} has {n_layers} decoder layers "
+                          f"(0-{n_layers - 1})")
+    return index
+
+
 def _resolve_device_dtype(device: Any, dtype: Any) -> tuple[torch.device, torch.dtype]:
     dev = check_device(device)
     if dtype is None:
@@ -1012,11 +1066,17 @@ def _check_model_folder(path: Path) -> None:
         raise InterpError(f"model folder '{path}' is empty; {saved}")
     if not (path / "config.json").is_file():
         raise InterpError(f"model folder '{path}' has no config.json; {saved}")
-    weights = [f for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.pth")
-               for f in path.glob(pattern)]
-    if not weights:
-        raise InterpError(f"model folder '{path}' has a config.json but no weights (no *.safetensors or "
-                          f"pytorch_model*.bin); copy the weight files in, or {saved}")
+    safe = [f for pattern in ("*.safetensors", "*.safetensors.index.json") for f in path.glob(pattern)]
+    pickled = sorted(f.name for pattern in ("*.bin", "*.pth", "*.pt", "*.ckpt") for f in path.glob(pattern))
+    if not safe and pickled:
+        # torch.load unpickles, and a pickle can run any code: the workbench reads safetensors only
+        raise InterpError(f"model folder '{path}' holds only pickled PyTorch weights ('{pickled[0]}'), which the "
+                          "workbench does not load: unpickling a file can run code. Convert them to safetensors "
+                          "once, on a machine where you trust the file (AutoModelForCausalLM.from_pretrained(folder)"
+                          ".save_pretrained(new_folder) writes model.safetensors), and load that folder")
+    if not safe:
+        raise InterpError(f"model folder '{path}' has a config.json but no weights (no *.safetensors); copy the "
+                          f"weight files in, or {saved}")
 
 
 def _load_pretrained(src: str, dtype: torch.dtype, *, revision: str | None, trust_remote_code: bool,
@@ -1032,6 +1092,8 @@ def _load_pretrained(src: str, dtype: torch.dtype, *, revision: str | None, trus
 
     local = Path(src).is_dir()
     kw = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if local:  # never torch.load (unpickle) a local folder's *.bin; `_check_model_folder` named it already
+        load_kw = {"use_safetensors": True, **load_kw}
     try:
         config = AutoConfig.from_pretrained(src, **kw)
     except (OSError, ValueError) as e:
@@ -1045,7 +1107,7 @@ def _load_pretrained(src: str, dtype: torch.dtype, *, revision: str | None, trus
     auto_model = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     try:
         hf = auto_model.from_pretrained(src, dtype=dtype, **kw, **load_kw)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+    except (SafetensorError, OSError, RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InterpError(f"could not read the weights of '{src}' ({type(e).__name__}: {first}). A corrupt or "
                           "truncated weight file (an interrupted download or copy) gives this: download or copy "
@@ -1114,7 +1176,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> Model:
 def _from_converted(folder: Path, dtype: torch.dtype, *, name: str, weights_id: str) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(folder)
     chat = bool(tok.chat_template)
     model = Model(hf=hf, tokenizer=tok, name=name, chat=chat, answer_words=_default_answer_words(tok, chat),

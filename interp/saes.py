@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from interp._errors import InterpError
 from interp._results import Result
 from interp.capture import Activations, capture, layer_output, position_mask
-from interp.models import Model, Prompt, _as_prompt, as_dtype
+from interp.models import Model, Prompt, _as_prompt, as_dtype, check_device, layer_arg
 
 if TYPE_CHECKING:  # sae-lens takes ~10 s to import: only functions that need it import it
     from sae_lens import SAE
@@ -67,14 +67,19 @@ def _refetch_hint(path: Path) -> str:
 
 # ---- loading ------------------------------------------------------------------------------------
 def _dtype_name(dtype: Any) -> str | None:
-    """sae-lens takes dtypes by name."""
-    return None if dtype is None else str(as_dtype(dtype)).removeprefix("torch.")
+    """sae-lens takes dtypes by name; an SAE's weights are floating point."""
+    if dtype is None:
+        return None
+    dt = as_dtype(dtype)
+    if not dt.is_floating_point:
+        raise InterpError(f"dtype={dtype!r}: SAE weights are floating point; use 'float32', 'bfloat16' or "
+                          "'float16' (or leave dtype unset)")
+    return str(dt).removeprefix("torch.")
 
 
 def _default_device(device: Any) -> str:
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
+    """The device (by name, as sae-lens takes it) ``device`` names; an `InterpError` for one this machine lacks."""
+    return str(check_device(device))
 
 
 def load_sae(release_or_path: str | os.PathLike, sae_id: str | None = None, *, device: Any = None,
@@ -91,7 +96,12 @@ def load_sae(release_or_path: str | os.PathLike, sae_id: str | None = None, *, d
     (the hook is then ``blocks.{layer}.<site>``); when they do and it differs, that is an error, not a
     silent relabel. Local folders never touch the hub.
     """
-    src = str(release_or_path)
+    if not isinstance(release_or_path, (str, os.PathLike)):
+        raise InterpError(f"release_or_path={release_or_path!r} is of type {type(release_or_path).__name__}; pass a "
+                          "sae-lens release name (with sae_id) or an SAE folder's path")
+    src = os.fspath(release_or_path)
+    if layer is not None:
+        layer = layer_arg(layer)
     dev, dt = _default_device(device), _dtype_name(dtype)
     path = Path(src).expanduser()
     if path.is_file() and path.name in ("params.safetensors", "config.json", "cfg.json", "sae_weights.safetensors"):
@@ -157,6 +167,13 @@ def _gemma_scope_config(path: Path, raw: dict[str, Any], shapes: dict[str, tuple
     if raw.get("architecture", "jump_relu") != "jump_relu":
         raise InterpError(f"'{path / 'config.json'}' has architecture={raw.get('architecture')!r}; Gemma Scope "
                           "2 SAEs are 'jump_relu'")
+    cfg_file = path / "config.json"
+    hook_example = "model.layers.17.output"
+    for key, example in (("hf_hook_point_in", hook_example), ("hf_hook_point_out", hook_example), ("type", "sae"),
+                         ("model_name", "gemma-v3-270m-pt")):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise SAEFileError(f"'{cfg_file}': {key!r} is {raw[key]!r}, not text (Gemma Scope 2 writes e.g. "
+                               f"{example!r}); {_refetch_hint(path)}")
     hook_in, hook_out = raw.get("hf_hook_point_in"), raw.get("hf_hook_point_out")
     if raw.get("type") == "transcoder" or (hook_out and hook_in and hook_out != hook_in) \
             or "affine_skip_connection" in shapes:
@@ -188,7 +205,13 @@ def _gemma_scope_config(path: Path, raw: dict[str, Any], shapes: dict[str, tuple
 
     d_in, d_sae = shapes["w_enc"]
     width = raw.get("width")
-    if width is not None and int(width) != d_sae:
+    if width is not None:
+        if isinstance(width, str) and width.strip().isdigit():
+            width = int(width)
+        if isinstance(width, bool) or not isinstance(width, int):
+            raise SAEFileError(f"'{cfg_file}': 'width' is {width!r}, not a number of features (Gemma Scope 2 "
+                               f"writes e.g. 16384); {_refetch_hint(path)}")
+    if width is not None and width != d_sae:
         raise SAEFileError(f"'{path}': config.json says width={width} but w_enc in params.safetensors has {d_sae} "
                            f"columns: the config belongs to another SAE; {_refetch_hint(path)}")
     model_name = str(raw.get("model_name") or "unknown")
@@ -436,6 +459,8 @@ class SAESite(NamedTuple):
 
 def check_sae(model: Model, sae: SAE, layer: int | None = None) -> SAESite:
     """Map the SAE's hook (``blocks.L.hook_resid_post``) onto ``model``'s decoder layer; clear error on mismatch."""
+    if layer is not None:
+        layer = layer_arg(layer, n_layers=model.n_layers, model=f"'{model.name}'")
     hook = _block_hook(sae.cfg.metadata.hook_name)
     m = _HOOK_RE.match(hook) if hook else None
     if hook and not m:
