@@ -957,18 +957,27 @@ def _feature_means(sae: Any, acts: Activations, layer: int, is_a: Tensor,
 _LINKS = "a question group, image, case, report or phrasing"  # what interp.data.clusters links pairs by
 
 
-def _selection_overlap(items: list[ParaphrasePair], selection: Any) -> tuple[bool | None, str]:
-    """Whether the evaluation pairs are held out from the pairs that selected the feature, in words.
+def _selection_overlap(items: list[ParaphrasePair], selection: Any,
+                       chosen: str = "the feature") -> tuple[bool | None, str]:
+    """Whether the evaluation pairs are held out from the pairs that selected ``chosen``, in words.
 
-    An evaluation pair is in-sample when it has a selection pair's id or shares a cluster with one:
+    ``selection``: a `FeatureTable`, a `LayerSelection` (its ``selection_pairs``) or the pairs themselves. An
+    evaluation pair is in-sample when it has a selection pair's id or shares a cluster with one:
     `interp.data.clusters` over the selection and evaluation pairs together (a shared question group, image,
     case, report or phrasing), so a renamed copy of a selection pair, or another phrasing of its question,
     is caught. A `FeatureTable` from an older version records only ids: those are compared, with a warning.
     """
+    from interp.layers import LayerSelection
+
     n = len(items)
     if selection is None:
         return None, (f"evaluated on {n} pairs; selection pairs not given (selection=), so whether they are held out "
                       "is unknown")
+    if isinstance(selection, LayerSelection):
+        if not selection.selection_pairs:
+            return None, (f"evaluated on {n} pairs; the layers were chosen by hand or the LayerSelection records no "
+                          "pairs, so whether they are held out is unknown")
+        selection = list(selection.selection_pairs)
     if isinstance(selection, FeatureTable) and not selection.selection_pairs:
         sel_ids = set(selection.pair_ids)
         if not sel_ids:
@@ -980,7 +989,7 @@ def _selection_overlap(items: list[ParaphrasePair], selection: Any) -> tuple[boo
         overlap = [p.id for p in items if str(p.id) in sel_ids]
         m, how = len(sel_ids), " (checked by pair id only: the FeatureTable records no selection pairs)"
         if not overlap:
-            return True, f"held out: {n} evaluation pairs, none among the {m} pairs that selected the feature{how}"
+            return True, f"held out: {n} evaluation pairs, none among the {m} pairs that selected {chosen}{how}"
     else:
         sel = list(selection.selection_pairs) if isinstance(selection, FeatureTable) else check_pairs(selection)
         m, how = len(sel), ""
@@ -992,9 +1001,9 @@ def _selection_overlap(items: list[ParaphrasePair], selection: Any) -> tuple[boo
         overlap = [p.id for p, c in zip(items, labels[m:], strict=True) if c in shared or str(p.id) in sel_ids]
     if overlap:
         return False, (f"IN-SAMPLE: {len(overlap)} of the {n} evaluation pairs share an id or a cluster ({_LINKS}) "
-                       f"with the {m} pairs that selected the feature (e.g. {overlap[:3]}){how}; pass held-out pairs "
+                       f"with the {m} pairs that selected {chosen} (e.g. {overlap[:3]}){how}; pass held-out pairs "
                        "(interp.data.split keeps clusters on one side)")
-    return True, (f"held out: {n} evaluation pairs, none among the {m} pairs that selected the feature or sharing "
+    return True, (f"held out: {n} evaluation pairs, none among the {m} pairs that selected {chosen} or sharing "
                   f"{_LINKS} with them{how}")
 
 

@@ -70,6 +70,9 @@ class LayerSelection(Result):
     peak: int | None = None  # the layer with the highest score
     layers_pattern: str = "language_model.layers"
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    # the pairs whose profile chose the window (empty when chosen by hand): `train_lora` and `ablate_feature`
+    # check against them that evaluation pairs are held out (by cluster: interp.data.clusters)
+    selection_pairs: tuple[ParaphrasePair, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -104,7 +107,7 @@ class LayerSelection(Result):
         peak = None if self.peak is None else min(int(self.peak / self.n_layers * n_layers), n_layers - 1)
         return LayerSelection(tuple(range(start, start + width)), n_layers, (), f"{self.method}->depth", peak,
                               pattern, {"from": {"layers": list(self.layers), "n_layers": self.n_layers,
-                                                 "layers_pattern": self.layers_pattern}})
+                                                 "layers_pattern": self.layers_pattern}}, self.selection_pairs)
 
     def lora_config(self, **peft_kwargs: Any):
         """A `peft.LoraConfig` on exactly these language-decoder layers (never the vision tower)."""
@@ -166,6 +169,7 @@ class LayerProfile(Result):
     layers_pattern: str = "language_model.layers"
     missing: tuple[int, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
+    selection_pairs: tuple[ParaphrasePair, ...] = field(default=(), repr=False, compare=False)  # the pairs measured
 
     @property
     def peak(self) -> int | None:
@@ -194,7 +198,7 @@ class LayerProfile(Result):
         meta = {"window_score": float(sums[start]), "values": list(self.values), "missing": list(self.missing),
                 "positions": self.positions, "n_pairs": self.n_pairs, "model": self.model_name}
         return LayerSelection(tuple(range(start, start + width)), self.n_layers, tuple(self.scores), self.method,
-                              peak, self.layers_pattern, meta)
+                              peak, self.layers_pattern, meta, self.selection_pairs)
 
     def figure(self, window: Sequence[int] | None = None):
         """Bars: each layer's score; line: the measured curve; ``window`` (e.g. ``sel.layers``) shaded."""
@@ -300,7 +304,7 @@ def layer_profile(model: Model, pairs: Sequence[ParaphrasePair], *, method: Meth
     return LayerProfile(method=method, scores=tuple(float(v) for v in scores), values=tuple(float(v) for v in values),
                         n_layers=model.n_layers, n_pairs=len(meta.get("pair_ids", items)), positions=positions,
                         model_name=model.name, layers_pattern=layers_pattern_of(model.layers_path), missing=missing,
-                        meta=meta)
+                        meta=meta, selection_pairs=tuple(items))
 
 
 def find_layers(model: Model, pairs: Sequence[ParaphrasePair], *, width: int = 5, method: Method = "patching",

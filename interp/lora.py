@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -1417,6 +1417,14 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
         train, held = split(pairs, eval_pairs, seed=seed)
     else:
         train, held = pairs, ([] if eval_pairs is None else check_pairs(eval_pairs, name="eval_pairs"))
+    layers_held_out = None
+    if held and isinstance(layers, LayerSelection):  # were the layers chosen on the pairs that evaluate them?
+        from interp.features import _selection_overlap
+
+        layers_held_out, said = _selection_overlap(held, layers, "the layers")
+        if layers_held_out is False:
+            warnings.warn(f"train_lora: the held-out metrics are not held out from the layer selection: {said}",
+                          stacklevel=2)
     rank, world = rank_and_world()
     if grad_accum % world:
         raise InterpError(f"grad_accum={grad_accum} must be a multiple of the {world} processes so that every "
@@ -1436,10 +1444,13 @@ def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r:
                             seed=seed)
     try:
         with torch.random.fork_rng(devices=_rng_devices(model)):
-            return _train(peft_model, train, held, cfg, output_dir=output_dir, resume=resume, max_steps=max_steps,
-                          fast=fast_path, cache=cache, fuse_tokens=fuse_tokens, checkpointing=checkpointing,
-                          eval_batch_size=eval_batch_size, fold=fold, progress=progress,
-                          rank=rank, world=world)
+            result = _train(peft_model, train, held, cfg, output_dir=output_dir, resume=resume, max_steps=max_steps,
+                            fast=fast_path, cache=cache, fuse_tokens=fuse_tokens, checkpointing=checkpointing,
+                            eval_batch_size=eval_batch_size, fold=fold, progress=progress,
+                            rank=rank, world=world)
+        # not a training setting (a resumed run's checkpoint does not compare it): said beside the result
+        return replace(result, config={**result.config,
+                                       "eval_held_out_from_layer_selection": layers_held_out})
     finally:
         _restore_grad_flags(flags)  # the adapters lived in a copy; the caller's model is as it came in
 

@@ -623,3 +623,16 @@ def test_an_old_feature_table_without_selection_pairs_falls_back_to_ids_and_says
         warnings.simplefilter("ignore")
         held, text = _selection_overlap(list(pairs[:2]), old)
     assert held is False and "IN-SAMPLE: 2 of the 2" in text
+
+
+def test_held_out_check_reads_a_layer_selections_pairs():
+    from interp.data import ParaphrasePair
+    from interp.features import _selection_overlap
+    from interp.layers import LayerSelection
+
+    pairs = [ParaphrasePair(f"p{i}", f"Is there finding {i}?", f"Any finding {i}?", group=f"g{i}") for i in range(6)]
+    sel = LayerSelection((1, 2), 6, method="residual", selection_pairs=tuple(pairs[:3]))
+    assert _selection_overlap(pairs[3:], sel, "the layers")[0] is True
+    held, said = _selection_overlap([pairs[0], pairs[4]], sel, "the layers")
+    assert held is False and "IN-SAMPLE: 1 of the 2 evaluation pairs" in said and "selected the layers" in said
+    assert _selection_overlap(pairs[3:], LayerSelection((1, 2), 6), "the layers")[0] is None  # chosen by hand

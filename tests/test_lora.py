@@ -589,3 +589,27 @@ def test_row_dropout_masks_depend_on_the_example_not_on_the_batch_or_padding():
     with ctx.rows([11]):
         ctx.lengths = [50]
         assert not torch.equal(other(torch.ones(1, 50, 96)) != 0, kept[0:1])
+
+
+def test_layers_chosen_on_the_evaluation_pairs_are_said_not_held_out(tiny_medgemma, text_pairs, tmp_path):
+    """A LayerSelection keeps the pairs whose profile chose it; train_lora checks its held-out pairs against
+    them by cluster (a renamed copy of a selecting pair is still in-sample)."""
+    import dataclasses
+
+    from interp.data import split
+
+    chooser, held = split(text_pairs, 0.25, seed=0)
+    sel = interp.find_layers(tiny_medgemma, chooser, width=2, method="residual", progress=False)
+    assert sel.selection_pairs == tuple(chooser) and sel.to_depth(12).selection_pairs == tuple(chooser)
+    kw = dict(layers=sel, max_steps=1, grad_accum=2, **QUIET)
+    res = L.train_lora(tiny_medgemma, chooser[:4], eval_pairs=held, output_dir=tmp_path / "held", **kw)
+    assert res.config["eval_held_out_from_layer_selection"] is True
+    renamed = [dataclasses.replace(p, id=f"eval-{p.id}") for p in chooser[:3]]
+    with pytest.warns(UserWarning, match=r"not held out from the layer selection: IN-SAMPLE: 3 of the 3 evaluation"
+                                         r" pairs .* selected the layers"):
+        res = L.train_lora(tiny_medgemma, chooser[:4], eval_pairs=renamed, output_dir=tmp_path / "in", **kw)
+    assert res.config["eval_held_out_from_layer_selection"] is False
+    manual = LayerSelection((1, 2), tiny_medgemma.n_layers)
+    res = L.train_lora(tiny_medgemma, chooser[:4], eval_pairs=held, output_dir=tmp_path / "manual",
+                       **{**kw, "layers": manual})
+    assert res.config["eval_held_out_from_layer_selection"] is None  # chosen by hand: unknown, said so
