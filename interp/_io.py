@@ -97,6 +97,23 @@ def _path(value: Any, what: str) -> Path:
     return Path(value)
 
 
+def read_json_object(path: Path, *, what: str, writer: str, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; an `InterpError` naming the file and ``fix`` when it cannot be read as
+    ``what`` or holds something other than the object ``writer`` writes (not a traceback from inside json)."""
+    import json
+
+    from interp._errors import InterpError
+
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise InterpError(f"'{path}' cannot be read as {what} ({why}); {fix}") from None
+    if not isinstance(value, dict):
+        raise InterpError(f"'{path}' holds a JSON {type(value).__name__}, not the object {writer} writes; {fix}")
+    return value
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()

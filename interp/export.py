@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from interp._errors import ForeignFilesError, InterpError
-from interp._io import _path, atomic_write, atomic_write_text, has_marker, mark_folder, usable_folder
+from interp._io import (
+    _path,
+    atomic_write,
+    atomic_write_text,
+    has_marker,
+    mark_folder,
+    read_json_object,
+    usable_folder,
+)
 from interp._results import Result, jsonable
 
 
@@ -180,16 +188,9 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     file when it is not a JSON object, rather than overwriting it or failing inside json."""
     if not path.exists():
         return {}
-    fix = "move it out of the folder (or delete it, if it is an interp file you no longer need) and run again"
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise InterpError(f"'{path}' cannot be read as the metrics JSON interp writes ({why}); {fix}") from None
-    if not isinstance(metrics, dict):
-        raise InterpError(f"'{path}' holds a JSON {type(metrics).__name__}, not the object of metrics interp "
-                          f"writes; {fix}")
-    return metrics
+    return read_json_object(path, what="the metrics JSON interp writes", writer="of metrics interp",
+                            fix="move it out of the folder (or delete it, if it is an interp file you no longer "
+                                "need) and run again")
 
 
 def pairs_digest(pairs: Any) -> dict[str, Any]:

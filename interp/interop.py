@@ -24,7 +24,16 @@ import torch
 from torch import Tensor
 
 from interp._errors import ForeignFilesError, InterpError
-from interp._io import OUTPUT_MARKER, _path, atomic_write_text, mark_folder, read_marker, shown, usable_folder
+from interp._io import (
+    OUTPUT_MARKER,
+    _path,
+    atomic_write_text,
+    mark_folder,
+    read_json_object,
+    read_marker,
+    shown,
+    usable_folder,
+)
 from interp.capture import Activations, load_activations
 from interp.models import layer_arg
 
@@ -223,14 +232,7 @@ def _read_meta(meta_path: Path) -> dict:
         return {}
     fix = (f"re-export the capture with interp.export_sae_lens, or delete '{meta_path.name}' to read the folder "
            "as a plain sae-lens cache (one prompt per sequence)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise InterpError(f"'{meta_path}' cannot be read as JSON ({why}); {fix}") from None
-    if not isinstance(meta, dict):
-        raise InterpError(f"'{meta_path}' holds a JSON {type(meta).__name__}, not the object export_sae_lens "
-                          f"writes; {fix}")
+    meta = read_json_object(meta_path, what="JSON", writer="export_sae_lens", fix=fix)
     for key, types in _META_TYPES.items():
         value = meta.get(key)
         if value is None:
