@@ -947,7 +947,6 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
 
     writes: deque[tuple[tuple[int, int], Future]] = deque()
     sizes: deque[int] = deque()  # bytes of each shard in ``writes``
-    pending = 0  # their sum
     try:
         planned = plan(todo[0])
         for k, span in enumerate(todo):
@@ -978,15 +977,14 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
                         images.release(held)
             rows = sum(int(m["prompt_index"].numel()) for f in jobs for _, _, m in f.result())
             writes.append((span, writer.submit(_finish_shard, copies, shard, folder, manifest, span, entry_files)))
-            pending += rows * kept.row_bytes
             sizes.append(rows * kept.row_bytes)
             del shard, copies, jobs, holds
             # Wait for older writes once nothing is kept (a lazy result), or once the shards still being written
             # would take what is kept past max_memory: host memory then holds a few shards beyond what is kept,
             # however slow the disk. A finished write also surfaces a failed copy or write now, not at the end.
-            while writes and (writes[0][1].done() or (len(writes) > IN_FLIGHT and kept.over(pending))):
+            while writes and (writes[0][1].done() or (len(writes) > IN_FLIGHT and kept.over(sum(sizes)))):
                 kept.add(*_written(writes.popleft()))
-                pending -= sizes.popleft()
+                sizes.popleft()
                 if not kept.keeping:
                     release_freed_memory()  # the written shard's buffers, back to the OS
         while writes:
