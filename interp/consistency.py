@@ -168,7 +168,7 @@ class ConsistencyReport(Result):
         corrected = np.where(same, m_b, -m_b)
         # decisions: yes when m > 0. B's decision is polarity-corrected as a decision (an inverted B at
         # m_b = 0 decides "no", which agrees with A's "yes"), not by the sign of -m_b (-0.0 is not > 0)
-        agree = np.where(same, m_b > 0, ~(m_b > 0))
+        yes_b_as_a = np.where(same, m_b > 0, ~(m_b > 0))  # B's decision read in A's polarity
 
         def correct(margin: np.ndarray, answers: list[str | None]) -> list[bool | None]:
             return [None if a is None else bool((m > 0) == (a == "yes")) for m, a in zip(margin, answers, strict=True)]
@@ -178,7 +178,7 @@ class ConsistencyReport(Result):
             "question_a": [p.question_a for p in pairs], "question_b": [p.question_b for p in pairs],
             "answer": [p.answer for p in pairs], "same_polarity": same,
             "margin_a": m_a, "margin_b": m_b, "margin_b_corrected": corrected,
-            "margin_diff": np.abs(m_a - corrected), "flip": (m_a > 0) != agree,
+            "margin_diff": np.abs(m_a - corrected), "flip": (m_a > 0) != yes_b_as_a,
             "correct_a": pd.Series(correct(m_a, [p.answer for p in pairs]), dtype=object),
             "correct_b": pd.Series(correct(m_b, [p.answer_b for p in pairs]), dtype=object),
             "cluster": labels, "polarity": np.where(same, "same", "inverted"),
