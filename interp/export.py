@@ -64,7 +64,7 @@ def prepare_output(folder: str | os.PathLike, *, create: bool = True, what: str 
                                     "manifest.json lists the cached shards); writing a run there would overwrite "
                                     "it. Choose a new or empty folder")
         entries = sorted(p.name for p in path.iterdir())
-        if entries and not is_workbench_folder(path):
+        if entries and not has_marker(path):  # is_workbench_folder, its cache half checked just above
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise ForeignFilesError(f"{what} '{folder}' already holds files that interp did not write ({shown}); "
                                     "choose a new or empty folder so that nothing of yours is overwritten")

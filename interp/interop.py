@@ -259,12 +259,11 @@ def _context_size(acts: Activations, context_size: int | None) -> int:
     return int(counts[0])
 
 
-def _foreign_entries(out: Path) -> list[str] | None:
-    """The entries of a non-empty ``out`` that stand in the way of replacing it: None when it is a folder an
-    earlier `export_sae_lens` wrote (its marker's kind, and nothing but what an export writes), else the
-    entries that make it not one (all of them when it carries no such marker)."""
+def _foreign_entries(out: Path, marker: dict | None) -> list[str] | None:
+    """The entries of a non-empty ``out`` (whose marker says ``marker``) that stand in the way of replacing it:
+    None when it is a folder an earlier `export_sae_lens` wrote (its marker's kind, and nothing but what an
+    export writes), else the entries that make it not one (all of them when it carries no such marker)."""
     names = sorted(p.name for p in out.iterdir())
-    marker = read_marker(out)
     if marker is None or marker.get("kind") != EXPORT_KIND:
         return names
     ours = {*_SAE_LENS_FILES, META_FILE, OUTPUT_MARKER}
@@ -278,10 +277,10 @@ def _check_replaceable(out: Path, out_dir: object) -> None:
     with notes in it), are never replaced."""
     if not out.is_dir() or not any(out.iterdir()):
         return
-    foreign = _foreign_entries(out)
+    marker = read_marker(out)
+    foreign = _foreign_entries(out, marker)
     if foreign is None:
         return
-    marker = read_marker(out)
     if marker is None:
         what = "holds files the workbench did not write"
     elif marker.get("kind") != EXPORT_KIND:
