@@ -188,8 +188,8 @@ def run_from_layer(body: nn.Module, layers: nn.ModuleList, lo: int, resid: Tenso
     kw: dict[str, Any] = dict(inputs_embeds=resid, attention_mask=attention_mask, use_cache=False)
     if token_type_ids is not None:
         kw["token_type_ids"] = token_type_ids
-    with _forwards(layers, replace):
-        out = body(**kw)
+    with _forwards(layers, replace), prepared_masks(body, kw) as run:
+        out = body(**run)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -327,3 +327,144 @@ __all__ = ["VERIFIED", "ProcessorSplit", "Unsupported", "architecture", "base_mo
            "cache_kwargs", "cache_name", "cache_nbytes", "check_forward", "contiguous_vision",
            "embeds_with_image_features", "image_features", "is_verified", "new_cache", "output_cache",
            "run_from_layer", "takes_image_features", "tile_cache", "with_image_features"]
+
+
+# --- attention masks built from the batch (no vmap, no device-to-host read) --------------------------------------
+# Gemma 3's forward builds each batch's masks itself. With images (causal, or bidirectional inside each image's
+# block of soft tokens; AND a sliding window on local layers; AND padding) it does so through `torch.vmap` over a
+# mask function: ~10 ms of host time per forward on the H200 machine, in forwards that are launch-bound. Without
+# images it reads the padding mask back to decide whether a mask is needed at all: two device-to-host syncs per
+# mask, each draining the kernel queue. The forward takes the masks prepared (a dict, as `generate` passes them):
+# `prepared_masks` builds the same boolean masks with a dozen tensor ops on the device, and decides "no mask"
+# (SDPA's own causal path) from the padding the host already knows. They are used only once checked: the first
+# forward of each body and kind of batch (images or not; per attention implementation and window) runs
+# transformers' own masks, recorded on their way into the decoder, and the masks built here for the same batch
+# must equal them element for element (None where theirs is None); otherwise transformers' own are kept, with one
+# warning. So a transformers release that changes its masks changes nothing here but the speed.
+_MASKS_CHECKED: dict[tuple, bool] = {}  # (id(body), images?, attention implementation, window, layer types) -> ok
+
+
+def _mask_plan(body: nn.Module) -> tuple[tuple, Any, nn.Module] | None:
+    """(check key less the batch kind, the text config, the module whose forward input to record) for a Gemma 3
+    body under SDPA, causal; else None."""
+    name = type(body).__name__
+    if name == "Gemma3Model":
+        decoder = getattr(body, "language_model", None)
+    elif name == "Gemma3TextModel":
+        decoder = body
+    else:
+        return None
+    cfg = getattr(body, "config", None)
+    text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    if decoder is None or text is None or not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+        return None
+    impl = getattr(text, "_attn_implementation", None) or getattr(cfg, "_attn_implementation", None)
+    if impl != "sdpa" or not getattr(text, "is_causal", True) or getattr(text, "use_bidirectional_attention", False):
+        return None
+    types = tuple(getattr(text, "layer_types", None) or ())
+    if not types or set(types) - {"full_attention", "sliding_attention"}:
+        return None
+    return (id(body), impl, getattr(text, "sliding_window", None), types), text, decoder
+
+
+def causal_masks(attention_mask: Tensor, token_type_ids: Tensor | None, sliding_window: int | None,
+                 layer_types: Sequence[str], padded: bool) -> dict[str, Tensor | None]:
+    """Gemma 3's masks for a forward with no cache, per layer type: ``[batch, 1, q, kv]`` booleans, True where
+    ``q`` attends to ``kv``: ``kv <= q`` or both in the same image's block of soft tokens (``token_type_ids ==
+    1``, a block being a run of them), and ``kv`` not padding; on sliding-window layers also ``kv > q - window``.
+    Without images, None where SDPA's causal path gives the same (``padded``: any row has padding; and, on
+    sliding layers, the batch is shorter than the window)."""
+    pad = attention_mask.bool()
+    n = pad.shape[1]
+    idx = torch.arange(n, device=pad.device)
+    allowed = idx[None, None, :] <= idx[None, :, None]
+    if token_type_ids is not None:
+        is_image = token_type_ids == 1
+        starts = is_image & ~nn.functional.pad(is_image, (1, 0))[:, :-1]
+        block = torch.where(is_image, torch.cumsum(starts.int(), dim=1) - 1, -1)
+        allowed = allowed | ((block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0))
+    out: dict[str, Tensor | None] = {}
+    for kind in dict.fromkeys(layer_types):
+        windowed = kind == "sliding_attention"
+        if token_type_ids is None and not padded and not (windowed and n >= sliding_window):
+            out[kind] = None
+            continue
+        mask = allowed & (idx[None, :] > idx[:, None] - sliding_window) if windowed else allowed
+        out[kind] = (mask & pad[:, None, :]).expand(pad.shape[0], n, n).unsqueeze(1).contiguous()
+    return out
+
+
+def _same_masks(ours: dict[str, Tensor | None], theirs: Any) -> bool:
+    if not isinstance(theirs, dict) or set(theirs) != set(ours):
+        return False
+    for k, t in theirs.items():
+        mine = ours[k]
+        if (t is None) != (mine is None):
+            return False
+        if t is not None and not (isinstance(t, Tensor) and t.dtype == torch.bool and t.shape == mine.shape
+                                  and torch.equal(t, mine)):
+            return False
+    return True
+
+
+@contextmanager
+def prepared_masks(body: nn.Module | None, inputs: dict[str, Any], *,
+                   padded: bool | None = None) -> Iterator[dict[str, Any]]:
+    """``inputs`` (keyword arguments of ``body``'s forward, or of the model's around it) for a forward with no cache
+    and no position ids, with ``attention_mask`` replaced by the prepared masks (`causal_masks`) where that is
+    checked to give the model's own; else ``inputs`` as they are. A Gemma 3 body under SDPA; batches with images
+    (``token_type_ids``) always, text batches only where ``padded`` (does any row have padding?) is known on the
+    host. The first forward of each body and kind of batch is the check: it runs with the model's own masks,
+    recorded on the way into the decoder, and compared with the masks built here once the forward has run."""
+    plan = _mask_plan(body) if body is not None else None
+    mask, types = inputs.get("attention_mask"), inputs.get("token_type_ids")
+    cached = any(inputs.get(k) is not None for k in ("cache", "past_key_values")) or inputs.get("use_cache")
+    if (plan is None or cached or "position_ids" in inputs or not isinstance(mask, Tensor) or mask.ndim != 2
+            or (types is None and padded is None)
+            or (types is not None and (not isinstance(types, Tensor) or types.shape != mask.shape))):
+        yield inputs
+        return
+    key, text, decoder = plan
+    key = (types is not None, *key)
+
+    def ours() -> dict[str, Tensor | None]:
+        return causal_masks(mask, types, getattr(text, "sliding_window", None), key[-1], bool(padded))
+
+    state = _MASKS_CHECKED.get(key)
+    if state:
+        yield {**inputs, "attention_mask": ours()}
+        return
+    if state is False:
+        yield inputs
+        return
+    seen: dict[str, Any] = {}
+
+    def record(kind: str | None):
+        def hook(_module, _args, kwargs):
+            if kind is None:
+                seen.setdefault("masks", kwargs.get("attention_mask"))
+            else:
+                seen.setdefault("masks", {}).setdefault(kind, kwargs.get("attention_mask"))
+
+        return hook
+
+    if decoder is not body:  # a vision-language body hands the decoder its masks as one dict
+        handles = [decoder.register_forward_pre_hook(record(None), with_kwargs=True)]
+    else:  # a text body builds them inside: each layer gets its type's mask; the first layer of each type tells
+        handles = [decoder.layers[key[-1].index(kind)].register_forward_pre_hook(record(kind), with_kwargs=True)
+                   for kind in dict.fromkeys(key[-1])]
+    try:
+        yield inputs
+    finally:  # also when the forward was stopped early (capture stops after its last layer)
+        for h in handles:
+            h.remove()
+        masks = seen.get("masks")
+        if masks is not None and (decoder is not body or set(masks) == set(key[-1])):  # all seen, to decide
+            same = _same_masks(ours(), masks)
+            _MASKS_CHECKED[key] = same
+            if not same:
+                import warnings
+
+                warnings.warn(f"interp: the attention masks built for {'image' if types is not None else 'text'} "
+                              f"batches differ from {type(body).__name__}'s own in this transformers version; its "
+                              "own are used (same values, more host time per forward)", RuntimeWarning, stacklevel=3)

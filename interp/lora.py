@@ -527,7 +527,8 @@ class _Runner:
         handle = self.layers[self.lo].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             with torch.no_grad():
-                self.body(**self._lower_inputs(inputs), use_cache=False)
+                with hf.prepared_masks(self.body, self._lower_inputs(inputs)) as run:
+                    self.body(**run, use_cache=False)
         except StopForward:
             pass
         finally:

@@ -423,7 +423,8 @@ class _FastScorer:
             kw |= hf.cache_kwargs(self.body, cache)
         if token_types is not None:
             kw["token_type_ids"] = token_types.to(self.device)
-        out = self.body(**kw)
+        with hf.prepared_masks(self.body, kw) as run:
+            out = self.body(**run)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def _full_pass(self, rows: list[int], block: _Block, feats: dict) -> Tensor:

@@ -9,6 +9,7 @@ of `evaluate` and patching), both paths are also run in float32 and judged again
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import pytest
@@ -131,6 +132,32 @@ def test_capture_with_images_equals_each_prompt_alone(medgemma, cxr_images, reco
             res = _compare(acts, ref, layers)
             record(f"capture with images layers {layers} positions={positions} batch={bs} run={k}", **res)
             assert res["n_wrong_prompts"] == 0 and res["misplaced_rows"] == 0, res
+
+
+def test_prepared_masks_equal_the_forwards_own_on_the_device(medgemma, cxr_images, ragged_prompts, record,
+                                                             monkeypatch):
+    """Capture builds image and text batches' attention masks itself (`hf.prepared_masks`, no vmap and no read-back):
+    each kind is checked once against the forward's own masks on this device, then used; the activations equal a
+    capture on the forward's own masks bit for bit."""
+    from interp import hf
+    from interp.models import Prompt
+
+    prompts = [Prompt("Is there a pleural effusion?", image=img) for img in cxr_images[:8]] + ragged_prompts[:24]
+    layers = [17] if medgemma.n_layers == 34 else [_mid(medgemma)]
+    hf._MASKS_CHECKED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        first = interp.capture(medgemma, prompts, layers=layers, positions="all", progress=False)
+        checked = dict(hf._MASKS_CHECKED)
+        second = interp.capture(medgemma, prompts, layers=layers, positions="all", progress=False)
+    monkeypatch.setattr(hf, "_mask_plan", lambda body: None)
+    own = interp.capture(medgemma, prompts, layers=layers, positions="all", progress=False)
+    diff = max((first[layer].float() - own[layer].float()).abs().max().item() for layer in layers)
+    diff2 = max((second[layer].float() - own[layer].float()).abs().max().item() for layer in layers)
+    record("prepared masks vs the forward's own", kinds_checked=sorted(k[0] for k in checked),
+           all_equal=all(checked.values()), max_abs_diff_first=diff, max_abs_diff_second=diff2, rows=len(own))
+    assert sorted(k[0] for k, ok in checked.items() if ok) == [False, True], checked
+    assert diff == 0.0 and diff2 == 0.0
 
 
 def _image_pairs(images: list[str], n: int) -> list[ParaphrasePair]:

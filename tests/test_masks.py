@@ -1,0 +1,193 @@
+"""Attention masks built from the batch (`hf.causal_masks`, `hf.prepared_masks`): element for element the masks
+Gemma 3's own forward builds (recorded on their way into the decoder), and the same activations bit for bit."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import interp
+from interp import hf
+from interp.models import Prompt
+
+BODY = interp.prompts.medical()
+
+
+def _pictures(n: int) -> list:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (40 + 7 * k, 50, 3), dtype=np.uint8)) for k in range(n)]
+
+
+def _own_masks(model: interp.Model, inputs: dict) -> dict:
+    """The masks the model's forward builds for ``inputs``, as its decoder receives them (transformers' code)."""
+    body = model.hf.model
+    seen = {}
+
+    def record(_m, _a, kwargs):
+        seen["masks"] = kwargs["attention_mask"]
+
+    handle = body.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model.hf(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return seen["masks"]
+
+
+def _ours(model: interp.Model, inputs: dict, padded: bool) -> dict:
+    text = model.hf.config.get_text_config()
+    return hf.causal_masks(inputs["attention_mask"], inputs.get("token_type_ids"), text.sliding_window,
+                           text.layer_types, padded)
+
+
+def _assert_same(ours: dict, theirs: dict) -> None:
+    assert set(ours) == set(theirs)
+    for k, t in theirs.items():
+        if t is None:
+            assert ours[k] is None, k
+        else:
+            assert ours[k] is not None and ours[k].shape == t.shape and ours[k].dtype == t.dtype, k
+            assert torch.equal(ours[k], t), f"{k}: {(ours[k] != t).sum().item()} elements differ"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_checks():
+    hf._MASKS_CHECKED.clear()
+    yield
+    hf._MASKS_CHECKED.clear()
+
+
+def test_image_batch_masks_equal_the_forwards_own(medgemma):
+    """Padding, an image at the start of a row, two images in one row, rows without images, rows longer than the
+    16-token window (tiny-medgemma's): every element of both masks as transformers builds them."""
+    a, b = _pictures(2)
+    cases = [
+        [Prompt(BODY[0], a), Prompt(" ".join(BODY[:4]), None), Prompt(BODY[3], b)],
+        [Prompt(" ".join(BODY[:3]), a, " ".join(BODY[3:6])), Prompt(BODY[1], a)],
+    ]
+    for prompts in cases:
+        batch = medgemma.encode(prompts)
+        assert "token_type_ids" in batch.inputs and int(batch.inputs["token_type_ids"].sum()) > 0
+        padded = bool((batch.lengths < batch.lengths.max()).any())
+        _assert_same(_ours(medgemma, batch.inputs, padded), _own_masks(medgemma, batch.inputs))
+    # two image blocks in one row: blocks are numbered per run of soft tokens, each bidirectional only inside itself
+    batch = medgemma.encode([Prompt(BODY[0], a)])
+    types = batch.inputs["token_type_ids"]
+    ids, attn = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    start = int(types[0].nonzero()[0])
+    n_img = int(types[0].sum())
+    doubled = {"input_ids": torch.cat([ids, ids[:, start:start + n_img], ids[:, -3:]], 1),
+               "attention_mask": torch.ones(1, ids.shape[1] + n_img + 3, dtype=attn.dtype),
+               "token_type_ids": torch.cat([types, types[:, start:start + n_img], torch.zeros_like(ids[:, -3:])], 1)}
+    text = medgemma.hf.config.get_text_config()
+    own = _own_masks(medgemma, {**doubled, "pixel_values": torch.cat([batch.inputs["pixel_values"]] * 2)})
+    _assert_same(hf.causal_masks(doubled["attention_mask"], doubled["token_type_ids"], text.sliding_window,
+                                 text.layer_types, False), own)
+    q, kv = ids.shape[1] + 1, start + 1  # a soft token of the second image, one of the first: causal only
+    assert own["full_attention"][0, 0, q, kv] and not own["full_attention"][0, 0, kv, q]
+
+
+def test_text_batch_masks_equal_the_forwards_own_none_included(medgemma):
+    """Without images the forward skips a mask where SDPA's causal path gives the same: no padding, and on sliding
+    layers a batch shorter than the window. The prepared masks make the same decision from the host's padding."""
+    long, short = " ".join(BODY[:4]), "Is it?"
+    for prompts in ([long, BODY[0]], [long, long], [short, short]):
+        batch = medgemma.encode(prompts)
+        padded = bool((batch.lengths < batch.lengths.max()).any())
+        own = _own_masks(medgemma, batch.inputs)
+        _assert_same(_ours(medgemma, batch.inputs, padded), own)
+    assert own == {"full_attention": None, "sliding_attention": None}  # the short unpadded batch
+
+
+def _capture(model, prompts, **kw):
+    return interp.capture(model, prompts, layers=[1, model.n_layers - 1], positions="all", progress=False, **kw)
+
+
+def test_capture_with_prepared_masks_equals_the_forwards_own_bit_for_bit(medgemma, monkeypatch):
+    a, b = _pictures(2)
+    prompts = [Prompt(" ".join(BODY[(3 * k + j) % len(BODY)] for j in range(1 + k % 4)), [None, a, b][k % 3])
+               for k in range(10)] + [" ".join(BODY[:5]), BODY[2], "Is it?", "Is it?"]
+    layers = [1, medgemma.n_layers - 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = _capture(medgemma, prompts, batch_size=4)  # checks each kind of batch (images, text) once
+        assert sorted(k[0] for k, ok in hf._MASKS_CHECKED.items() if ok) == [False, True]
+        used = []
+        real = hf.causal_masks
+        monkeypatch.setattr(hf, "causal_masks", lambda *a, **k: used.append(1) or real(*a, **k))
+        second = _capture(medgemma, prompts, batch_size=4)
+        assert used, "the checked masks were never used"
+    monkeypatch.setattr(hf, "_mask_plan", lambda body: None)  # transformers' own masks everywhere
+    plain = _capture(medgemma, prompts, batch_size=4)
+    for layer in layers:
+        assert torch.equal(first[layer], plain[layer]) and torch.equal(second[layer], plain[layer])
+
+
+def test_masks_that_differ_are_never_used(medgemma, monkeypatch):
+    """A formula that disagrees with the forward's own (as a transformers release could make it) is caught by the
+    first forward's check: one warning, and the forward's own masks from then on (the same values)."""
+    a = _pictures(1)[0]
+    prompts = [Prompt(BODY[0], a), Prompt(" ".join(BODY[:3]), a), BODY[1]]
+    plain = _capture(medgemma, prompts, batch_size=3)
+    hf._MASKS_CHECKED.clear()  # that capture checked the real formula: check the broken one
+    real = hf.causal_masks
+
+    def off_by_one(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if out.get("sliding_attention") is not None:
+            out["sliding_attention"] = out["sliding_attention"].clone()
+            out["sliding_attention"][0, 0, -1, 0] ^= True
+        return out
+
+    monkeypatch.setattr(hf, "causal_masks", off_by_one)
+    with pytest.warns(RuntimeWarning, match="attention masks built for image batches differ"):
+        got = _capture(medgemma, prompts, batch_size=3)
+    assert list(hf._MASKS_CHECKED.values()) == [False]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = _capture(medgemma, prompts, batch_size=3)  # no second warning, still the forward's own masks
+    for layer in (1, medgemma.n_layers - 1):
+        assert torch.equal(got[layer], plain[layer]) and torch.equal(again[layer], plain[layer])
+
+
+def test_masks_are_left_to_the_forward_where_they_cannot_be_prepared(medgemma, tiny_llava):
+    batch = medgemma.encode([Prompt(BODY[0], _pictures(1)[0]), BODY[1]])
+    body = medgemma.hf.model
+    for inputs, kw in [({**batch.inputs, "cache": object()}, {}), ({**batch.inputs, "use_cache": True}, {}),
+                       ({**batch.inputs, "position_ids": torch.arange(3)}, {}),
+                       ({k: v for k, v in batch.inputs.items() if k != "token_type_ids"}, {})]:  # padding unknown
+        with hf.prepared_masks(body, inputs, **kw) as run:
+            assert run is inputs
+    llava = tiny_llava.encode(["Is it?"]).inputs
+    with hf.prepared_masks(tiny_llava.hf.model, llava, padded=False) as run:
+        assert run is llava  # not a Gemma 3 body
+    eager = medgemma.hf.config.get_text_config()
+    saved = eager._attn_implementation
+    try:
+        eager._attn_implementation = "eager"  # float masks there: not these
+        with hf.prepared_masks(body, batch.inputs, padded=True) as run:
+            assert run is batch.inputs
+    finally:
+        eager._attn_implementation = saved
+
+
+@pytest.mark.slow
+def test_text_body_masks_checked_and_used_on_gemma3_270m(gemma270m, monkeypatch):
+    """Gemma 3 270M's text body builds its masks inside its forward: they are recorded at the first layer of each
+    type, and the capture is the same bit for bit."""
+    prompts = [" ".join(BODY[:6]), BODY[0], BODY[1], " ".join(BODY[2:4])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
+        assert list(hf._MASKS_CHECKED.values()) == [True]
+        second = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
+    monkeypatch.setattr(hf, "_mask_plan", lambda body: None)
+    plain = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
+    for layer in (3, 8):
+        assert torch.equal(first[layer], plain[layer]) and torch.equal(second[layer], plain[layer])
