@@ -14,8 +14,12 @@ What it relies on:
 - **Decoder layers** are called as ``layer(hidden_states, **kwargs)`` and return the hidden-states tensor,
   and a body's forward takes ``inputs_embeds`` as the input of layer 0 (Gemma's embedding scale lives in
   its embedding module). So a layer can be skipped by making it the identity (`run_from_layer`): the
-  model's own forward then builds the masks (causal, sliding window, Gemma 3's bidirectional image block
-  from ``token_type_ids``) and rotary embeddings, and no mask or RoPE code is re-implemented here.
+  model's own forward then builds the rotary embeddings, and its masks (causal, sliding window, Gemma 3's
+  bidirectional image block from ``token_type_ids``) unless they are passed prepared.
+- **Prepared masks** (`prepared_masks`, Gemma 3 bodies under SDPA): the forward takes ``attention_mask`` as a
+  dict of 4D boolean masks per layer type (as ``generate`` passes it). The masks built here are used only
+  after the first forward of each body and kind of batch has recorded the model's own and they were equal,
+  element for element; a release that changes its masks gets its own masks used, with one warning.
 - **Vision-language bodies** (``Gemma3Model``, ``LlavaModel``): ``get_image_features(pixel_values)``, a
   ``vision_tower`` whose ``*VisionEmbeddings`` module makes the patch embeddings (`contiguous_vision`), and
   from 5.2x the ``mm_encoder_outputs`` argument that takes image features computed once per image.
