@@ -191,3 +191,32 @@ def test_text_body_masks_checked_and_used_on_gemma3_270m(gemma270m, monkeypatch)
     plain = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
     for layer in (3, 8):
         assert torch.equal(first[layer], plain[layer]) and torch.equal(second[layer], plain[layer])
+
+
+@pytest.mark.parametrize("with_images", [False, True])
+def test_a_checked_capture_reads_nothing_back_in_transformers_code(medgemma, with_images, monkeypatch):
+    """Once checked, the forward's masks cost no device-to-host read: the text batches' "is a mask needed?" test
+    read the padding mask back (twice per mask, each draining the GPU's kernel queue), and no longer runs."""
+    import traceback
+
+    a, b = _pictures(2)
+    prompts = [Prompt(" ".join(BODY[(3 * k + j) % len(BODY)] for j in range(1 + k % 4)),
+                      [None, a, b][k % 3] if with_images else None) for k in range(9)]
+    _capture(medgemma, prompts, batch_size=3)  # the check
+    reads = []
+    real_item, real_bool = torch.Tensor.item, torch.Tensor.__bool__
+
+    def noted(real):
+        def call(self):
+            stack = traceback.extract_stack()
+            if any("modeling_" in f.filename or "masking_utils" in f.filename for f in stack):
+                reads.append(stack[-2])
+            return real(self)
+
+        return call
+
+    monkeypatch.setattr(torch.Tensor, "item", noted(real_item))
+    monkeypatch.setattr(torch.Tensor, "__bool__", noted(real_bool))
+    _capture(medgemma, prompts, batch_size=3)
+    monkeypatch.undo()
+    assert reads == []
