@@ -345,7 +345,7 @@ __all__ = ["VERIFIED", "ProcessorSplit", "Unsupported", "architecture", "base_mo
 # transformers' own masks, recorded on their way into the decoder, and the masks built here for the same batch
 # must equal them element for element (None where theirs is None); otherwise transformers' own are kept, with one
 # warning. So a transformers release that changes its masks changes nothing here but the speed.
-_MASKS_CHECKED: dict[tuple, bool] = {}  # (id(body), images?, attention implementation, window, layer types) -> ok
+_MASKS_CHECKED: dict[tuple, bool] = {}  # (images?, masks left out, id(body), attention impl., window, layer types)
 
 
 def _mask_plan(body: nn.Module) -> tuple[tuple, Any, nn.Module] | None:
@@ -368,7 +368,19 @@ def _mask_plan(body: nn.Module) -> tuple[tuple, Any, nn.Module] | None:
     types = tuple(getattr(text, "layer_types", None) or ())
     if not types or set(types) - {"full_attention", "sliding_attention"}:
         return None
+    if "sliding_attention" in types and not isinstance(getattr(text, "sliding_window", None), int):
+        return None
     return (id(body), impl, getattr(text, "sliding_window", None), types), text, decoder
+
+
+def _maskless(images: bool, padded: bool, n: int, sliding_window: int | None,
+              layer_types: Sequence[str]) -> tuple[str, ...]:
+    """The layer types whose mask the forward leaves out (None: SDPA's own causal path) for a batch of ``n``
+    positions: without images or padding, full attention always, sliding attention while ``n`` is within the
+    window."""
+    if images or padded:
+        return ()
+    return tuple(k for k in dict.fromkeys(layer_types) if k != "sliding_attention" or n < sliding_window)
 
 
 def causal_masks(attention_mask: Tensor, token_type_ids: Tensor | None, sliding_window: int | None,
@@ -388,11 +400,12 @@ def causal_masks(attention_mask: Tensor, token_type_ids: Tensor | None, sliding_
         block = torch.where(is_image, torch.cumsum(starts.int(), dim=1) - 1, -1)
         allowed = allowed | ((block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0))
     out: dict[str, Tensor | None] = {}
+    skipped = _maskless(token_type_ids is not None, padded, n, sliding_window, layer_types)
     for kind in dict.fromkeys(layer_types):
-        windowed = kind == "sliding_attention"
-        if token_type_ids is None and not padded and not (windowed and n >= sliding_window):
+        if kind in skipped:
             out[kind] = None
             continue
+        windowed = kind == "sliding_attention"
         mask = allowed & (idx[None, :] > idx[:, None] - sliding_window) if windowed else allowed
         out[kind] = (mask & pad[:, None, :]).expand(pad.shape[0], n, n).unsqueeze(1).contiguous()
     return out
@@ -429,10 +442,13 @@ def prepared_masks(body: nn.Module | None, inputs: dict[str, Any], *,
         yield inputs
         return
     key, text, decoder = plan
-    key = (types is not None, *key)
+    # checked per kind of batch and per set of masks left out: a batch whose masks are all left out checks only
+    # that decision, so a padded one is checked on its own
+    window = getattr(text, "sliding_window", None)
+    key = (types is not None, _maskless(types is not None, bool(padded), mask.shape[1], window, key[-1]), *key)
 
     def ours() -> dict[str, Tensor | None]:
-        return causal_masks(mask, types, getattr(text, "sliding_window", None), key[-1], bool(padded))
+        return causal_masks(mask, types, window, key[-1], bool(padded))
 
     state = _MASKS_CHECKED.get(key)
     if state:

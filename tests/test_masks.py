@@ -117,7 +117,7 @@ def test_capture_with_prepared_masks_equals_the_forwards_own_bit_for_bit(medgemm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         first = _capture(medgemma, prompts, batch_size=4)  # checks each kind of batch (images, text) once
-        assert sorted(k[0] for k, ok in hf._MASKS_CHECKED.items() if ok) == [False, True]
+        assert {k[0] for k, ok in hf._MASKS_CHECKED.items() if ok} == {False, True}
         used = []
         real = hf.causal_masks
         monkeypatch.setattr(hf, "causal_masks", lambda *a, **k: used.append(1) or real(*a, **k))
@@ -148,7 +148,7 @@ def test_masks_that_differ_are_never_used(medgemma, monkeypatch):
     monkeypatch.setattr(hf, "causal_masks", off_by_one)
     with pytest.warns(RuntimeWarning, match="attention masks built for image batches differ"):
         got = _capture(medgemma, prompts, batch_size=3)
-    assert list(hf._MASKS_CHECKED.values()) == [False]
+    assert False in hf._MASKS_CHECKED.values()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = _capture(medgemma, prompts, batch_size=3)  # no second warning, still the forward's own masks
@@ -185,7 +185,7 @@ def test_text_body_masks_checked_and_used_on_gemma3_270m(gemma270m, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         first = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
-        assert list(hf._MASKS_CHECKED.values()) == [True]
+        assert hf._MASKS_CHECKED and all(hf._MASKS_CHECKED.values())
         second = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
     monkeypatch.setattr(hf, "_mask_plan", lambda body: None)
     plain = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
@@ -220,3 +220,24 @@ def test_a_checked_capture_reads_nothing_back_in_transformers_code(medgemma, wit
     _capture(medgemma, prompts, batch_size=3)
     monkeypatch.undo()
     assert reads == []
+
+
+def test_a_batch_whose_masks_are_all_left_out_does_not_check_the_padded_ones(medgemma, monkeypatch):
+    """An unpadded batch shorter than the window needs no mask at all, so its check says nothing about the masks
+    of a padded batch: those are checked on the first padded batch, and a wrong formula is caught there."""
+    capture_short = _capture(medgemma, ["Is it?", "Is it?"], batch_size=2)
+    assert list(hf._MASKS_CHECKED.values()) == [True] and next(iter(hf._MASKS_CHECKED))[1] == (
+        "sliding_attention", "full_attention")
+    real = hf.causal_masks
+
+    def wrong(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return {k: None if v is None else ~v for k, v in out.items()}
+
+    monkeypatch.setattr(hf, "causal_masks", wrong)
+    prompts = [" ".join(BODY[:3]), BODY[0]]
+    with pytest.warns(RuntimeWarning, match="attention masks built for text batches differ"):
+        got = _capture(medgemma, prompts, batch_size=2)
+    monkeypatch.setattr(hf, "_mask_plan", lambda body: None)
+    plain = _capture(medgemma, prompts, batch_size=2)
+    assert torch.equal(got[1], plain[1]) and len(capture_short) > 0
