@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -182,17 +184,19 @@ def _checkpointed(layer: nn.Module):
 
 
 def run_from_layer(body: nn.Module, layers: nn.ModuleList, lo: int, resid: Tensor, attention_mask: Tensor,
-                   *, token_type_ids: Tensor | None = None, checkpoint: bool = False) -> Tensor:
+                   *, token_type_ids: Tensor | None = None, checkpoint: bool = False,
+                   padded: bool | None = None) -> Tensor:
     """The body's own forward from layer ``lo`` on: ``resid [batch, pos, d]`` is the residual stream
     entering layer ``lo``; layers below it are skipped (identity). Returns the final-norm hidden states
-    ``[batch, pos, d]``. The model builds its masks and rotary embeddings as in any forward."""
+    ``[batch, pos, d]``. The model builds its rotary embeddings and (unless they can be prepared: ``padded``,
+    `prepared_masks`) its masks as in any forward."""
     replace: dict[int, Any] = {i: _identity for i in range(lo)}
     if checkpoint:
         replace |= {i: _checkpointed(layers[i]) for i in range(lo, len(layers))}
     kw: dict[str, Any] = dict(inputs_embeds=resid, attention_mask=attention_mask, use_cache=False)
     if token_type_ids is not None:
         kw["token_type_ids"] = token_type_ids
-    with _forwards(layers, replace), prepared_masks(body, kw) as run:
+    with _forwards(layers, replace), prepared_masks(body, kw, padded=padded) as run:
         out = body(**run)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
@@ -345,12 +349,13 @@ __all__ = ["VERIFIED", "ProcessorSplit", "Unsupported", "architecture", "base_mo
 # transformers' own masks, recorded on their way into the decoder, and the masks built here for the same batch
 # must equal them element for element (None where theirs is None); otherwise transformers' own are kept, with one
 # warning. So a transformers release that changes its masks changes nothing here but the speed.
-_MASKS_CHECKED: dict[tuple, bool] = {}  # (images?, masks left out, id(body), attention impl., window, layer types)
+# body -> {(images?, padded?, window reached?, attention implementation, window, layer types): ours equal theirs}
+_MASKS_CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
 
 
 def _mask_plan(body: nn.Module) -> tuple[tuple, Any, nn.Module] | None:
-    """(check key less the batch kind, the text config, the module whose forward input to record) for a Gemma 3
-    body under SDPA, causal; else None."""
+    """(check key less the batch's class, the text config, the module whose forward input to record) for a
+    Gemma 3 body under SDPA, causal; else None."""
     name = type(body).__name__
     if name == "Gemma3Model":
         decoder = getattr(body, "language_model", None)
@@ -370,7 +375,7 @@ def _mask_plan(body: nn.Module) -> tuple[tuple, Any, nn.Module] | None:
         return None
     if "sliding_attention" in types and not isinstance(getattr(text, "sliding_window", None), int):
         return None
-    return (id(body), impl, getattr(text, "sliding_window", None), types), text, decoder
+    return (impl, getattr(text, "sliding_window", None), types), text, decoder
 
 
 def _maskless(images: bool, padded: bool, n: int, sliding_window: int | None,
@@ -429,28 +434,30 @@ def prepared_masks(body: nn.Module | None, inputs: dict[str, Any], *,
                    padded: bool | None = None) -> Iterator[dict[str, Any]]:
     """``inputs`` (keyword arguments of ``body``'s forward, or of the model's around it) for a forward with no cache
     and no position ids, with ``attention_mask`` replaced by the prepared masks (`causal_masks`) where that is
-    checked to give the model's own; else ``inputs`` as they are. A Gemma 3 body under SDPA; batches with images
-    (``token_type_ids``) always, text batches only where ``padded`` (does any row have padding?) is known on the
-    host. The first forward of each body and kind of batch is the check: it runs with the model's own masks,
+    checked to give the model's own; else ``inputs`` as they are. A Gemma 3 body under SDPA, where ``padded``
+    (does any row have padding?) is known on the host. The first forward of each body and class of batch (images
+    or not, padded or not, reaching the sliding window or not) is the check: it runs with the model's own masks,
     recorded on the way into the decoder, and compared with the masks built here once the forward has run."""
     plan = _mask_plan(body) if body is not None else None
     mask, types = inputs.get("attention_mask"), inputs.get("token_type_ids")
     cached = any(inputs.get(k) is not None for k in ("cache", "past_key_values")) or inputs.get("use_cache")
-    if (plan is None or cached or "position_ids" in inputs or not isinstance(mask, Tensor) or mask.ndim != 2
-            or (types is None and padded is None)
-            or (types is not None and (not isinstance(types, Tensor) or types.shape != mask.shape))):
+    if (plan is None or cached or padded is None or "position_ids" in inputs or not isinstance(mask, Tensor)
+            or mask.ndim != 2 or (types is not None and (not isinstance(types, Tensor) or types.shape != mask.shape))):
         yield inputs
         return
     key, text, decoder = plan
-    # checked per kind of batch and per set of masks left out: a batch whose masks are all left out checks only
-    # that decision, so a padded one is checked on its own
+    # Checked per class of batch: with images or not, padded or not, reaching the window or not. Each class uses
+    # its own branches of the formula (a batch that needs no mask at all checks only that decision), so each is
+    # checked on its first batch. Interp's prompts hold at most one image: one image block a row.
     window = getattr(text, "sliding_window", None)
-    key = (types is not None, _maskless(types is not None, bool(padded), mask.shape[1], window, key[-1]), *key)
+    reached = "sliding_attention" in key[-1] and mask.shape[1] >= window
+    checks = _MASKS_CHECKED.setdefault(body, {})
+    key = (types is not None, bool(padded), reached, *key)
 
     def ours() -> dict[str, Tensor | None]:
         return causal_masks(mask, types, window, key[-1], bool(padded))
 
-    state = _MASKS_CHECKED.get(key)
+    state = checks.get(key)
     if state:
         yield {**inputs, "attention_mask": ours()}
         return
@@ -458,9 +465,12 @@ def prepared_masks(body: nn.Module | None, inputs: dict[str, Any], *,
         yield inputs
         return
     seen: dict[str, Any] = {}
+    owner = threading.get_ident()
 
     def record(kind: str | None):
         def hook(_module, _args, kwargs):
+            if threading.get_ident() != owner:  # another thread's forward of the same model
+                return
             if kind is None:
                 seen.setdefault("masks", kwargs.get("attention_mask"))
             else:
@@ -481,7 +491,7 @@ def prepared_masks(body: nn.Module | None, inputs: dict[str, Any], *,
         masks = seen.get("masks")
         if masks is not None and (decoder is not body or set(masks) == set(key[-1])):  # all seen, to decide
             same = _same_masks(ours(), masks)
-            _MASKS_CHECKED[key] = same
+            checks[key] = same
             if not same:
                 import warnings
 

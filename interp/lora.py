@@ -439,6 +439,19 @@ def _arch_kind(base: nn.Module, body: nn.Module) -> str:
     return "unverified"
 
 
+def _padded(lengths: Tensor | None, width: int | dict[str, Any]) -> bool | None:
+    """Does any right-padded row end before ``width`` (or the width of ``inputs['attention_mask']``)? From
+    lengths on the host; None where they are not there (the forward then builds its own masks)."""
+    if isinstance(width, dict):
+        mask = width.get("attention_mask")
+        if not isinstance(mask, Tensor):
+            return None
+        width = mask.shape[-1]
+    if lengths is None or lengths.device.type != "cpu" or lengths.numel() == 0:
+        return None
+    return bool((lengths < width).any())
+
+
 class _Runner:
     """First-answer-token hidden states of prompts, running only the layers an adapter can change.
 
@@ -516,8 +529,9 @@ class _Runner:
         per_row = feats[inverse] if isinstance(feats, Tensor) else [feats[j] for j in inverse]
         return hf.with_image_features(self.body, inputs, per_row)
 
-    def lower(self, inputs: dict[str, Tensor]) -> Tensor:
-        """Residual stream entering layer ``lo``: ``[batch, pos, d_model]`` (no gradient)."""
+    def lower(self, inputs: dict[str, Tensor], lengths: Tensor | None = None) -> Tensor:
+        """Residual stream entering layer ``lo``: ``[batch, pos, d_model]`` (no gradient). ``lengths``: the rows'
+        lengths on the host, if known (the masks can then be prepared, `hf.prepared_masks`)."""
         captured: dict[str, Tensor] = {}
 
         def grab(_module, args, kwargs):
@@ -527,7 +541,7 @@ class _Runner:
         handle = self.layers[self.lo].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             with torch.no_grad():
-                with hf.prepared_masks(self.body, self._lower_inputs(inputs)) as run:
+                with hf.prepared_masks(self.body, self._lower_inputs(inputs), padded=_padded(lengths, inputs)) as run:
                     self.body(**run, use_cache=False)
         except StopForward:
             pass
@@ -543,7 +557,7 @@ class _Runner:
         dev = resid.device
         attn = (torch.arange(width, device=dev)[None, :] < lengths.to(dev)[:, None]).long()
         hidden = hf.run_from_layer(self.body, self.layers, self.lo, resid, attn, token_type_ids=token_type,
-                                   checkpoint=self.checkpoint and torch.is_grad_enabled())
+                                   checkpoint=self.checkpoint and torch.is_grad_enabled(), padded=_padded(lengths, width))
         return hidden[torch.arange(batch, device=dev), lengths.to(dev) - 1]
 
     # -- what training and evaluation call --
@@ -576,7 +590,7 @@ class _Runner:
         return self.upper(padded, lengths, token_type)
 
     def _lower_rows(self, batch) -> list[tuple[Tensor, Tensor | None]]:
-        resid = self.lower(batch.inputs)
+        resid = self.lower(batch.inputs, batch.lengths)
         tts = batch.inputs.get("token_type_ids")
         return [(resid[j, :n], None if tts is None else tts[j, :n]) for j, n in enumerate(batch.lengths.tolist())]
 
@@ -609,7 +623,8 @@ class _Runner:
         with torch.no_grad():
             batch = self.model.encode(list(prompts))
             ref = last_hidden(self.model, batch).float()
-            fast = self.upper(self.lower(batch.inputs), batch.lengths, batch.inputs.get("token_type_ids")).float()
+            fast = self.upper(self.lower(batch.inputs, batch.lengths), batch.lengths,
+                              batch.inputs.get("token_type_ids")).float()
         return float((fast - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 

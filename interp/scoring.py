@@ -423,7 +423,8 @@ class _FastScorer:
             kw |= hf.cache_kwargs(self.body, cache)
         if token_types is not None:
             kw["token_type_ids"] = token_types.to(self.device)
-        with hf.prepared_masks(self.body, kw) as run:
+        padded = bool((attn == 0).any()) if attn.device.type == "cpu" else None  # known on the host: no read-back
+        with hf.prepared_masks(self.body, kw, padded=padded) as run:
             out = self.body(**run)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 

@@ -56,6 +56,11 @@ def _assert_same(ours: dict, theirs: dict) -> None:
             assert torch.equal(ours[k], t), f"{k}: {(ours[k] != t).sum().item()} elements differ"
 
 
+def _checks(model: interp.Model) -> dict:
+    """The prepared-mask checks made for ``model``'s body: {(images?, padded?, window reached?, ...): passed}."""
+    return dict(hf._MASKS_CHECKED.get(model.hf.model, {}))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_checks():
     hf._MASKS_CHECKED.clear()
@@ -117,7 +122,7 @@ def test_capture_with_prepared_masks_equals_the_forwards_own_bit_for_bit(medgemm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         first = _capture(medgemma, prompts, batch_size=4)  # checks each kind of batch (images, text) once
-        assert {k[0] for k, ok in hf._MASKS_CHECKED.items() if ok} == {False, True}
+        assert {k[0] for k, ok in _checks(medgemma).items() if ok} == {False, True}
         used = []
         real = hf.causal_masks
         monkeypatch.setattr(hf, "causal_masks", lambda *a, **k: used.append(1) or real(*a, **k))
@@ -148,7 +153,7 @@ def test_masks_that_differ_are_never_used(medgemma, monkeypatch):
     monkeypatch.setattr(hf, "causal_masks", off_by_one)
     with pytest.warns(RuntimeWarning, match="attention masks built for image batches differ"):
         got = _capture(medgemma, prompts, batch_size=3)
-    assert False in hf._MASKS_CHECKED.values()
+    assert False in _checks(medgemma).values()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = _capture(medgemma, prompts, batch_size=3)  # no second warning, still the forward's own masks
@@ -185,7 +190,7 @@ def test_text_body_masks_checked_and_used_on_gemma3_270m(gemma270m, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         first = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
-        assert hf._MASKS_CHECKED and all(hf._MASKS_CHECKED.values())
+        assert _checks(gemma270m) and all(_checks(gemma270m).values())
         second = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
     monkeypatch.setattr(hf, "_mask_plan", lambda body: None)
     plain = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
@@ -226,8 +231,7 @@ def test_a_batch_whose_masks_are_all_left_out_does_not_check_the_padded_ones(med
     """An unpadded batch shorter than the window needs no mask at all, so its check says nothing about the masks
     of a padded batch: those are checked on the first padded batch, and a wrong formula is caught there."""
     capture_short = _capture(medgemma, ["Is it?", "Is it?"], batch_size=2)
-    assert list(hf._MASKS_CHECKED.values()) == [True] and next(iter(hf._MASKS_CHECKED))[1] == (
-        "sliding_attention", "full_attention")
+    assert [k[:3] for k in _checks(medgemma)] == [(False, False, False)] and all(_checks(medgemma).values())
     real = hf.causal_masks
 
     def wrong(*args, **kwargs):
@@ -241,3 +245,62 @@ def test_a_batch_whose_masks_are_all_left_out_does_not_check_the_padded_ones(med
     monkeypatch.setattr(hf, "_mask_plan", lambda body: None)
     plain = _capture(medgemma, prompts, batch_size=2)
     assert torch.equal(got[1], plain[1]) and len(capture_short) > 0
+
+
+def test_each_class_of_batch_is_checked_before_its_masks_are_used(medgemma, monkeypatch):
+    """Image batches padded or not, within the sliding window or reaching it, use different branches of the
+    formula: each class is checked on its first batch. A formula wrong only where the window cuts (as a release
+    that moved the window's edge would make it) is caught on the first batch that reaches the window, though a
+    shorter batch of the same kind passed its check."""
+    import copy
+    import dataclasses
+
+    model = dataclasses.replace(medgemma, hf=copy.deepcopy(medgemma.hf))
+    model.hf.config.get_text_config().sliding_window = 30  # the forward's own masks read it too
+    a = _pictures(1)[0]
+    short, long = [Prompt("Is it?", a)], [Prompt(" ".join(BODY[:4]), a)]  # 25 and 80+ tokens, one row each
+    assert model.encode(short).lengths.item() < 30 < model.encode(long).lengths.item()
+    _capture(model, short, batch_size=1)
+    assert list(_checks(model).items()) == [(next(iter(_checks(model))), True)]
+    assert next(iter(_checks(model)))[:3] == (True, False, False)
+    real = hf.causal_masks
+
+    def window_moved(attention_mask, token_type_ids, sliding_window, layer_types, padded):
+        return real(attention_mask, token_type_ids, sliding_window + 1, layer_types, padded)
+
+    monkeypatch.setattr(hf, "causal_masks", window_moved)
+    with pytest.warns(RuntimeWarning, match="differ"):
+        got = _capture(model, long, batch_size=1)
+    assert sorted((k[:3], ok) for k, ok in _checks(model).items()) == [((True, False, False), True),
+                                                                       ((True, False, True), False)]
+    monkeypatch.setattr(hf, "_mask_plan", lambda body: None)
+    plain = _capture(model, long, batch_size=1)
+    assert torch.equal(got[1], plain[1]) and torch.equal(got[model.n_layers - 1], plain[model.n_layers - 1])
+
+
+def test_another_threads_forward_is_not_taken_for_the_checked_one(medgemma):
+    """The check records the masks on their way into the decoder: a forward of the same model on another thread
+    while a check is open must not be recorded in its place."""
+    import threading
+
+    a = _pictures(1)[0]
+    image_batch = medgemma.encode([Prompt(BODY[0], a), Prompt(" ".join(BODY[:2]), None)])
+    text_batch = medgemma.encode([" ".join(BODY[:3]), BODY[1]])
+    body = medgemma.hf.model
+    with torch.inference_mode(), hf.prepared_masks(body, image_batch.inputs, padded=True) as run:
+        worker = threading.Thread(target=lambda: medgemma.hf(**text_batch.inputs, use_cache=False))
+        worker.start()
+        worker.join()
+        medgemma.hf(**run, use_cache=False)
+    assert list(_checks(medgemma).values()) == [True]
+
+
+def test_checks_go_with_their_model():
+    import gc
+
+    model = interp.load("tiny-medgemma")
+    _capture(model, ["Is it?", " ".join(BODY[:2])], batch_size=2)
+    assert len(hf._MASKS_CHECKED) == 1
+    del model
+    gc.collect()
+    assert len(hf._MASKS_CHECKED) == 0
