@@ -18,7 +18,7 @@ What it relies on:
   bidirectional image block from ``token_type_ids``) unless they are passed prepared.
 - **Prepared masks** (`prepared_masks`, Gemma 3 bodies under SDPA): the forward takes ``attention_mask`` as a
   dict of 4D boolean masks per layer type (as ``generate`` passes it). The masks built here are used only
-  after the first forward of each body and kind of batch has recorded the model's own and they were equal,
+  after the first forward of each body and class of batch has recorded the model's own and they were equal,
   element for element; a release that changes its masks gets its own masks used, with one warning.
 - **Vision-language bodies** (``Gemma3Model``, ``LlavaModel``): ``get_image_features(pixel_values)``, a
   ``vision_tower`` whose ``*VisionEmbeddings`` module makes the patch embeddings (`contiguous_vision`), and
@@ -345,10 +345,12 @@ __all__ = ["VERIFIED", "ProcessorSplit", "Unsupported", "architecture", "base_mo
 # mask, each draining the kernel queue. The forward takes the masks prepared (a dict, as `generate` passes them):
 # `prepared_masks` builds the same boolean masks with a dozen tensor ops on the device, and decides "no mask"
 # (SDPA's own causal path) from the padding the host already knows. They are used only once checked: the first
-# forward of each body and kind of batch (images or not; per attention implementation and window) runs
-# transformers' own masks, recorded on their way into the decoder, and the masks built here for the same batch
-# must equal them element for element (None where theirs is None); otherwise transformers' own are kept, with one
-# warning. So a transformers release that changes its masks changes nothing here but the speed.
+# forward of each body and class of batch (images or not, padded or not, reaching the sliding window or not: the
+# branches of the formula it uses) runs transformers' own masks, recorded on their way into the decoder, and the
+# masks built here for the same batch must equal them element for element (None where theirs is None); otherwise
+# transformers' own are kept for that class, with one warning. A release that changes its masks in a way the first
+# batch of each class shows costs speed, not values. (Interp's prompts hold at most one image each; the formula
+# numbers several image blocks in a row as transformers 5.24 does, checked in tests/test_masks.py.)
 # body -> {(images?, padded?, window reached?, attention implementation, window, layer types): ours equal theirs}
 _MASKS_CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
 
