@@ -312,6 +312,7 @@ class ConsistencyComparison(Result):
     yes_rate_delta: float = _NAN
     n_clusters: int = 0
     ci: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # paired cluster-bootstrap 95% CIs
+    ci_method: dict[str, str] = field(default_factory=dict)  # quantity -> how its CI was taken, if not so
     ci_levels: dict[str, Any] = field(default_factory=dict)  # quantity -> (baseline CI, other CI) from reports
     n_boot: int = 1000
     n_gold: int = 0  # pairs with a gold answer (2 phrasings each in the accuracy tests)
@@ -406,6 +407,16 @@ class ConsistencyComparison(Result):
             statistics["accuracy_delta"] = lambda s: (s[:, 11] - s[:, 10]) / s[:, 9]
         ci = stats.cluster_bootstrap(cols, cl, statistics, n_boot=n_boot, seed=seed)
         ci.setdefault("accuracy_delta", None)
+        # a share that no unit changed: the bootstrap's [0, 0] is replaced by a bound (stats.no_change_interval)
+        ci_method: dict[str, str] = {}
+        yes = [np.concatenate([_truthy(t["yes_a"]), _truthy(t["yes_b"])]).astype(bool) for t in (a, b)]
+        shares = {"flip_rate_delta": (fa != fb, cl, "pairs"),
+                  "yes_rate_delta": (yes[0] != yes[1], np.concatenate([cl, cl]), "phrasings")}
+        if acc is not None:
+            shares["accuracy_delta"] = (ca != cb, cl_phr, "phrasings with a gold answer")
+        for key, (changed, units_cl, unit) in shares.items():
+            if ci.get(key) is not None and not changed.any():
+                ci[key], ci_method[key] = stats.no_change_interval(changed.astype(float), list(units_cl), unit=unit)
 
         def ratio(x: float, y: float) -> float:
             return x / y - 1 if y > 0 else _NAN
@@ -429,7 +440,7 @@ class ConsistencyComparison(Result):
                    mean_abs_margin=(sa["mean_abs_margin"], sb["mean_abs_margin"]),
                    mean_abs_margin_relative=ratio(sb["mean_abs_margin"], sa["mean_abs_margin"]),
                    yes_rate=(sa["yes_rate"], sb["yes_rate"]), yes_rate_delta=sb["yes_rate"] - sa["yes_rate"],
-                   n_clusters=g, ci=ci, ci_levels=levels, n_boot=n_boot, n_gold=sa["n_gold"],
+                   n_clusters=g, ci=ci, ci_method=ci_method, ci_levels=levels, n_boot=n_boot, n_gold=sa["n_gold"],
                    n_clusters_gold=len(set(cl[gold])))
 
     def tests(self) -> pd.DataFrame:
@@ -485,8 +496,9 @@ class ConsistencyComparison(Result):
             ci = self.ci.get(key)
             out.append({"quantity": name, "baseline": before, "other": after, "change": kind, "value": change,
                         "ci_low": None if ci is None else ci[0], "ci_high": None if ci is None else ci[1],
-                        "interval": f"paired cluster bootstrap percentile 95% ({self.n_boot} resamples of "
-                                    f"{self.n_clusters} clusters)" if ci is not None else "none",
+                        "interval": self.ci_method.get(key) or (
+                            f"paired cluster bootstrap percentile 95% ({self.n_boot} resamples of "
+                            f"{self.n_clusters} clusters)" if ci is not None else "none"),
                         "n": units.get(name, n), "unit": unit})
         return pd.DataFrame(out)
 

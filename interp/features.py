@@ -1125,6 +1125,10 @@ def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, f
             {"flip": lambda s: (s[:, 2] - s[:, 1]) / s[:, 0], "change": lambda s: (s[:, 4] - s[:, 3]) / s[:, 0],
              "relative": lambda s: s[:, 4] / s[:, 3] - 1}, n_boot=n_boot, seed=seed)
         flip_change_ci, change_ci, rel_ci = (boot[k] or nan2 for k in ("flip", "change", "relative"))
+        if not (flip_a != flip_b).any():  # the bootstrap's [0, 0]: a bound on the share of pairs that change
+            bound, how = cluster_stats.no_change_interval((flip_a != flip_b).astype(float), cl, unit="pairs")
+            flip_change_ci = bound or nan2
+            tests["flip_rate_change_ci"] = f"{how} (interp.stats.no_change_interval), {size}"
     else:
         p_flip = float(mcnemar(table, exact=True).pvalue)
         p_diff, how = _signed_rank(d_after - d_before)

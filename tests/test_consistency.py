@@ -229,6 +229,44 @@ def test_compare_uses_the_studys_z_test_and_paired_tests():
                for r in d["changes"])
 
 
+@pytest.mark.parametrize("clustered", [False, True])
+def test_a_share_no_pair_changed_gets_a_bound_not_the_bootstraps_zero_interval(clustered):
+    """Margins halved: no flip, yes or correctness changes, so every bootstrap resample gives 0 and the percentile
+    interval is [0, 0]. The change of a share cannot exceed the share of units that change: its interval is
+    +- the upper limit on that share (0 of n), Clopper-Pearson, or Korn-Graubard over the clusters."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    from interp import stats
+
+    rng = np.random.default_rng(0)
+    pairs = [ParaphrasePair(f"p{i}", f"Q{i}?", f"R{i}?", answer=("yes", "no", None)[i % 3],
+                            same_polarity=i % 5 != 0, kind=("a", "b")[i % 2]) for i in range(60)]
+    m_a, m_b = rng.normal(0, 2, 60), rng.normal(0, 2, 60)
+    clusters = [f"q{i // 4}" for i in range(60)] if clustered else [p.id for p in pairs]
+    base = ConsistencyReport.from_margins(pairs, m_a, m_b, model="base", n_boot=200, seed=1, clusters=clusters)
+    shrunk = ConsistencyReport.from_margins(pairs, m_a / 2, m_b / 2, model="shrunk", n_boot=200, seed=1,
+                                            clusters=clusters)
+    c = base.compare(shrunk)
+    assert c.flip_rate_delta == 0 and c.yes_rate_delta == 0 and c.accuracy_delta == 0
+    if clustered:
+        u_pairs = stats.proportion_ci(np.zeros(60), clusters)[1]
+        assert u_pairs > proportion_confint(0, 60, method="beta")[1]  # 15 clusters count for less than 60 pairs
+    else:
+        u_pairs = proportion_confint(0, 60, method="beta")[1]
+    assert c.ci["flip_rate_delta"] == (pytest.approx(-u_pairs), pytest.approx(u_pairs))
+    m = 2 * 60
+    u_yes = stats.proportion_ci(np.zeros(m), clusters + clusters)[1]
+    if not clustered:  # each pair its own cluster: a pair's two phrasings are one cluster of 2
+        assert u_yes > proportion_confint(0, m, method="beta")[1]
+    assert c.ci["yes_rate_delta"] == (pytest.approx(-u_yes), pytest.approx(u_yes))
+    rows = c.changes().set_index("quantity")
+    assert rows.loc["flip rate", "interval"].startswith("no pairs changed (0 of 60)")
+    assert rows.loc["accuracy", "interval"].startswith("no phrasings with a gold answer changed")
+    assert rows.loc["mean |margin|", "interval"].startswith("paired cluster bootstrap")
+    lo, hi = c.ci["margin_diff_delta"]
+    assert lo < c.margin_diff_delta < hi and lo < 0  # margins do change: the bootstrap as before
+
+
 def test_compare_requires_the_same_pairs():
     base = random_report(20, 0, "base", 0.1, 1.0)
     with pytest.raises(InterpError, match="cover different pairs: 5 id"):

@@ -530,6 +530,25 @@ def test_register_features_takes_question_groups_as_units(plant):
                                                                               for i in range(16))
 
 
+def test_clustered_ablation_that_changes_no_flip_bounds_the_flip_rate_change(plant):
+    """A feature whose ablation flips no pair either way: the cluster bootstrap would resample zeros and give
+    [0, 0]; the interval is +- the Korn-Graubard upper limit on the share of pairs that change (0 of 16 in 4
+    clusters), named as such."""
+    from interp import stats as cstats
+
+    model, pairs, sae, _ = plant
+    grouped = _grouped(pairs)
+    labels = [p.group for p in grouped]
+    other = next(f for f in range(sae.cfg.d_sae) if f != PLANTED)
+    result = ablate_feature(model, sae, grouped, feature=other, n_random=0, n_boot=200, progress=False)
+    t = result.pairs
+    assert (t["flip_before"] == t["flip_after"]).all(), "precondition: this feature's ablation flips no pair"
+    u = cstats.proportion_ci(np.zeros(16), labels)[1]
+    assert u > stats.beta.ppf(0.975, 1, 16)  # 4 clusters count for less than 16 independent pairs
+    assert result.flip_rate_change == 0 and result.flip_rate_change_ci == (pytest.approx(-u), pytest.approx(u))
+    assert result.tests["flip_rate_change_ci"].startswith("no pairs changed (0 of 16)")
+
+
 def test_ablation_takes_clusters_as_units_when_pairs_cluster(plant):
     """The same 16 pairs in 4 clusters: flip-rate intervals with the Korn-Graubard effective n, the flip and
     margin tests as exact sign-flip tests over the 4 clusters (enumerated by hand here), change intervals from
