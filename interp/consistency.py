@@ -536,7 +536,15 @@ class ConsistencyComparison(Result):
                 f"{_num(self.relative_margin_diff[0])} -> {_num(self.relative_margin_diff[1])}, mean |margin| "
                 f"{_num(self.mean_abs_margin[0])} -> {_num(self.mean_abs_margin[1])} "
                 f"({delta('mean_abs_margin_relative', self.mean_abs_margin_relative, False)}), yes rate "
-                f"{_pct(self.yes_rate[0])} -> {_pct(self.yes_rate[1])}; 95% paired cluster-bootstrap intervals)")
+                f"{_pct(self.yes_rate[0])} -> {_pct(self.yes_rate[1])}; 95% paired cluster-bootstrap intervals"
+                f"{self._bounds_note()})")
+
+    def _bounds_note(self) -> str:
+        """Which changes carry a bound in place of the bootstrap's interval (no unit changed)."""
+        names = {"flip_rate_delta": "flip rate", "accuracy_delta": "accuracy", "yes_rate_delta": "yes rate"}
+        shown = [names.get(k, k) for k in self.ci_method]
+        return (f"; {', '.join(shown)}: no unit changed, +- the upper 95% limit on the share that changes"
+                if shown else "")
 
     def figure(self):
         """Plotly bars with each model's 95% interval, baseline vs other: flip rate, accuracy and yes rate;
@@ -589,7 +597,9 @@ class ConsistencyComparison(Result):
                           title=dict(text=f"{self.baseline} vs {self.other}: {self.n} pairs in {self.n_clusters} "
                                           "clusters<br><sup>bars: each model with its 95% interval; above each "
                                           "panel: the change [paired cluster-bootstrap 95%] and the paired test; "
-                                          f"unpaired z-test as in the study p={_p(self.p_z)}</sup>", y=0.97))
+                                          f"unpaired z-test as in the study p={_p(self.p_z)}"
+                                          f"{'<br>' + self._bounds_note()[2:] if self.ci_method else ''}</sup>",
+                                     y=0.97))
         return fig
 
 

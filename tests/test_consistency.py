@@ -265,6 +265,8 @@ def test_a_share_no_pair_changed_gets_a_bound_not_the_bootstraps_zero_interval(c
     assert rows.loc["mean |margin|", "interval"].startswith("paired cluster bootstrap")
     lo, hi = c.ci["margin_diff_delta"]
     assert lo < c.margin_diff_delta < hi and lo < 0  # margins do change: the bootstrap as before
+    assert "flip rate, yes rate, accuracy: no unit changed" in repr(c)
+    assert "no unit changed" in c.figure().layout.title.text
 
 
 def test_compare_requires_the_same_pairs():
