@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import inspect
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -495,8 +496,6 @@ def prepared_masks(body: nn.Module | None, inputs: dict[str, Any], *,
             same = _same_masks(ours(), masks)
             checks[key] = same
             if not same:
-                import warnings
-
                 warnings.warn(f"interp: the attention masks built for {'image' if types is not None else 'text'} "
                               f"batches differ from {type(body).__name__}'s own in this transformers version; its "
                               "own are used (same values, more host time per forward)", RuntimeWarning, stacklevel=3)
