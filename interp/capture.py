@@ -159,7 +159,7 @@ def _run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
     try:
         vision = (hf.contiguous_vision(_vision_body(model)[1] or model.hf) if "pixel_values" in inputs
                   else contextlib.nullcontext())  # the vision tower runs inside this forward
-        padded = bool((batch.lengths < batch.lengths.max()).any())  # rows are right-padded to the longest
+        padded = hf.host_padded(batch.lengths, int(batch.lengths.max()))  # rows are right-padded to the longest
         with vision, hf.prepared_masks(_vision_body(model)[1], inputs, padded=padded) as run:
             model.hf(**run, use_cache=False)
     except StopForward:

@@ -432,6 +432,19 @@ def _same_masks(ours: dict[str, Tensor | None], theirs: Any) -> bool:
     return True
 
 
+def host_padded(lengths: Tensor | None, width: int | dict[str, Any]) -> bool | None:
+    """Does any right-padded row end before ``width`` (or the width of ``inputs['attention_mask']``)? From
+    lengths on the host; None where they are not there (the forward then builds its own masks)."""
+    if isinstance(width, dict):
+        mask = width.get("attention_mask")
+        if not isinstance(mask, Tensor):
+            return None
+        width = mask.shape[-1]
+    if lengths is None or lengths.device.type != "cpu" or lengths.numel() == 0:
+        return None
+    return bool((lengths < width).any())
+
+
 @contextmanager
 def prepared_masks(body: nn.Module | None, inputs: dict[str, Any], *,
                    padded: bool | None = None) -> Iterator[dict[str, Any]]:

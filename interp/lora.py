@@ -439,19 +439,6 @@ def _arch_kind(base: nn.Module, body: nn.Module) -> str:
     return "unverified"
 
 
-def _padded(lengths: Tensor | None, width: int | dict[str, Any]) -> bool | None:
-    """Does any right-padded row end before ``width`` (or the width of ``inputs['attention_mask']``)? From
-    lengths on the host; None where they are not there (the forward then builds its own masks)."""
-    if isinstance(width, dict):
-        mask = width.get("attention_mask")
-        if not isinstance(mask, Tensor):
-            return None
-        width = mask.shape[-1]
-    if lengths is None or lengths.device.type != "cpu" or lengths.numel() == 0:
-        return None
-    return bool((lengths < width).any())
-
-
 class _Runner:
     """First-answer-token hidden states of prompts, running only the layers an adapter can change.
 
@@ -541,7 +528,7 @@ class _Runner:
         handle = self.layers[self.lo].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             with torch.no_grad():
-                with hf.prepared_masks(self.body, self._lower_inputs(inputs), padded=_padded(lengths, inputs)) as run:
+                with hf.prepared_masks(self.body, self._lower_inputs(inputs), padded=hf.host_padded(lengths, inputs)) as run:
                     self.body(**run, use_cache=False)
         except StopForward:
             pass
@@ -557,7 +544,7 @@ class _Runner:
         dev = resid.device
         attn = (torch.arange(width, device=dev)[None, :] < lengths.to(dev)[:, None]).long()
         hidden = hf.run_from_layer(self.body, self.layers, self.lo, resid, attn, token_type_ids=token_type,
-                                   checkpoint=self.checkpoint and torch.is_grad_enabled(), padded=_padded(lengths, width))
+                                   checkpoint=self.checkpoint and torch.is_grad_enabled(), padded=hf.host_padded(lengths, width))
         return hidden[torch.arange(batch, device=dev), lengths.to(dev) - 1]
 
     # -- what training and evaluation call --
