@@ -146,6 +146,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--alone", type=int, default=16, help="prompts per corpus checked against a forward alone")
     ap.add_argument("--tol", type=float, default=None, help="relative error per row (default: by dtype)")
+    ap.add_argument("--corpora", default="text,images,distinct images",
+                    help="which corpora to run, comma-separated")
+    ap.add_argument("--without-sorted", action="store_true", help="skip the 'sorted' runs (a sweep's time)")
+    ap.add_argument("--overheads", default="",
+                    help="a sweep: also run the default with these values of capture.BATCH_OVERHEAD_TOKENS (the fixed "
+                         "cost per forward pass the planner weighs against padding), comma-separated; OxT also sets "
+                         "batch_tokens=T")
     ap.add_argument("--image-threads", action="store_true",
                     help="preprocess images on threads, not in worker processes (the default on a GPU)")
     args = ap.parse_args()
@@ -168,8 +175,21 @@ def main() -> None:
                                                                                   args.max_tokens))
     corpora = {"text": text, **image_corpora(model, args.image_prompts, args.phrasings_per_image, args.min_tokens,
                                              min(600, args.max_tokens), 56 if args.quick else 768)}
+    wanted = [c.strip() for c in args.corpora.split(",") if c.strip()]
+    if unknown := [c for c in wanted if c not in corpora]:
+        ap.error(f"--corpora: unknown {unknown}; choose from {list(corpora)}")
+    corpora = {c: corpora[c] for c in wanted}
+    device_kind = "cuda" if cuda else "cpu"
+    planner_overhead = capture_mod.BATCH_OVERHEAD_TOKENS[device_kind]
     configs = {"caller order": dict(sort=False, batch_size=bs, batch_tokens=10**9),
                "sorted": dict(batch_size=bs), "default": {}}
+    if args.without_sorted:
+        del configs["sorted"]
+    for v in (v.strip() for v in args.overheads.split(",") if v.strip()):
+        o, _, t = v.partition("x")
+        configs[f"default, overhead {o}" + (f", batch_tokens {t}" if t else "")] = \
+            {"_overhead": int(o), **({"batch_tokens": int(t)} if t else {})}
+    print(f"planner overhead per forward pass: {planner_overhead} tokens", flush=True)
     print(f"{model!r}\ncaller-order batch_size={bs}; corpora: " + ", ".join(f"{k} {len(v)} prompts"
                                                                           for k, v in corpora.items()), flush=True)
     checks, warned, rows = Checks(), [], {}
@@ -188,7 +208,13 @@ def main() -> None:
                     name = f"{cname}, positions={positions}, {config}"
 
                     def run(kw=kw, positions=positions, prompts=prompts):
-                        return interp.capture(model, prompts, layers=[L], positions=positions, progress=False, **kw)
+                        kw = dict(kw)
+                        capture_mod.BATCH_OVERHEAD_TOKENS[device_kind] = kw.pop("_overhead", planner_overhead)
+                        try:
+                            return interp.capture(model, prompts, layers=[L], positions=positions, progress=False,
+                                                  **kw)
+                        finally:
+                            capture_mod.BATCH_OVERHEAD_TOKENS[device_kind] = planner_overhead
 
                     def checked(acts, name=name, positions=positions, held=held, ref_alone=ref_alone):
                         check(checks, name, acts, held.get("ref"), ref_alone, L, positions, tol)
@@ -212,7 +238,7 @@ def main() -> None:
     for cname in corpora:
         for positions in ("all", "last"):
             base = rows[f"{cname}, positions={positions}, caller order"]["tokens_per_s"]
-            for config in ("sorted", "default"):
+            for config in [c for c in configs if c != "caller order"]:
                 ratios[f"{cname} {positions}: {config} / caller order"] = \
                     rows[f"{cname}, positions={positions}, {config}"]["tokens_per_s"] / base
             key = f"{cname} {positions}: default / caller order"
@@ -222,7 +248,8 @@ def main() -> None:
     print("targets: " + ", ".join(f"{k} {v['value']:.2f} >= {v['target']}: {'met' if v['met'] else 'NOT met'}"
                                   for k, v in targets.items()))
     finish("ragged", args, {"model": repr(model), "dtype": str(model.dtype), "tolerance": tol,
-                            "caller_order_batch_size": bs, "image_worker_processes": workers, "rows": rows, "ratios": ratios, "targets": targets,
+                            "caller_order_batch_size": bs, "planner_overhead_tokens": planner_overhead,
+                            "image_worker_processes": workers, "rows": rows, "ratios": ratios, "targets": targets,
                             "warnings": warned}, checks, args.out)
 
 
