@@ -54,7 +54,7 @@ from interp.activations import (
     _write_shard,
     load_activations,  # noqa: F401 (re-exported: code and tests import it from here)
 )
-from interp.models import Batch, ImageCache, Model, Prompt, _as_prompt, as_dtype
+from interp.models import Batch, ImageCache, Model, Prompt, _as_prompt, as_dtype, exclusive
 
 DEFAULT_CACHE_ROOT = Path("sae_cache")
 IN_FLIGHT = 1  # shard writes queued behind the forward pass: bounds host memory to a few shards
@@ -115,6 +115,7 @@ def position_mask(model: Model, batch: Batch, positions: Positions, exclude: Seq
     return sel
 
 
+@exclusive
 def run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
                out_dtype: torch.dtype | None = None) -> dict[int, Tensor]:
     """One forward pass that keeps the selected rows of each requested layer's output and stops early.
@@ -224,6 +225,7 @@ class _Batching(NamedTuple):
     overhead: int = BATCH_OVERHEAD_TOKENS["cpu"]  # cost of one more forward pass, in padded tokens
 
 
+@exclusive
 def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, positions: Positions = "last",
             cache: str | os.PathLike | bool | None = None, batch_size: int | None = None,
             batch_tokens: int | None = None, sort: bool = True, exclude: Sequence[str] | str = (),

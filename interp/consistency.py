@@ -22,7 +22,7 @@ from interp._errors import InterpError
 from interp._results import Result, jsonable
 from interp.data import ParaphraseGroup, ParaphrasePair, _components, check_image_files, polarity_suspects
 from interp.data import clusters as pair_clusters
-from interp.models import Model
+from interp.models import Model, exclusive
 from interp.scoring import answer_logits, last_hidden, margins, project, score
 
 
@@ -608,6 +608,7 @@ def _ztest(count_a: int, count_b: int, n_a: int, n_b: int) -> tuple[float, float
     return stats.two_proportion_ztest(count_a, count_b, n_a, n_b)
 
 
+@exclusive
 def evaluate(model: Model, pairs: Iterable[ParaphrasePair | ParaphraseGroup], *, batch_size: int | None = None,
              n_boot: int = 1000, seed: int = 0, progress: bool = True, fast: bool = True) -> ConsistencyReport:
     """Paraphrase consistency of ``model`` on ``pairs``: flip rate, mean |margin diff|, accuracy, CIs.

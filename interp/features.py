@@ -28,7 +28,7 @@ from interp.capture import Activations, capture, layer_output, position_mask
 from interp.consistency import ConsistencyReport
 from interp.data import ParaphrasePair, check_pairs
 from interp.data import clusters as pair_clusters
-from interp.models import Model, Prompt, _as_prompt
+from interp.models import Model, Prompt, _as_prompt, exclusive
 from interp.scoring import last_hidden, project
 
 Pool = Literal["question", "last"]
@@ -516,6 +516,7 @@ def _p_random(d_z: np.ndarray, random_d_z: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(a), (1 + ge) / (1 + len(r)), np.nan)
 
 
+@exclusive
 def register_features(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, layer: int | None = None,
                       pool: Sequence[str] | str = ("question", "last"), test: PairedTest = "wilcoxon",
                       alpha: float = 0.05, labels: tuple[str, str] = REGISTERS, n_random: int = 256, seed: int = 0,
@@ -636,6 +637,7 @@ class FeatureCard(Result):
         return f"FeatureCard(feature {self.feature} at layer {self.layer}; {regs}; top tokens {toks})"
 
 
+@exclusive
 def feature_card(model: Model, sae: Any, feature: int, prompts_or_pairs: Sequence[Any], *,
                  layer: int | None = None, top_k: int = 10, window: int = 6, batch_size: int | None = None,
                  progress: bool = True) -> FeatureCard:
@@ -1007,6 +1009,7 @@ def _selection_overlap(items: list[ParaphrasePair], selection: Any,
                   f"{_LINKS} with them{how}")
 
 
+@exclusive
 def ablate_feature(model: Model, sae: Any, pairs: Sequence[ParaphrasePair], *, feature: int,
                    layer: int | None = None, mode: Literal["zero", "clamp"] = "zero",
                    positions: Literal["all", "question", "last"] = "all", selection: Any = None,

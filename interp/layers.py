@@ -28,7 +28,7 @@ from interp.capture import capture, layer_output, position_mask, run_hooked
 from interp.data import ParaphrasePair, check_pairs
 from interp.data import clusters as pair_clusters
 from interp.features import _margin, _pair_prompts, paired_stats, pooled_features, sae_layer
-from interp.models import Batch, Model, Prompt
+from interp.models import Batch, Model, Prompt, exclusive
 from interp.scoring import body_and_head, last_hidden
 
 # The study's modules: attention q/k/v/o and MLP gate/up/down projections.
@@ -245,6 +245,7 @@ def _check_width(width: Any, n_layers: int, name: str) -> None:
         raise InterpError(f"width={width!r}: '{name}' has {n_layers} decoder layers; pass an int from 1 to {n_layers}")
 
 
+@exclusive
 def layer_profile(model: Model, pairs: Sequence[ParaphrasePair], *, method: Method = "patching",
                   saes: dict[int, Any] | None = None, positions: str | None = None, batch_size: int | None = None,
                   strategy: Literal["cache", "full"] = "cache", test: str = "wilcoxon", alpha: float = 0.05,
@@ -307,6 +308,7 @@ def layer_profile(model: Model, pairs: Sequence[ParaphrasePair], *, method: Meth
                         meta=meta, selection_pairs=tuple(items))
 
 
+@exclusive
 def find_layers(model: Model, pairs: Sequence[ParaphrasePair], *, width: int = 5, method: Method = "patching",
                 **kw: Any) -> LayerSelection:
     """The contiguous ``width``-layer window with the most evidence (see `layer_profile` for ``method`` and ``kw``)."""

@@ -47,7 +47,7 @@ from interp.consistency import ConsistencyReport
 from interp.data import ParaphrasePair, check_pairs, split
 from interp.dist import rank_and_world
 from interp.layers import DEFAULT_TARGET_MODULES, LayerSelection, layers_pattern_of, lora_config
-from interp.models import Model, Prompt, _find_layers, nf4_config
+from interp.models import Model, Prompt, _find_layers, exclusive, nf4_config
 from interp.scoring import last_hidden, project
 
 CHECKPOINT_FORMAT = "interp.lora-checkpoint/1"
@@ -1365,6 +1365,7 @@ def _eval_share(n_pairs: int, batch_rows: int, rank: int, world: int) -> list[in
     return [i for i in range(n_pairs) if (i // per) % world == rank]
 
 
+@exclusive
 def train_lora(model: Model, pairs: Sequence[ParaphrasePair], *, layers: Any, r: int = 16, alpha: int = 32,
                dropout: float = 0.05, lr: float = 2e-4, epochs: int = 3, batch_size: int = 1, grad_accum: int = 8,
                ce_weight: float = 1.0, kl_weight: float = 1.0, kl_space: KlSpace = "yes_no",
@@ -1932,6 +1933,7 @@ class MergeReport(Result):
     passed: bool
 
 
+@exclusive
 def merge(model: Model, verify: bool = True, *, min_relative_delta: float = 1e-6) -> Model:
     """Merge the adapter into the base weights (``merge_and_unload``) and return the merged `Model`.
 
@@ -2076,6 +2078,7 @@ class AblationReport(Result):
         return text + "\n)"
 
 
+@exclusive
 def ablate_layers(model: Model, pairs: Sequence[ParaphrasePair], ranges: Mapping[str, Any], *,
                   eval_pairs: Sequence[ParaphrasePair] | float = 0.2, output_dir: str | os.PathLike = "lora_ablation",
                   seed: int = 0, reference: str | None = None, progress: bool = True,

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
@@ -478,6 +479,64 @@ class ImageCache:
             self._holds.clear()
             self._sizes.clear()
             self._bytes = 0
+
+
+# ---- one call at a time per model ------------------------------------------------------------------
+# interp's hooks sit on a model's modules (and its layer runner swaps their forwards for the duration of a
+# call), so a forward that another thread ran on the same modules meanwhile would be caught by them: rows of the
+# other call copied into this one's buffers, or that call stopped at this one's last layer. The public functions
+# that run a model's forward therefore hold it for their thread (re-entrant: they call one another); a call from
+# another thread waits until it is free, with a warning that says so. Another model runs meanwhile as it would.
+_BUSY: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()  # module -> [thread, name, depth, waiting]
+_BUSY_CV = threading.Condition(threading.Lock())
+
+
+def _busy_key(model: Any) -> nn.Module | None:
+    hf = getattr(model, "hf", None)
+    return _hf.base_model(hf) if isinstance(hf, nn.Module) else None
+
+
+def exclusive(fn):
+    """Decorator for a public function whose first argument is a `Model` and that runs its forward: the call holds
+    the model's modules (the base module under any PEFT wrapping, whichever `Model` wraps it) for its thread; a
+    call from another thread meanwhile waits for it, with a `RuntimeWarning`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        key = _busy_key(model)
+        if key is None:  # not a Model: the function's own check names it
+            return fn(model, *args, **kwargs)
+        me = threading.get_ident()
+        with _BUSY_CV:
+            held = _BUSY.get(key)
+            if held is not None and held[0] != me:
+                warnings.warn(f"interp: {fn.__name__}() waits: {held[1]}() is running on "
+                              f"'{getattr(model, 'name', 'model')}' in another thread, and interp runs one call per "
+                              "model at a time (its hooks sit on the model's modules and would catch the other "
+                              "call's forward passes). For calls side by side, give each thread its own copy of "
+                              "the model (interp.load(...) once per thread).", RuntimeWarning, stacklevel=2)
+                while held is not None and held[0] != me:
+                    held[3] += 1
+                    try:
+                        _BUSY_CV.wait()
+                    finally:
+                        held[3] -= 1
+                    held = _BUSY.get(key)
+            if held is None:
+                held = _BUSY[key] = [me, fn.__name__, 0, 0]
+            held[2] += 1
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            with _BUSY_CV:
+                held[2] -= 1
+                if held[2] == 0:
+                    if _BUSY.get(key) is held:
+                        del _BUSY[key]
+                    _BUSY_CV.notify_all()
+
+    return wrapper
 
 
 @dataclass(eq=False)

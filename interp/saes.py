@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from interp._errors import InterpError
 from interp._results import Result
 from interp.capture import Activations, capture, layer_output, position_mask
-from interp.models import Model, Prompt, _as_prompt, as_dtype, check_device, layer_arg
+from interp.models import Model, Prompt, _as_prompt, as_dtype, check_device, exclusive, layer_arg
 
 if TYPE_CHECKING:  # sae-lens takes ~10 s to import: only functions that need it import it
     from sae_lens import SAE
@@ -1159,6 +1159,7 @@ def _capture_streaming(**kw: Any) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+@exclusive
 def transfer_report(model: Model, sae: SAE, corpora: Mapping[str, Sequence[Prompt | str]] | Sequence[Prompt | str],
                     *, layer: int | None = None, threshold: float = 0.95, alpha: float = 0.05,
                     tokens: Literal["text", "all"] = "text", exclude_special: bool = True, n_boot: int = 1000,

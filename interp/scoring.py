@@ -29,6 +29,7 @@ from interp.models import (
     Prompt,
     _as_prompt,
     _open_image,
+    exclusive,
     image_key,
     split_processor,
 )
@@ -66,6 +67,7 @@ def project(model: Model, hidden: Tensor, token_ids: Sequence[int] | None = None
     return logits
 
 
+@exclusive
 def answer_logits(model: Model, prompts: Sequence[Prompt | str], *, batch_size: int | None = None,
                   full_vocab: bool = False, progress: bool = False, fast: bool = False) -> Tensor:
     """First-answer-token logits: ``[n, 2]`` (yes, no), or ``[n, vocab]`` with ``full_vocab=True``.
@@ -79,6 +81,7 @@ def answer_logits(model: Model, prompts: Sequence[Prompt | str], *, batch_size: 
 NAIVE = "naive: one forward per phrasing"
 
 
+@exclusive
 def score(model: Model, prompts: Sequence[Prompt | str], *, batch_size: int | None = None,
           full_vocab: bool = False, progress: bool = False, fast: bool = True) -> tuple[Tensor, str]:
     """`answer_logits` and the name of the path that computed them (reports say which path ran).
@@ -125,6 +128,7 @@ def _n_logits(model: Model, ids: Sequence[int] | None) -> int:
     return model.hf.get_output_embeddings().weight.shape[0] if ids is None else len(ids)
 
 
+@exclusive
 def margins(model: Model, prompts: Sequence[Prompt | str], **kw) -> Tensor:
     """``logit(yes) - logit(no)`` at the first answer token, one per prompt: ``[n]``."""
     logits = answer_logits(model, prompts, **kw)
