@@ -75,6 +75,37 @@ def timed(fn: Callable[[], Any], repeats: int, *, warmup: bool = True,
     return Timing(statistics.median(times), times, result)
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, *,
+                checks: dict[str, Callable[[Any], None]] | None = None,
+                first: Callable[[str, Any], None] | None = None) -> dict[str, Timing]:
+    """`timed` for several variants at once, their runs interleaved: one warm-up run of each (in the given order;
+    ``first(name, result)`` sees it, after its check), then ``repeats`` rounds that run every variant once, each round starting
+    one variant later than the one before. A drift of the machine during the benchmark (clocks, another tenant,
+    the allocator's state) then lands on every variant alike instead of on whichever ran last. ``checks[name]``
+    runs after every run of that variant, warm-up included, outside the timer."""
+    checks = checks or {}
+    names = list(fns)
+    for name in names:
+        result = fns[name]()
+        if name in checks:
+            checks[name](result)
+        if first is not None:
+            first(name, result)
+        del result
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync()
+            t = time.perf_counter()
+            result = fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - t)
+            if name in checks:
+                checks[name](result)
+            del result
+    return {name: Timing(statistics.median(ts), ts, None) for name, ts in times.items()}
+
+
 # ---- value checks ------------------------------------------------------------------------------------
 @dataclass
 class Checks:

@@ -13,7 +13,10 @@ three ways:
   caller order   sort=False, batch_size=--batch (16 on a GPU), no token cap: the batches capture formed before
   sorted         sort=True, the same batch_size, the default batch_tokens: what sorting alone gives
   default        capture's defaults (sort=True, at most 64 prompts and 16384 padded tokens per batch on a GPU)
-Tokens/s count real (non-padding) tokens. Every run's values are checked: each path against the caller-order
+Tokens/s count real (non-padding) tokens, medians of ``--repeats`` timed runs after a warm-up run of each config;
+the configs' timed runs are interleaved, round by round (`common.interleaved`), so that a drift of the machine
+lands on all of them alike (``--sequential``: each config's runs back to back, as rounds 2-7 ran). The
+caller-order runs after its warm-up are also checked against it, bit for bit. Every run's values are checked: each path against the caller-order
 one, row by row, and on a sample of prompts (``--alone``) against that prompt run alone through a plain forward
 with a hook. A row beyond the tolerance (common.tolerance: bf16 0.05, float32 1e-3) or at an unexpected
 (prompt, position) is a FAIL.
@@ -32,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import medgemma_shape  # noqa: E402
-from common import Checks, finish, recorded_warnings, timed, tolerance  # noqa: E402
+from common import Checks, finish, interleaved, recorded_warnings, timed, tolerance  # noqa: E402
 
 import interp  # noqa: E402
 from interp import _imageworkers  # noqa: E402
@@ -149,6 +152,9 @@ def main() -> None:
     ap.add_argument("--corpora", default="text,images,distinct images",
                     help="which corpora to run, comma-separated")
     ap.add_argument("--without-sorted", action="store_true", help="skip the 'sorted' runs (a sweep's time)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="time each config's runs back to back (rounds 2-7) instead of interleaving the configs' "
+                         "runs round by round")
     ap.add_argument("--overheads", default="",
                     help="a sweep: also run the default with these values of capture.BATCH_OVERHEAD_TOKENS (the fixed "
                          "cost per forward pass the planner weighs against padding), comma-separated; OxT also sets "
@@ -203,7 +209,9 @@ def main() -> None:
             print(f"{cname}: reference of {len(sample)} prompts alone in {time.perf_counter() - t:.1f} s", flush=True)
             n_tokens = None
             for positions in ("all", "last"):
-                held: dict[str, interp.Activations] = {}  # the caller-order result, once computed
+                held: dict[str, interp.Activations] = {}  # the caller-order result (its warm-up run)
+                plans: dict[str, tuple[int, int]] = {}  # batches and padded positions of each config's warm-up
+                runs, checkers = {}, {}
                 for config, kw in configs.items():
                     name = f"{cname}, positions={positions}, {config}"
 
@@ -219,20 +227,34 @@ def main() -> None:
                     def checked(acts, name=name, positions=positions, held=held, ref_alone=ref_alone):
                         check(checks, name, acts, held.get("ref"), ref_alone, L, positions, tol)
 
-                    counter.reset()
-                    timing = timed(run, args.repeats, check=checked)
-                    batches, padded = counter.reset()
-                    if not held:
-                        held["ref"] = timing.result
-                        if positions == "all":
-                            n_tokens = len(timing.result)  # every real token is a row
-                    runs = args.repeats + 1
+                    runs[name], checkers[name] = run, checked
+
+                def first(name, acts, held=held, plans=plans):
+                    plans[name] = counter.reset()  # the plan is fixed: its warm-up run counts for all
+                    if not held:  # caller order comes first
+                        held["ref"] = acts
+
+                counter.reset()
+                if args.sequential:
+                    timings = {}
+                    for name, run in runs.items():
+                        timings[name] = timed(run, args.repeats, check=checkers[name])
+                        batches, padded = counter.reset()
+                        plans[name] = (batches // (args.repeats + 1), padded // (args.repeats + 1))
+                        if not held:
+                            held["ref"] = timings[name].result
+                else:
+                    timings = interleaved(runs, args.repeats, checks=checkers, first=first)
+                if n_tokens is None:  # with positions "all" every real token is a row
+                    n_tokens = len(held["ref"])
+                for (name, timing), kw in zip(timings.items(), configs.values(), strict=True):
+                    batches, padded = plans[name]
                     rows[name] = {**timing.to_dict(), "tokens_per_s": n_tokens / timing.median_s,
-                                  "batches": batches // runs, "padded_positions": padded // runs,
-                                  "padding": 1 - n_tokens / (padded / runs), "kwargs": kw}
-                    print(f"{name:<44} {n_tokens / timing.median_s:>11,.0f} tok/s  {batches // runs:>4} batches  "
+                                  "batches": batches, "padded_positions": padded,
+                                  "padding": 1 - n_tokens / padded, "kwargs": kw}
+                    print(f"{name:<44} {n_tokens / timing.median_s:>11,.0f} tok/s  {batches:>4} batches  "
                           f"{rows[name]['padding']:.0%} padding", flush=True)
-                del held, timing
+                del held, timings
             rows[f"{cname} real tokens"] = n_tokens
     ratios, targets = {}, {}
     for cname in corpora:
@@ -248,6 +270,7 @@ def main() -> None:
     print("targets: " + ", ".join(f"{k} {v['value']:.2f} >= {v['target']}: {'met' if v['met'] else 'NOT met'}"
                                   for k, v in targets.items()))
     finish("ragged", args, {"model": repr(model), "dtype": str(model.dtype), "tolerance": tol,
+                            "timing": "sequential" if args.sequential else "interleaved",
                             "caller_order_batch_size": bs, "planner_overhead_tokens": planner_overhead,
                             "image_worker_processes": workers, "rows": rows, "ratios": ratios, "targets": targets,
                             "warnings": warned}, checks, args.out)
