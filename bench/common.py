@@ -77,32 +77,33 @@ def timed(fn: Callable[[], Any], repeats: int, *, warmup: bool = True,
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, *,
                 checks: dict[str, Callable[[Any], None]] | None = None,
-                first: Callable[[str, Any], None] | None = None) -> dict[str, Timing]:
+                first: Callable[[str, Any], None] | None = None, sequential: bool = False) -> dict[str, Timing]:
     """`timed` for several variants at once, their runs interleaved: one warm-up run of each (in the given order;
-    ``first(name, result)`` sees it, after its check), then ``repeats`` rounds that run every variant once, each round starting
-    one variant later than the one before. A drift of the machine during the benchmark (clocks, another tenant,
-    the allocator's state) then lands on every variant alike instead of on whichever ran last. ``checks[name]``
-    runs after every run of that variant, warm-up included, outside the timer."""
+    ``first(name, result)`` sees it, after its check), then ``repeats`` rounds that run every variant once, each
+    round starting one variant later than the one before. A drift of the machine during the benchmark (clocks,
+    another tenant, the allocator's state) then lands on every variant alike instead of on whichever ran last.
+    ``sequential``: each variant's warm-up and timed runs back to back, one variant after another (as `timed`).
+    ``checks[name]`` runs after every run of that variant, warm-up included, outside the timer."""
     checks = checks or {}
     names = list(fns)
-    for name in names:
+    if sequential:
+        schedule = [(name, k > 0) for name in names for k in range(repeats + 1)]
+    else:
+        schedule = [(name, False) for name in names]
+        schedule += [(name, True) for r in range(repeats) for name in names[r % len(names):] + names[:r % len(names)]]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for name, counted in schedule:
+        sync()
+        t = time.perf_counter()
         result = fns[name]()
+        sync()
+        if counted:
+            times[name].append(time.perf_counter() - t)
         if name in checks:
             checks[name](result)
-        if first is not None:
+        if not counted and first is not None:
             first(name, result)
         del result
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            sync()
-            t = time.perf_counter()
-            result = fns[name]()
-            sync()
-            times[name].append(time.perf_counter() - t)
-            if name in checks:
-                checks[name](result)
-            del result
     return {name: Timing(statistics.median(ts), ts, None) for name, ts in times.items()}
 
 

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import medgemma_shape  # noqa: E402
-from common import Checks, finish, interleaved, recorded_warnings, timed, tolerance  # noqa: E402
+from common import Checks, finish, interleaved, recorded_warnings, tolerance  # noqa: E402
 
 import interp  # noqa: E402
 from interp import _imageworkers  # noqa: E402
@@ -153,8 +153,8 @@ def main() -> None:
                     help="which corpora to run, comma-separated")
     ap.add_argument("--without-sorted", action="store_true", help="skip the 'sorted' runs (a sweep's time)")
     ap.add_argument("--sequential", action="store_true",
-                    help="time each config's runs back to back (rounds 2-7) instead of interleaving the configs' "
-                         "runs round by round")
+                    help="time each config's runs back to back (as rounds 2-7 did) instead of interleaving the "
+                         "configs' runs round by round")
     ap.add_argument("--overheads", default="",
                     help="a sweep: also run the default with these values of capture.BATCH_OVERHEAD_TOKENS (the fixed "
                          "cost per forward pass the planner weighs against padding), comma-separated; OxT also sets "
@@ -210,41 +210,32 @@ def main() -> None:
             n_tokens = None
             for positions in ("all", "last"):
                 held: dict[str, interp.Activations] = {}  # the caller-order result (its warm-up run)
-                plans: dict[str, tuple[int, int]] = {}  # batches and padded positions of each config's warm-up
+                plans: dict[str, tuple[int, int]] = {}  # batches and padded positions of each config's runs
                 runs, checkers = {}, {}
                 for config, kw in configs.items():
                     name = f"{cname}, positions={positions}, {config}"
 
-                    def run(kw=kw, positions=positions, prompts=prompts):
+                    def run(kw=kw, positions=positions, prompts=prompts, name=name, plans=plans):
                         kw = dict(kw)
                         capture_mod.BATCH_OVERHEAD_TOKENS[device_kind] = kw.pop("_overhead", planner_overhead)
+                        counter.reset()
                         try:
                             return interp.capture(model, prompts, layers=[L], positions=positions, progress=False,
                                                   **kw)
                         finally:
                             capture_mod.BATCH_OVERHEAD_TOKENS[device_kind] = planner_overhead
+                            plans[name] = counter.reset()  # the plan is fixed: every run counts the same
 
                     def checked(acts, name=name, positions=positions, held=held, ref_alone=ref_alone):
                         check(checks, name, acts, held.get("ref"), ref_alone, L, positions, tol)
 
                     runs[name], checkers[name] = run, checked
 
-                def first(name, acts, held=held, plans=plans):
-                    plans[name] = counter.reset()  # the plan is fixed: its warm-up run counts for all
-                    if not held:  # caller order comes first
+                def first(name, acts, held=held):
+                    if not held:  # caller order comes first: its warm-up run is the reference
                         held["ref"] = acts
 
-                counter.reset()
-                if args.sequential:
-                    timings = {}
-                    for name, run in runs.items():
-                        timings[name] = timed(run, args.repeats, check=checkers[name])
-                        batches, padded = counter.reset()
-                        plans[name] = (batches // (args.repeats + 1), padded // (args.repeats + 1))
-                        if not held:
-                            held["ref"] = timings[name].result
-                else:
-                    timings = interleaved(runs, args.repeats, checks=checkers, first=first)
+                timings = interleaved(runs, args.repeats, checks=checkers, first=first, sequential=args.sequential)
                 if n_tokens is None:  # with positions "all" every real token is a row
                     n_tokens = len(held["ref"])
                 for (name, timing), kw in zip(timings.items(), configs.values(), strict=True):

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, wraps
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -500,9 +500,8 @@ def exclusive(fn):
     """Decorator for a public function whose first argument is a `Model` and that runs its forward: the call holds
     the model's modules (the base module under any PEFT wrapping, whichever `Model` wraps it) for its thread; a
     call from another thread meanwhile waits for it, with a `RuntimeWarning`."""
-    import functools
 
-    @functools.wraps(fn)
+    @wraps(fn)
     def wrapper(model, *args, **kwargs):
         key = _busy_key(model)
         if key is None:  # not a Model: the function's own check names it
