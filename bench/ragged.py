@@ -9,10 +9,12 @@ tokens, every other one with a generated chest-X-ray-like image (256 image token
 asked in ``--phrasings-per-image`` prompts (a paraphrase corpus asks several questions of one image); "distinct
 images", half as many prompts, every image different (reported, no target: the vision tower's work then grows
 with the corpus whatever the batching). Each corpus is captured at ``--layer`` with positions "all" and "last",
-three ways:
+four ways:
   caller order   sort=False, batch_size=--batch (16 on a GPU), no token cap: the batches capture formed before
   sorted         sort=True, the same batch_size, the default batch_tokens: what sorting alone gives
-  default        capture's defaults (sort=True, at most 64 prompts and 16384 padded tokens per batch on a GPU)
+  default        capture's defaults (sort=True, at most 64 prompts and 16384 padded tokens per batch on a GPU;
+                 a text-only call packs short prompts end to end beside long ones where that costs less)
+  packed/not packed   the defaults with pack=True / pack=False
 Tokens/s count real (non-padding) tokens, medians of ``--repeats`` timed runs after a warm-up run of each config;
 the configs' timed runs are interleaved, round by round (`common.interleaved`), so that a drift of the machine
 lands on all of them alike (``--sequential``: each config's runs back to back, as rounds 2-7 ran). The
@@ -152,6 +154,8 @@ def main() -> None:
     ap.add_argument("--corpora", default="text,images,distinct images",
                     help="which corpora to run, comma-separated")
     ap.add_argument("--without-sorted", action="store_true", help="skip the 'sorted' runs (a sweep's time)")
+    ap.add_argument("--without-packed", action="store_true",
+                    help="skip the 'packed / not packed' runs (the default's other choice of pack=)")
     ap.add_argument("--sequential", action="store_true",
                     help="time each config's runs back to back (as rounds 2-7 did) instead of interleaving the "
                          "configs' runs round by round")
@@ -188,9 +192,12 @@ def main() -> None:
     device_kind = "cuda" if cuda else "cpu"
     planner_overhead = capture_mod.BATCH_OVERHEAD_TOKENS[device_kind]
     configs = {"caller order": dict(sort=False, batch_size=bs, batch_tokens=10**9),
-               "sorted": dict(batch_size=bs), "default": {}}
+               "sorted": dict(batch_size=bs, pack=False), "default": {}}
+    if not args.without_packed:  # the other choice of the default's, per corpus: packed with images, not for text
+        configs["packed / not packed"] = "other"
     if args.without_sorted:
         del configs["sorted"]
+
     for v in (v.strip() for v in args.overheads.split(",") if v.strip()):
         o, _, t = v.partition("x")
         configs[f"default, overhead {o}" + (f", batch_tokens {t}" if t else "")] = \
@@ -212,7 +219,9 @@ def main() -> None:
                 held: dict[str, interp.Activations] = {}  # the caller-order result (its warm-up run)
                 plans: dict[str, tuple[int, int]] = {}  # batches and padded positions of each config's runs
                 runs, checkers = {}, {}
-                for config, kw in configs.items():
+                corpus_configs = {c: ({"pack": any(getattr(q, "image", None) is not None for q in prompts)} if kw == "other" else kw)
+                                  for c, kw in configs.items()}
+                for config, kw in corpus_configs.items():
                     name = f"{cname}, positions={positions}, {config}"
 
                     def run(kw=kw, positions=positions, prompts=prompts, name=name, plans=plans):
@@ -238,7 +247,7 @@ def main() -> None:
                 timings = interleaved(runs, args.repeats, checks=checkers, first=first, sequential=args.sequential)
                 if n_tokens is None:  # with positions "all" every real token is a row
                     n_tokens = len(held["ref"])
-                for (name, timing), kw in zip(timings.items(), configs.values(), strict=True):
+                for (name, timing), kw in zip(timings.items(), corpus_configs.values(), strict=True):
                     batches, padded = plans[name]
                     rows[name] = {**timing.to_dict(), "tokens_per_s": n_tokens / timing.median_s,
                                   "batches": batches, "padded_positions": padded,

@@ -149,8 +149,12 @@ def broken(e: BaseException) -> bool:
 
 
 def shutdown() -> None:
-    """Stop the workers (at exit, and for tests); a later `pool()` starts new ones."""
+    """Stop the workers (at exit, and for tests); a later `pool()` starts new ones. A pool still starting is let
+    finish first (at most 30 s): shut down halfway, the forkserver would go on forking workers for semaphores
+    the parent has already removed, each printing a traceback at exit."""
     global _pool, _state
+    if _state == "starting":
+        _ready.wait(30)
     with _lock:
         old, _pool, _state = _pool, None, "idle"
         _ready.clear()

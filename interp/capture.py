@@ -1,7 +1,8 @@
 """Stage 2 of the loop: residual-stream activations, captured with hooks and cached on disk.
 
 `capture()` hooks the decoder layers you name, keeps only the token positions you ask for, stops the
-forward pass after the last requested layer and batches prompts of similar length together. With
+forward pass after the last requested layer and batches prompts of similar length together (on Gemma 3, for
+text, short prompts laid end to end in the rows beside long ones). With
 ``cache=`` it writes safetensors shards plus a ``manifest.json``: a rerun reads them back, an interrupted
 run resumes, several processes share the work, and a result larger than memory is read back one shard
 at a time (`Activations.chunks`, `Activations.batches`). The folder format and `Activations` are in
@@ -11,6 +12,7 @@ at a time (`Activations.chunks`, `Activations.batches`). The folder format and `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -125,17 +127,19 @@ def run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
     return _run_hooked(model, batch, layers, sel, out_dtype)[1]
 
 
-def _run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
-                out_dtype: torch.dtype | None = None, *,
-                inputs: dict[str, Any] | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+def _run_hooked(model: Model, batch: Batch | _Packed, layers: Sequence[int], sel: Tensor,
+                out_dtype: torch.dtype | None = None, *, inputs: dict[str, Any] | None = None,
+                masks: Literal["prepared", "own", "packed"] = "prepared") -> tuple[Tensor, dict[int, Tensor]]:
     """`run_hooked`, also returning the ``[n_layers, n_selected, d_model]`` buffer whose rows the hooks
     fill (``buffer[k]`` is ``layers[k]``), so that a caller can move every layer to the host in one copy.
     ``inputs``: what the forward takes in place of ``batch.inputs`` (the batch's images merged into its token
-    embeddings), the batch itself kept as it is for its masks and ids."""
+    embeddings), the batch itself kept as it is for its masks and ids. ``masks``: "prepared" where checked
+    (`hf.prepared_masks`), "own" (the model builds its own), or "packed" for a `_Packed` batch (its rows, in the
+    order of the padded batch's selection ``sel``, `hf.packed_forward`)."""
     inputs = batch.inputs if inputs is None else inputs
     # Flat row indices computed on the host: boolean-mask indexing on the device would force a sync
     # in every hook and stall the kernel queue.
-    flat = sel.reshape(-1).nonzero().squeeze(1)
+    flat = batch.flat if isinstance(batch, _Packed) else sel.reshape(-1).nonzero().squeeze(1)
     dtype = out_dtype or model.dtype
     buffer = torch.empty(len(layers), flat.numel(), model.d_model, dtype=dtype, device=model.device)
     if model.device.type == "cuda":  # from pinned memory: a pageable copy may wait for the queued kernels
@@ -160,8 +164,15 @@ def _run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
     try:
         vision = (hf.contiguous_vision(_vision_body(model)[1] or model.hf) if "pixel_values" in inputs
                   else contextlib.nullcontext())  # the vision tower runs inside this forward
-        padded = hf.host_padded(batch.lengths, int(batch.lengths.max()))  # rows are right-padded to the longest
-        with vision, hf.prepared_masks(_vision_body(model)[1], inputs, padded=padded) as run:
+        body = _vision_body(model)[1]
+        if masks == "packed":
+            forward = hf.packed_forward(body, inputs)
+        elif masks == "own":
+            forward = contextlib.nullcontext(inputs)
+        else:
+            padded = hf.host_padded(batch.lengths, int(batch.lengths.max()))  # right-padded to the longest
+            forward = hf.prepared_masks(body, inputs, padded=padded)
+        with vision, forward as run:
             model.hf(**run, use_cache=False)
     except StopForward:
         pass
@@ -223,6 +234,7 @@ class _Batching(NamedTuple):
     batch_tokens: int  # at most this many padded tokens (prompts x longest) per forward pass
     sort: bool  # group prompts of similar length (False: the caller's order)
     overhead: int = BATCH_OVERHEAD_TOKENS["cpu"]  # cost of one more forward pass, in padded tokens
+    pack: bool = False  # with ``sort``: may put several prompts end to end in one row (`_pack_plan`)
 
 
 @exclusive
@@ -231,7 +243,7 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
             batch_tokens: int | None = None, sort: bool = True, exclude: Sequence[str] | str = (),
             dtype: Any = None, shard_size: int = 256, recompute: bool = False, progress: bool = True,
             max_memory: int | str | None = None, lazy: bool | None = None,
-            distributed: bool | None = None) -> Activations:
+            distributed: bool | None = None, pack: bool | None = None) -> Activations:
     """Capture residual-stream activations (``blocks.{L}.hook_resid_post``) at the chosen positions.
 
     ``cache``: ``True`` for ``sae_cache/``, or a folder; each (model, prompts, layers, positions, dtype)
@@ -244,7 +256,16 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
     tokens plus a fixed cost per forward pass (``sort=False``: the given order, each batch filled up), at most
     ``batch_size`` prompts (default 64 on a GPU, 16 on the CPU) and ``batch_tokens`` padded tokens, prompts x
     longest (default 16384 / 4096), per forward pass; a longer prompt runs alone, and the first batch is
-    smaller, so that the device starts early. Rows come back in prompt order, then position, whatever the
+    smaller, so that the device starts early. Packing (``pack``; Gemma 3 under SDPA, with ``sort``): where it
+    costs less by the same measure, a shard's prompts, longest first, are laid end to end in rows as wide as its
+    longest prompt, each prompt its own segment (position ids from 0, attending only within itself), so that
+    short prompts fill the room beside long ones instead of padding: fewer, fuller forwards, but every row's
+    attention spans the row (SDPA with a mask computes all of it). ``pack=None`` packs a call whose prompts are
+    all text, where the model can: on the H200 packing measured +1-5% tokens/s on ragged text and 5-15% less on
+    the half-image corpus (docs/BENCHMARKS.md, round 8); ``True`` packs with images too, ``False`` never.
+    Before the first packed batch of each class (with images or not, reaching the sliding window or not) runs on
+    a model, the model builds its own masks for a padded batch of some of its prompts, and the packed masks must
+    match them for each prompt (else, with one warning, batches stay padded). Rows come back in prompt order, then position, whatever the
     batches; the cache does not depend on them. Each distinct image (a file path, or an image object) is
     processed once per call and, on transformers releases whose forward takes image features, run through
     the vision tower once, while its pixels (1 GB) and features (512 MB) fit the call's caches, and when the
@@ -282,11 +303,23 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
             raise InterpError(f"prompt {with_image[0]} has an image, but '{model.name}' is a text-only model. "
                               "Drop the image or load a vision-language model such as 'tiny-medgemma'.")
     cuda = model.device.type == "cuda"
+    packable = hf.packs(_vision_body(model)[1])
+    if pack is not None and not isinstance(pack, bool):
+        raise InterpError(f"pack={pack!r}: pass True (pack short prompts beside long ones), False, or None (pack "
+                          "text-only calls where the model can)")
+    if pack and not sort:
+        raise InterpError("pack=True needs sort=True: packing lays the length-sorted prompts end to end; pass "
+                          "sort=True, or pack=False to keep the given order")
+    if pack and not packable:
+        raise InterpError(f"pack=True: '{model.name}' ({type(model.hf).__name__}) cannot take packed rows (only "
+                          "Gemma 3 models under SDPA attention can); pass pack=None or pack=False")
     batching = _Batching(_count("batch_size", (64 if cuda else 16) if batch_size is None else batch_size,
                                 _COUNT_MEANS["batch_size"]),
                          _count("batch_tokens", (16384 if cuda else 4096) if batch_tokens is None else batch_tokens,
                                 _COUNT_MEANS["batch_tokens"]),
-                         bool(sort), BATCH_OVERHEAD_TOKENS["cuda" if cuda else "cpu"])
+                         bool(sort), BATCH_OVERHEAD_TOKENS["cuda" if cuda else "cpu"],
+                         bool(pack) if pack is not None else (bool(sort) and packable
+                                                              and all(p.image is None for p in items)))
     shard_size = _count("shard_size", shard_size, _COUNT_MEANS["shard_size"])
     budget = _memory_bytes(max_memory)
     for name, value in (("lazy", lazy), ("distributed", distributed)):
@@ -619,6 +652,10 @@ def _plan(lengths: Sequence[int], batching: _Batching, *, first_tokens: int | No
     n = len(lengths)
     if not batching.sort:
         return _greedy(range(n), lengths, batching)
+    if batching.pack:
+        plain = _plan(lengths, batching._replace(pack=False), first_tokens=first_tokens)
+        packed = _pack_plan(lengths, batching, first_tokens=first_tokens)
+        return packed if _plan_cost(lengths, packed, batching) < _plan_cost(lengths, plain, batching) else plain
     order = sorted(range(n), key=lengths.__getitem__)
     sizes = [lengths[j] for j in order]
     # best[i]: least cost of prompts order[i:]; end[i]: where the batch starting at i ends
@@ -639,6 +676,65 @@ def _plan(lengths: Sequence[int], batching: _Batching, *, first_tokens: int | No
         groups.append(sorted(order[i:end[i]]))
         i = end[i]
     return groups
+
+
+class _Rows(tuple):
+    """A packed batch: a tuple of rows, each a tuple of prompt indices laid end to end (`_pack_plan`)."""
+
+    def indices(self) -> list[int]:
+        return sorted(j for row in self for j in row)
+
+
+def _group_indices(g: list[int] | _Rows) -> list[int]:
+    return g.indices() if isinstance(g, _Rows) else list(g)
+
+
+def _plan_cost(lengths: Sequence[int], groups: Sequence[list[int] | _Rows], batching: _Batching) -> int:
+    """Padded tokens (rows x widest row) plus ``overhead`` per forward pass, as `_plan` weighs them."""
+    total = 0
+    for g in groups:
+        if isinstance(g, _Rows):
+            total += len(g) * max(sum(lengths[j] for j in row) for row in g)
+        else:
+            total += len(g) * max(lengths[j] for j in g)
+    return total + batching.overhead * len(groups)
+
+
+def _pack_plan(lengths: Sequence[int], batching: _Batching, *, first_tokens: int | None = None
+               ) -> list[list[int] | _Rows]:
+    """Batches of packed rows: the prompts, longest first (ties in index order), laid end to end into rows as
+    wide as the longest prompt (first fit: each goes into the first row with room, at most ``batch_size`` prompts
+    a row), and the rows, in the order made, cut into batches of at most ``batch_tokens`` padded tokens (rows x
+    row width; ``first_tokens`` for the first) and ``batch_size`` prompts. A batch whose rows each hold one
+    prompt is a plain batch (a list of indices, in index order); the others are `_Rows`."""
+    n = len(lengths)
+    order = sorted(range(n), key=lambda j: (-lengths[j], j))
+    width = lengths[order[0]]
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for j in order:
+        for r, u in enumerate(used):
+            if u + lengths[j] <= width and len(rows[r]) < batching.batch_size:
+                rows[r].append(j)
+                used[r] += lengths[j]
+                break
+        else:
+            rows.append([j])
+            used.append(lengths[j])
+    groups: list[list[int] | _Rows] = []
+    current: list[list[int]] = []
+    count = 0
+    for row in rows:
+        cap = first_tokens if first_tokens is not None and not groups else batching.batch_tokens
+        if current and ((len(current) + 1) * width > cap or count + len(row) > batching.batch_size):
+            groups.append(current)
+            current, count = [], 0
+        current.append(row)
+        count += len(row)
+    if current:
+        groups.append(current)
+    return [sorted(r[0] for r in g) if all(len(r) == 1 for r in g) else _Rows(tuple(r) for r in g)
+            for g in groups]
 
 
 def _greedy(order: Sequence[int], lengths: Sequence[int], batching: _Batching) -> list[list[int]]:
@@ -690,39 +786,149 @@ def _plan_shard(model: Model, items: list[Prompt], span: tuple[int, int], positi
     first = batching.batch_tokens // FIRST_BATCH_SHARE if lo == 0 else None
     jobs, holds = [], []
     for g in _plan(est, batching, first_tokens=first):
-        idx = [lo + j for j in g]
+        idx, rows = _split_group(g, lo)
         held = [k for k in (images.submit(items[i].image, pool, hold=True) for i in idx
                             if split and items[i].image is not None) if k is not None]
         jobs.append(pool.submit(_prepare_batch, model, items, idx, positions, exclude, pin, batching,
-                                images if split else None, features, release=() if features else held))
+                                images if split else None, features, release=() if features else held, rows=rows))
         holds.append(held if features else [])
     return jobs, holds
 
 
+def _split_group(g: list[int] | _Rows, lo: int) -> tuple[list[int], list[list[int]] | None]:
+    """(the prompt indices of plan group ``g`` plus ``lo``, in index order; for packed rows, each row as
+    positions in that list, else None)."""
+    idx = _group_indices(g)
+    if not isinstance(g, _Rows):
+        return [lo + j for j in idx], None
+    where = {j: k for k, j in enumerate(idx)}
+    return [lo + j for j in idx], [[where[j] for j in row] for row in g]
+
+
+@dataclasses.dataclass
+class _Packed:
+    """A batch of packed rows (`_pack_plan`): ``inputs`` hold ``input_ids``, ``position_ids`` (from 0 in each
+    prompt, and in the padding tail of a row) and any ``token_type_ids``, no ``attention_mask`` (the masks are
+    built from the position ids, `hf.packed_masks`). ``plain`` is the padded batch of the same prompts, whose
+    selection the rows follow: ``flat`` holds, for each selected (row, position) of ``plain`` in row-major order,
+    its flat index in the packed rows. ``places``: per prompt, (its row in ``plain``, its packed row, its first
+    packed position, its length)."""
+
+    plain: Batch
+    inputs: dict[str, Tensor]
+    image_keys: tuple[Hashable | None, ...]
+    flat: Tensor
+    places: tuple[tuple[int, int, int, int], ...]
+    # the check (`hf.check_packed`): a padded batch of a few of the prompts, whose masks the model builds itself
+    probe: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # attention_mask, any token_type_ids
+    probe_places: tuple[tuple[int, int, int, int], ...] = ()  # as ``places``, rows counted in the probe
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.plain.lengths
+
+    @property
+    def input_ids(self) -> Tensor:
+        return self.inputs["input_ids"]
+
+    @property
+    def width(self) -> int:
+        return self.inputs["input_ids"].shape[1]
+
+    def to(self, device: Any, *, pin: bool = False) -> _Packed:
+        if pin:
+            inputs = {k: v.pin_memory() for k, v in self.inputs.items()}
+        else:
+            inputs = {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
+        return dataclasses.replace(self, inputs=inputs, flat=self.flat.pin_memory() if pin else self.flat)
+
+
+_PACKABLE = frozenset({"input_ids", "attention_mask", "token_type_ids"})
+
+
+def _pack(batch: Batch, rows: Sequence[Sequence[int]], sel: Tensor, pad_id: int) -> _Packed | None:
+    """``batch`` (right-padded, on the host) laid out as packed ``rows`` (its row numbers, end to end); None
+    where its inputs hold more than token ids and types (pixel values: the batch runs padded)."""
+    inputs = batch.inputs
+    if set(inputs) - _PACKABLE or "input_ids" not in inputs:
+        return None
+    lengths = batch.lengths.tolist()
+    width = max(sum(lengths[k] for k in row) for row in rows)
+    src, types = inputs["input_ids"], inputs.get("token_type_ids")
+    ids = torch.full((len(rows), width), pad_id, dtype=src.dtype)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    tt = torch.zeros((len(rows), width), dtype=types.dtype) if types is not None else None
+    row_of = torch.zeros(len(lengths), dtype=torch.long)
+    start = torch.zeros(len(lengths), dtype=torch.long)
+    keys, places = [], []
+    for r, row in enumerate(rows):
+        s = 0
+        for k in row:
+            n = lengths[k]
+            ids[r, s:s + n] = src[k, :n]
+            pos[r, s:s + n] = torch.arange(n)
+            if tt is not None:
+                tt[r, s:s + n] = types[k, :n]
+            row_of[k], start[k] = r, s
+            places.append((k, r, s, n))
+            if batch.image_keys:
+                keys.append(batch.image_keys[k])
+            s += n
+        pos[r, s:] = torch.arange(width - s)  # the padding tail: a segment of its own
+    at, p = sel.nonzero(as_tuple=True)
+    flat = row_of[at] * width + start[at] + p
+    packed = {"input_ids": ids, "position_ids": pos, **({"token_type_ids": tt} if tt is not None else {})}
+    # the check's prompts: those of the first row that holds several, the longest (the window: reached or not)
+    # and one with an image where any has one; a padded batch of them, as wide as the longest
+    chosen = list(next(row for row in rows if len(row) > 1)) + [max(range(len(lengths)), key=lengths.__getitem__)]
+    if types is not None:
+        chosen += [k for k in range(len(lengths)) if bool((types[k] == 1).any())][:1]
+    chosen = sorted(set(chosen))
+    cut = max(lengths[k] for k in chosen)
+    probe = {k: inputs[k][chosen, :cut] for k in ("attention_mask", "token_type_ids") if k in inputs}
+    where = {k: b for b, k in enumerate(chosen)}
+    probe_places = tuple((where[k], r, s, n) for k, r, s, n in places if k in where)
+    return _Packed(batch, packed, tuple(keys), flat, tuple(places), probe, probe_places)
+
+
 def _prepare_batch(model: Model, items: list[Prompt], idx: list[int], positions: Positions, exclude: Sequence[str],
                    pin: bool, batching: _Batching, images: ImageCache | None = None,
-                   features: bool = False,
-                   release: Sequence[Hashable] = ()) -> list[tuple[Batch, Tensor, dict[str, Tensor]]]:
+                   features: bool = False, release: Sequence[Hashable] = (),
+                   rows: Sequence[Sequence[int]] | None = None) -> list[tuple[Batch | _Packed, Tensor,
+                                                                              dict[str, Tensor]]]:
     """Tokenise prompts ``idx`` on the host: [(batch, selection, row metadata)], one entry unless an image
     expanded to more tokens than estimated and the batch had to be split to stay within ``batch_tokens``.
     With ``features`` the batch carries no pixel values: the forward's thread runs the vision tower once per
     image (`_ImageFeatures`), on pixels the cache holds for it until then. ``release``: image keys held for
-    this batch (`_plan_shard`), released once it is encoded (its pixel values are in it)."""
+    this batch (`_plan_shard`), released once it is encoded (its pixel values are in it). ``rows``: the packed
+    rows (positions in ``idx``) the plan laid the prompts in; the entry is then a `_Packed` batch, whose
+    selection and metadata are those of the padded batch of the same prompts."""
     try:
         try:
             batch = model.encode([items[i] for i in idx], device="cpu", images=images, pixel_values=not features)
         except InterpError as e:
             raise _renumbered(e, idx) from None
         lengths = batch.lengths.tolist()
-        if len(idx) > 1 and len(idx) * max(lengths) > batching.batch_tokens:
+        wide = (len(rows) * max(sum(lengths[k] for k in row) for row in rows) if rows is not None
+                else len(idx) * max(lengths))
+        if (len(idx) > 1 if rows is None else len(rows) > 1) and wide > batching.batch_tokens:
             return [part for g in _plan(lengths, batching)
-                    for part in _prepare_batch(model, items, [idx[j] for j in g], positions, exclude, pin, batching,
-                                               images, features)]
+                    for sub, sub_rows in [_split_group(g, 0)]
+                    for part in _prepare_batch(model, items, [idx[j] for j in sub], positions, exclude, pin, batching,
+                                               images, features, rows=sub_rows)]
         sel = position_mask(model, batch, positions, exclude)
-        rows, pos = sel.nonzero(as_tuple=True)  # row-major: batch order, then position order
-        meta = {"prompt_index": torch.as_tensor(idx, dtype=torch.long)[rows], "position": pos,
-                "token_id": batch.input_ids[rows, pos]}
-        return [((batch.to("cpu", pin=True) if pin else batch), sel, meta)]
+        at, pos = sel.nonzero(as_tuple=True)  # row-major: batch order, then position order
+        meta = {"prompt_index": torch.as_tensor(idx, dtype=torch.long)[at], "position": pos,
+                "token_id": batch.input_ids[at, pos]}
+        packed = _pack(batch, rows, sel, model.tokenizer.pad_token_id or 0) if rows is not None else None
+        if packed is not None:
+            body = _vision_body(model)[1]
+            if hf.packed_state(body, hf.packed_key(body, packed.inputs)) is False:  # failed its check: padded
+                return [part for g in _plan(lengths, batching._replace(pack=False))
+                        for part in _prepare_batch(model, items, [idx[j] for j in g], positions, exclude, pin,
+                                                   batching, images, features)]
+        out = packed if packed is not None else batch
+        return [((out.to("cpu", pin=True) if pin else out), sel, meta)]
     finally:
         if release:
             images.release(release)
@@ -918,6 +1124,59 @@ def _written(write: tuple[tuple[int, int], Future]) -> tuple[tuple[int, int], di
     return write[0], write[1].result()
 
 
+def _forward(model: Model, body: Any, batch: Batch | _Packed, sel: Tensor, layers: list[int],
+             out_dtype: torch.dtype, features: _ImageFeatures | None, batching: _Batching) -> Tensor:
+    """One planned batch's forward, on the forward's thread: the ``[n_layers, n_rows, d_model]`` buffer of its
+    selected rows. A `_Packed` batch runs packed once its class is checked on this model (the first of each
+    class checks it first, `hf.check_packed`); where the check failed, it runs as padded batches of consecutive
+    rows within ``batch_tokens`` (the rows, in the same order)."""
+    if isinstance(batch, _Packed):
+        key = hf.packed_key(body, batch.inputs)
+        state = hf.packed_state(body, key) if key is not None else False
+        if state is None:
+            device = model.device
+            packed = {k: batch.inputs[k].to(device) for k in ("position_ids", "token_type_ids") if k in batch.inputs}
+            probe = {k: v.to(device) for k, v in batch.probe.items()}
+            state = hf.check_packed(model.hf, body, key, packed, probe, batch.probe_places)
+        if state:
+            return _run_on_device(model, batch, sel, layers, out_dtype, features, "packed")
+        return torch.cat([_run_on_device(model, part, part_sel, layers, out_dtype, features, "prepared")
+                          for part, part_sel in _padded_parts(batch.plain, sel, batching.batch_tokens)], dim=1)
+    return _run_on_device(model, batch, sel, layers, out_dtype, features, "prepared")
+
+
+def _run_on_device(model: Model, batch: Batch | _Packed, sel: Tensor, layers: list[int], out_dtype: torch.dtype,
+                   features: _ImageFeatures | None, masks: str) -> Tensor:
+    host_ids = batch.input_ids
+    batch = batch.to(model.device)
+    merged = (features.inputs(batch, host_ids) if features is not None and "pixel_values" not in batch.inputs
+              and any(k is not None for k in batch.image_keys) else None)
+    return _run_hooked(model, batch, layers, sel, out_dtype, inputs=merged, masks=masks)[0]
+
+
+def _padded_parts(batch: Batch, sel: Tensor, cap: int) -> list[tuple[Batch, Tensor]]:
+    """``batch`` (on the host) cut into runs of consecutive rows, each within ``cap`` padded tokens (rows x
+    longest) but for a row alone, each cut to its longest row; with their selections. Their selected rows, one
+    run after another, are the batch's in row-major order."""
+    lengths = batch.lengths.tolist()
+    parts, i = [], 0
+    while i < len(lengths):
+        j, longest = i + 1, lengths[i]
+        while j < len(lengths) and (j - i + 1) * max(longest, lengths[j]) <= cap:
+            longest = max(longest, lengths[j])
+            j += 1
+        rows = slice(i, j)
+        inputs = {k: v[rows, :longest] for k, v in batch.inputs.items()}
+        part = dataclasses.replace(batch, inputs=inputs, lengths=batch.lengths[rows],
+                                   question_mask=batch.question_mask[rows, :longest],
+                                   special_mask=batch.special_mask[rows, :longest],
+                                   image_mask=batch.image_mask[rows, :longest],
+                                   image_keys=tuple(batch.image_keys[rows]))
+        parts.append((part, sel[rows, :longest]))
+        i = j
+    return parts
+
+
 def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], layers: list[int],
                 positions: Positions, exclude: Sequence[str], out_dtype: torch.dtype, batching: _Batching,
                 lengths: list[int] | None, folder: Path | None, manifest: dict | None, bar: tqdm, kept: _Kept,
@@ -926,6 +1185,7 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
     stream through a copier thread, and finished shards are written by a third and handed to ``kept``."""
     cuda = model.device.type == "cuda"
     stream = torch.cuda.Stream(model.device) if cuda else None
+    body = _vision_body(model)[1]
     tokeniser, copier, writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1), ThreadPoolExecutor(1)
     # Image preprocessing (PIL resizing to 896 px, normalising) is the slow part of encoding: with images,
     # batches are encoded on several threads (the planner's first tokenizer call, with the same settings,
@@ -940,6 +1200,8 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
     # pinned pixels only where they go to the device one image at a time (the vision passes of _ImageFeatures);
     # batches that carry pixel values concatenate them into a new tensor, pinned with the batch
     takes_features = with_images and _takes_image_features(model)
+    if with_images and not takes_features:  # the batches carry pixel values: they run padded
+        batching = batching._replace(pack=False)
     images = (ImageCache(model, max_bytes=IMAGE_CACHE_BYTES, max_held=HELD_IMAGES,
                          pin=None if takes_features else False) if with_images else None)
     features = _ImageFeatures(model, images) if with_images else None
@@ -961,14 +1223,10 @@ def _run_shards(model: Model, items: list[Prompt], todo: list[tuple[int, int]], 
             with torch.inference_mode():
                 for b, (job, held) in enumerate(zip(jobs, holds, strict=True)):
                     for batch, sel, _meta in job.result():
-                        host_ids = batch.input_ids
-                        batch = batch.to(model.device)
-                        merged = (features.inputs(batch, host_ids) if "pixel_values" not in batch.inputs
-                                  and any(k is not None for k in batch.image_keys) else None)
                         if features is not None and b + 1 < len(holds):
                             # the next batch's vision passes, on the side stream beside this forward
                             features.prefetch(holds[b + 1])
-                        buffer, _ = _run_hooked(model, batch, layers, sel, out_dtype, inputs=merged)
+                        buffer = _forward(model, body, batch, sel, layers, out_dtype, features, batching)
                         if cuda:
                             staged, done = _stage(buffer, stream)
                             copies.append(copier.submit(shard.copy, j, staged, done))

@@ -512,3 +512,168 @@ def prepared_masks(body: nn.Module | None, inputs: dict[str, Any], *,
                 warnings.warn(f"interp: the attention masks built for {'image' if types is not None else 'text'} "
                               f"batches differ from {type(body).__name__}'s own in this transformers version; its "
                               "own are used (same values, more host time per forward)", RuntimeWarning, stacklevel=3)
+
+
+# --- packed rows: several prompts in one row, each its own segment ------------------------------------------
+# A packed row holds prompts end to end, each with position ids from 0 and attending only within itself (its
+# segment), and after them, where the row is not full, a tail of padding that is a segment of its own (so that
+# no query attends to nothing). The forward takes ``position_ids`` and the masks built here, never a 2D
+# ``attention_mask``. transformers builds such masks itself from position ids (``attention_mask=None``), but its
+# Gemma 3 sliding-window mask for images indexes the image blocks by position id, not by place in the row (the
+# block overlay is an ``or_mask_function``, remapped with the rest): wrong for a second prompt with an image. So
+# the reference is the model's own mask for the same prompts as a padded batch: before the first packed batch of
+# each body and class (images or not, reaching the sliding window or not) runs, the model builds its masks for a
+# padded batch of a few of its prompts (a forward on zero embeddings that stops once they are recorded), and each
+# prompt's block of the packed mask must equal its row of theirs, with nothing outside the block
+# (`check_packed`). After a mismatch (one warning) batches of that class run padded.
+
+
+def packs(body: nn.Module | None) -> bool:
+    """Can ``body``'s forward take packed rows (`packed_masks`)? Gemma 3 bodies under SDPA, causal."""
+    return body is not None and _mask_plan(body) is not None
+
+
+def segments(position_ids: Tensor) -> Tensor:
+    """``[rows, pos]`` segment numbers: a new segment wherever the position id does not go up by one."""
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
+def packed_masks(position_ids: Tensor, token_type_ids: Tensor | None, sliding_window: int | None,
+                 layer_types: Sequence[str]) -> dict[str, Tensor]:
+    """Gemma 3's masks for packed rows, per layer type, ``[rows, 1, q, kv]`` booleans: ``q`` attends to ``kv``
+    in the same segment where ``kv <= q`` or both lie in the same image's block of soft tokens; on
+    sliding-window layers also ``kv > q - window``. Each prompt's block is its mask alone (`causal_masks`)."""
+    seg = segments(position_ids)
+    n = seg.shape[1]
+    idx = torch.arange(n, device=seg.device)
+    allowed = (idx[None, None, :] <= idx[None, :, None]).expand(seg.shape[0], n, n)
+    if token_type_ids is not None:
+        is_image = token_type_ids == 1
+        starts = is_image & ~nn.functional.pad(is_image, (1, 0))[:, :-1]
+        block = torch.where(is_image, torch.cumsum(starts.int(), dim=1) - 1, -1)
+        allowed = allowed | ((block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0))
+    allowed = allowed & (seg[:, :, None] == seg[:, None, :])
+    out: dict[str, Tensor] = {}
+    for kind in dict.fromkeys(layer_types):
+        mask = allowed & (idx[None, :] > idx[:, None] - sliding_window) if kind == "sliding_attention" else allowed
+        out[kind] = mask.unsqueeze(1).contiguous()
+    return out
+
+
+def packed_key(body: nn.Module, inputs: dict[str, Any]) -> tuple | None:
+    """The check key of a packed batch's class (None: ``body`` cannot take packed rows)."""
+    plan = _mask_plan(body) if body is not None else None
+    if plan is None:
+        return None
+    key, text, _ = plan
+    window = getattr(text, "sliding_window", None)
+    width = inputs["position_ids"].shape[1]
+    reached = "sliding_attention" in key[-1] and width >= window
+    return ("packed", inputs.get("token_type_ids") is not None, reached, *key)
+
+
+def packed_state(body: nn.Module, key: tuple) -> bool | None:
+    """True: packed rows of this class are checked; False: their masks differed (batches run padded); None: not
+    yet checked (`check_packed`)."""
+    return _MASKS_CHECKED.get(body, {}).get(key)
+
+
+class _Recorded(Exception):
+    """Raised by `probe_masks`' hook once the masks are recorded: nothing further is computed."""
+
+
+def probe_masks(model: nn.Module, body: nn.Module, inputs: dict[str, Tensor]) -> Any:
+    """The masks ``body``'s forward builds itself for a padded batch (``inputs``: ``attention_mask`` and any
+    ``token_type_ids``), recorded on their way into the decoder (a text body: into each layer type's first
+    layer) from a forward of ``model`` on zero embeddings that stops there: the dict of masks per layer type, or
+    None where not recorded. The masks depend on the padding, the token types and the shape only."""
+    plan = _mask_plan(body)
+    if plan is None:
+        return None
+    key, _, decoder = plan
+    width = body.get_input_embeddings().weight
+    mask = inputs["attention_mask"]
+    embeds = torch.zeros(*mask.shape, width.shape[-1], dtype=width.dtype if width.is_floating_point()
+                         else torch.float32, device=mask.device)
+    seen: dict[str, Any] = {}
+    if decoder is not body:
+        def whole(_module, _args, kwargs):
+            seen["masks"] = kwargs.get("attention_mask")
+            raise _Recorded
+
+        handles = [decoder.register_forward_pre_hook(whole, with_kwargs=True)]
+    else:
+        first = {kind: key[-1].index(kind) for kind in dict.fromkeys(key[-1])}
+        masks: dict[str, Any] = {}
+
+        def per_kind(kind: str):
+            def hook(_module, _args, kwargs):
+                masks[kind] = kwargs.get("attention_mask")
+                if len(masks) == len(first):
+                    seen["masks"] = masks
+                    raise _Recorded
+
+            return hook
+
+        handles = [decoder.layers[i].register_forward_pre_hook(per_kind(kind), with_kwargs=True)
+                   for kind, i in first.items()]
+    try:
+        model(inputs_embeds=embeds, **inputs, use_cache=False)
+    except _Recorded:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen.get("masks")
+
+
+def check_packed(model: nn.Module, body: nn.Module, key: tuple, packed_inputs: dict[str, Any],
+                 probe: dict[str, Tensor], places: Sequence[tuple[int, int, int, int]]) -> bool:
+    """Check the packed masks for ``packed_inputs`` against the model's own for ``probe``, a padded batch of some
+    of the same prompts (`probe_masks`); ``places``: per probed prompt (its row in the probe, its packed row,
+    its first packed position, its length). Each prompt's block of the packed mask must equal its probe row's
+    ``[:length, :length]`` (SDPA's causal path where theirs is None), and the packed mask must let it attend to
+    nothing outside the block. Records the outcome for ``key`` (a mismatch warns) and returns it."""
+    plan = _mask_plan(body)
+    theirs = probe_masks(model, body, probe) if plan is not None else None
+    same = isinstance(theirs, dict) and set(theirs) == set(plan[0][-1]) and bool(places)
+    if same:
+        window = getattr(plan[1], "sliding_window", None)
+        ours = packed_masks(packed_inputs["position_ids"], packed_inputs.get("token_type_ids"), window, plan[0][-1])
+        width = probe["attention_mask"].shape[-1]
+        for kind, mask in ours.items():
+            ref = theirs[kind]
+            if ref is not None and not (isinstance(ref, Tensor) and ref.dtype == torch.bool and ref.ndim == 4
+                                        and ref.shape[-1] == width):
+                same = False
+            for b, r, s, n in places if same else ():
+                block = mask[r, 0, s:s + n]
+                if ref is None:  # SDPA's causal path: causal, and on sliding layers the window (n < it then)
+                    want = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+                else:
+                    want = ref[b, 0, :n, :n].to(mask.device)
+                if not (torch.equal(block[:, s:s + n], want) and int(block.sum()) == int(want.sum())):
+                    same = False
+                    break
+            if not same:
+                break
+    _MASKS_CHECKED.setdefault(body, {})[key] = same
+    if not same:
+        warnings.warn(f"interp: the packed attention masks built for {type(body).__name__} do not match its own "
+                      "masks for the same prompts padded in this transformers version; batches run padded (same "
+                      "values, more padding)", RuntimeWarning, stacklevel=3)
+    return same
+
+
+@contextmanager
+def packed_forward(body: nn.Module, inputs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """``inputs`` of a packed batch (``position_ids``, no ``attention_mask``) with the packed masks, for a
+    class already checked (`check_packed`); raises `Unsupported` otherwise."""
+    key = packed_key(body, inputs)
+    if key is None or packed_state(body, key) is not True or inputs.get("attention_mask") is not None:
+        raise Unsupported("packed rows of this class are not checked")
+    plan = _mask_plan(body)
+    window = getattr(plan[1], "sliding_window", None)
+    yield {**inputs, "attention_mask": packed_masks(inputs["position_ids"], inputs.get("token_type_ids"), window,
+                                                    plan[0][-1])}

@@ -490,15 +490,15 @@ def test_the_first_batch_of_a_capture_is_small(tiny_medgemma, monkeypatch):
     shapes, real = [], capture_mod._run_hooked
 
     def recording(model, batch, *a, **k):
-        shapes.append(tuple(batch.input_ids.shape))
+        shapes.append((*batch.input_ids.shape, int(batch.lengths.numel())))  # rows, width, prompts
         return real(model, batch, *a, **k)
 
     monkeypatch.setattr(capture_mod, "_run_hooked", recording)
     interp.capture(tiny_medgemma, prompts, layers=[0], batch_size=64, batch_tokens=1200, shard_size=20,
                    progress=False)
-    rows, width = shapes[0]
-    assert rows * width <= 1200 // capture_mod.FIRST_BATCH_SHARE < max(r * w for r, w in shapes[1:])
-    assert sum(r for r, _ in shapes) == 40
+    rows, width, _ = shapes[0]
+    assert rows * width <= 1200 // capture_mod.FIRST_BATCH_SHARE < max(r * w for r, w, _ in shapes[1:])
+    assert sum(n for _, _, n in shapes) == 40
 
 
 # ---- the batch planner -----------------------------------------------------------------------------------

@@ -111,7 +111,10 @@ def test_text_batch_masks_equal_the_forwards_own_none_included(medgemma):
 
 
 def _capture(model, prompts, **kw):
-    return interp.capture(model, prompts, layers=[1, model.n_layers - 1], positions="all", progress=False, **kw)
+    """Padded batches (``pack=False``): the masks under test are those of padded batches (packed rows:
+    tests/test_packing.py)."""
+    return interp.capture(model, prompts, layers=[1, model.n_layers - 1], positions="all", progress=False,
+                          pack=False, **kw)
 
 
 def test_capture_with_prepared_masks_equals_the_forwards_own_bit_for_bit(medgemma, monkeypatch):
@@ -189,11 +192,11 @@ def test_text_body_masks_checked_and_used_on_gemma3_270m(gemma270m, monkeypatch)
     prompts = [" ".join(BODY[:6]), BODY[0], BODY[1], " ".join(BODY[2:4])]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        first = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
+        first = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False, pack=False)
         assert _checks(gemma270m) and all(_checks(gemma270m).values())
-        second = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
+        second = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False, pack=False)
     monkeypatch.setattr(hf, "_mask_plan", lambda body: None)
-    plain = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False)
+    plain = interp.capture(gemma270m, prompts, layers=[3, 8], positions="all", progress=False, pack=False)
     for layer in (3, 8):
         assert torch.equal(first[layer], plain[layer]) and torch.equal(second[layer], plain[layer])
 

@@ -134,6 +134,38 @@ def test_capture_with_images_equals_each_prompt_alone(medgemma, cxr_images, reco
             assert res["n_wrong_prompts"] == 0 and res["misplaced_rows"] == 0, res
 
 
+def test_packed_capture_equals_each_prompt_alone(medgemma, ragged_prompts, cxr_images, record, monkeypatch):
+    """Packed rows (``pack=True``: several prompts end to end in a row where that costs less): text and image prompts
+    mixed, each prompt's rows against that prompt alone; the packed forwards are counted, so that the case fails
+    if nothing was packed."""
+    import importlib
+
+    from interp.models import Prompt
+
+    capture_mod = importlib.import_module("interp.capture")
+    counts = {"packed": 0, "prepared": 0}
+    real = capture_mod._run_hooked
+
+    def counted(*args, masks="prepared", **kwargs):
+        counts[masks] = counts.get(masks, 0) + 1
+        return real(*args, masks=masks, **kwargs)
+
+    monkeypatch.setattr(capture_mod, "_run_hooked", counted)
+    text = [p for p in ragged_prompts if len(p) < 2000][:40]
+    prompts = [Prompt(q, image=cxr_images[k % len(cxr_images)] if k % 2 else None) for k, q in enumerate(text)]
+    layers = [5, 17] if medgemma.n_layers == 34 else [1, _mid(medgemma)]
+    ref = _alone(medgemma, prompts, layers)
+    for positions in ("all", "last"):
+        for k in range(REPEATS):
+            before = counts["packed"]
+            acts = interp.capture(medgemma, prompts, layers=layers, positions=positions, pack=True, progress=False)
+            res = _compare(acts, ref, layers)
+            res["packed_forwards"] = counts["packed"] - before
+            record(f"capture packed, text and images, layers {layers} positions={positions} run={k}", **res)
+            assert res["n_wrong_prompts"] == 0 and res["misplaced_rows"] == 0, res
+            assert res["packed_forwards"] >= 1, res
+
+
 def test_prepared_masks_equal_the_forwards_own_on_the_device(medgemma, cxr_images, ragged_prompts, record,
                                                              monkeypatch):
     """Capture builds image and text batches' attention masks itself (`hf.prepared_masks`, no vmap and no read-back):
@@ -147,11 +179,14 @@ def test_prepared_masks_equal_the_forwards_own_on_the_device(medgemma, cxr_image
     hf._MASKS_CHECKED.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        first = interp.capture(medgemma, prompts, layers=layers, positions="all", progress=False)
+        first = interp.capture(medgemma, prompts, layers=layers, positions="all", progress=False,
+                                   pack=False)
         checked = dict(hf._MASKS_CHECKED.get(medgemma.hf.model, {}))
-        second = interp.capture(medgemma, prompts, layers=layers, positions="all", progress=False)
+        second = interp.capture(medgemma, prompts, layers=layers, positions="all", progress=False,
+                                   pack=False)
     monkeypatch.setattr(hf, "_mask_plan", lambda body: None)
-    own = interp.capture(medgemma, prompts, layers=layers, positions="all", progress=False)
+    own = interp.capture(medgemma, prompts, layers=layers, positions="all", progress=False,
+                                   pack=False)
     diff = max((first[layer].float() - own[layer].float()).abs().max().item() for layer in layers)
     diff2 = max((second[layer].float() - own[layer].float()).abs().max().item() for layer in layers)
     record("prepared masks vs the forward's own", kinds_checked=sorted({k[0] for k in checked}),
