@@ -261,7 +261,7 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
     longest prompt, each prompt its own segment (position ids from 0, attending only within itself), so that
     short prompts fill the room beside long ones instead of padding: fewer, fuller forwards, but every row's
     attention spans the row (SDPA with a mask computes all of it). ``pack=None`` packs a call whose prompts are
-    all text, where the model can: on the H200 packing measured +1-5% tokens/s on ragged text and 5-15% less on
+    all text, where the model can: on the H200 packing measured +1-5% tokens/s on ragged text and 2-15% less on
     the half-image corpus (docs/BENCHMARKS.md, round 8); ``True`` packs with images too, ``False`` never.
     Before the first packed batch of each class (with images or not, reaching the sliding window or not) runs on
     a model, the model builds its own masks for a padded batch of some of its prompts, and the packed masks must
