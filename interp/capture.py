@@ -129,13 +129,13 @@ def run_hooked(model: Model, batch: Batch, layers: Sequence[int], sel: Tensor,
 
 def _run_hooked(model: Model, batch: Batch | _Packed, layers: Sequence[int], sel: Tensor,
                 out_dtype: torch.dtype | None = None, *, inputs: dict[str, Any] | None = None,
-                masks: Literal["prepared", "own", "packed"] = "prepared") -> tuple[Tensor, dict[int, Tensor]]:
+                masks: Literal["prepared", "packed"] = "prepared") -> tuple[Tensor, dict[int, Tensor]]:
     """`run_hooked`, also returning the ``[n_layers, n_selected, d_model]`` buffer whose rows the hooks
     fill (``buffer[k]`` is ``layers[k]``), so that a caller can move every layer to the host in one copy.
     ``inputs``: what the forward takes in place of ``batch.inputs`` (the batch's images merged into its token
-    embeddings), the batch itself kept as it is for its masks and ids. ``masks``: "prepared" where checked
-    (`hf.prepared_masks`), "own" (the model builds its own), or "packed" for a `_Packed` batch (its rows, in the
-    order of the padded batch's selection ``sel``, `hf.packed_forward`)."""
+    embeddings), the batch itself kept as it is for its masks and ids. ``masks``: "prepared" (the masks built
+    here where checked, `hf.prepared_masks`) or "packed" for a `_Packed` batch (its rows, in the order of the
+    padded batch's selection ``sel``, `hf.packed_forward`)."""
     inputs = batch.inputs if inputs is None else inputs
     # Flat row indices computed on the host: boolean-mask indexing on the device would force a sync
     # in every hook and stall the kernel queue.
@@ -167,8 +167,6 @@ def _run_hooked(model: Model, batch: Batch | _Packed, layers: Sequence[int], sel
         body = _vision_body(model)[1]
         if masks == "packed":
             forward = hf.packed_forward(body, inputs)
-        elif masks == "own":
-            forward = contextlib.nullcontext(inputs)
         else:
             padded = hf.host_padded(batch.lengths, int(batch.lengths.max()))  # right-padded to the longest
             forward = hf.prepared_masks(body, inputs, padded=padded)
@@ -252,28 +250,28 @@ def capture(model: Model, prompts: Sequence[Prompt | str], *, layers: Any, posit
     then reads what the first wrote; a shard found damaged is recomputed with a `CacheWarning`. ``exclude``
     (with ``positions="all"``) drops ``"special"`` and/or ``"image"`` tokens; padding is never kept.
 
-    Batching: within a shard, the length-sorted prompts are cut into the batches that cost least, padded
-    tokens plus a fixed cost per forward pass (``sort=False``: the given order, each batch filled up), at most
-    ``batch_size`` prompts (default 64 on a GPU, 16 on the CPU) and ``batch_tokens`` padded tokens, prompts x
-    longest (default 16384 / 4096), per forward pass; a longer prompt runs alone, and the first batch is
-    smaller, so that the device starts early. Packing (``pack``; Gemma 3 under SDPA, with ``sort``): where it
-    costs less by the same measure, a shard's prompts, longest first, are laid end to end in rows as wide as its
-    longest prompt, each prompt its own segment (position ids from 0, attending only within itself), so that
-    short prompts fill the room beside long ones instead of padding: fewer, fuller forwards, but every row's
-    attention spans the row (SDPA with a mask computes all of it). ``pack=None`` packs a call whose prompts are
-    all text, where the model can: on the H200 packing measured +1-5% tokens/s on ragged text and 2-15% less on
-    the half-image corpus (docs/BENCHMARKS.md, round 8); ``True`` packs with images too, ``False`` never.
-    Before the first packed batch of each class (with images or not, reaching the sliding window or not) runs on
-    a model, the model builds its own masks for a padded batch of some of its prompts, and the packed masks must
-    match them for each prompt (else, with one warning, batches stay padded). Rows come back in prompt order, then position, whatever the
-    batches; the cache does not depend on them. Each distinct image (a file path, or an image object) is
-    processed once per call and, on transformers releases whose forward takes image features, run through
-    the vision tower once, while its pixels (1 GB) and features (512 MB) fit the call's caches, and when the
-    processor's call can be split in two (checked against the full call; else each prompt makes that call).
-    A batch holds its images' pixels in that cache from when it is planned until it has run (with pixel
-    values in the batch: until it is encoded), so an image is dropped for room only once no queued batch
-    needs it (this shard's or the next's); what they hold counts in the cache's bytes and may take it past
-    1 GB, by at most 256 distinct images (beyond those, an image may be processed again).
+    Batching: within a shard, the length-sorted prompts are cut into the batches that cost least, padded tokens plus
+    a fixed cost per forward pass (``sort=False``: the given order, each batch filled up), at most ``batch_size``
+    prompts (default 64 on a GPU, 16 on the CPU) and ``batch_tokens`` padded tokens, prompts x longest (default
+    16384 / 4096), per forward pass; a longer prompt runs alone, and the first batch is smaller, so that the device
+    starts early. Packing (``pack``; Gemma 3 under SDPA, with ``sort``): where it costs less by the same measure, a
+    shard's prompts, longest first, are laid end to end in rows as wide as its longest prompt, each prompt its own
+    segment (position ids from 0, attending only within itself), so that short prompts fill the room beside long
+    ones instead of padding: fewer, fuller forwards, but every row's attention spans the row (SDPA with a mask
+    computes all of it). ``pack=None`` packs a call whose prompts are all text, where the model can: on the H200
+    packing measured +1-5% tokens/s on ragged text and 2-15% less on the half-image corpus (docs/BENCHMARKS.md,
+    round 8); ``True`` packs with images too, ``False`` never. Before the first packed batch of each class (with
+    images or not, reaching the sliding window or not) runs on a model, the model builds its own masks for a padded
+    batch of some of its prompts, and the packed masks must match them for each prompt (else, with one warning,
+    batches stay padded). Rows come back in prompt order, then position, whatever the batches; the cache does not
+    depend on them. Each distinct image (a file path, or an image object) is processed once per call and, on
+    transformers releases whose forward takes image features, run through the vision tower once, while its pixels
+    (1 GB) and features (512 MB) fit the call's caches, and when the processor's call can be split in two (checked
+    against the full call; else each prompt makes that call). A batch holds its images' pixels in that cache from
+    when it is planned until it has run (with pixel values in the batch: until it is encoded), so an image is
+    dropped for room only once no queued batch needs it (this shard's or the next's); what they hold counts in the
+    cache's bytes and may take it past 1 GB, by at most 256 distinct images (beyond those, an image may be processed
+    again).
 
     Memory: finished shards stay in host memory while they fit ``max_memory`` (bytes, or ``"2GB"``;
     default a quarter of this machine's RAM). A larger capture needs a cache and returns lazy
@@ -830,10 +828,6 @@ class _Packed:
     @property
     def input_ids(self) -> Tensor:
         return self.inputs["input_ids"]
-
-    @property
-    def width(self) -> int:
-        return self.inputs["input_ids"].shape[1]
 
     def to(self, device: Any, *, pin: bool = False) -> _Packed:
         if pin:

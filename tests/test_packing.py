@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_masks import _own_masks  # the masks the model's whole forward builds, as its decoder gets them
 
 import interp
 from interp import hf
@@ -114,22 +115,6 @@ def test_short_prompts_fill_the_rows_beside_long_ones():
 
 
 # ---- the masks ---------------------------------------------------------------------------------------------
-
-def _own_masks(model: interp.Model, inputs: dict) -> dict:
-    """The masks the model's whole forward builds for ``inputs`` (pixel values and all), as its decoder gets them."""
-    seen = {}
-
-    def record(_m, _a, kwargs):
-        seen["masks"] = kwargs["attention_mask"]
-
-    handle = model.hf.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            model.hf(**inputs, use_cache=False)
-    finally:
-        handle.remove()
-    return seen["masks"]
-
 
 def _own_masks_alone(model: interp.Model, prompt: Prompt) -> dict:
     return _own_masks(model, model.encode([prompt]).inputs)
