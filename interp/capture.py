@@ -1135,7 +1135,7 @@ def _forward(model: Model, body: Any, batch: Batch | _Packed, sel: Tensor, layer
         if state:
             return _run_on_device(model, batch, sel, layers, out_dtype, features, "packed")
         return torch.cat([_run_on_device(model, part, part_sel, layers, out_dtype, features, "prepared")
-                          for part, part_sel in _padded_parts(batch.plain, sel, batching.batch_tokens)], dim=1)
+                          for part, part_sel in _padded_parts(batch.plain, sel, batching)], dim=1)
     return _run_on_device(model, batch, sel, layers, out_dtype, features, "prepared")
 
 
@@ -1148,18 +1148,13 @@ def _run_on_device(model: Model, batch: Batch | _Packed, sel: Tensor, layers: li
     return _run_hooked(model, batch, layers, sel, out_dtype, inputs=merged, masks=masks)[0]
 
 
-def _padded_parts(batch: Batch, sel: Tensor, cap: int) -> list[tuple[Batch, Tensor]]:
-    """``batch`` (on the host) cut into runs of consecutive rows, each within ``cap`` padded tokens (rows x
-    longest) but for a row alone, each cut to its longest row; with their selections. Their selected rows, one
-    run after another, are the batch's in row-major order."""
-    lengths = batch.lengths.tolist()
-    parts, i = [], 0
-    while i < len(lengths):
-        j, longest = i + 1, lengths[i]
-        while j < len(lengths) and (j - i + 1) * max(longest, lengths[j]) <= cap:
-            longest = max(longest, lengths[j])
-            j += 1
-        rows = slice(i, j)
+def _padded_parts(batch: Batch, sel: Tensor, batching: _Batching) -> list[tuple[Batch, Tensor]]:
+    """``batch`` (on the host) cut into runs of consecutive rows as `_greedy` fills them (within ``batch_tokens``
+    padded tokens, but for a row alone), each cut to its longest row; with their selections. Their selected rows,
+    one run after another, are the batch's in row-major order."""
+    parts = []
+    for g in _greedy(range(len(batch.lengths)), batch.lengths.tolist(), batching):
+        rows, longest = slice(g[0], g[-1] + 1), int(batch.lengths[g].max())
         inputs = {k: v[rows, :longest] for k, v in batch.inputs.items()}
         part = dataclasses.replace(batch, inputs=inputs, lengths=batch.lengths[rows],
                                    question_mask=batch.question_mask[rows, :longest],
@@ -1167,7 +1162,6 @@ def _padded_parts(batch: Batch, sel: Tensor, cap: int) -> list[tuple[Batch, Tens
                                    image_mask=batch.image_mask[rows, :longest],
                                    image_keys=tuple(batch.image_keys[rows]))
         parts.append((part, sel[rows, :longest]))
-        i = j
     return parts
 
 

@@ -391,6 +391,15 @@ def _maskless(images: bool, padded: bool, n: int, sliding_window: int | None,
     return tuple(k for k in dict.fromkeys(layer_types) if k != "sliding_attention" or n < sliding_window)
 
 
+def _same_image_block(token_type_ids: Tensor) -> Tensor:
+    """``[batch, q, kv]``: both positions in the same image's block of soft tokens (a run of ``token_type_ids ==
+    1``; the blocks of a row numbered in order, as transformers numbers them)."""
+    is_image = token_type_ids == 1
+    starts = is_image & ~nn.functional.pad(is_image, (1, 0))[:, :-1]
+    block = torch.where(is_image, torch.cumsum(starts.int(), dim=1) - 1, -1)
+    return (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
+
+
 def causal_masks(attention_mask: Tensor, token_type_ids: Tensor | None, sliding_window: int | None,
                  layer_types: Sequence[str], padded: bool) -> dict[str, Tensor | None]:
     """Gemma 3's masks for a forward with no cache, per layer type: ``[batch, 1, q, kv]`` booleans, True where
@@ -403,10 +412,7 @@ def causal_masks(attention_mask: Tensor, token_type_ids: Tensor | None, sliding_
     idx = torch.arange(n, device=pad.device)
     allowed = idx[None, None, :] <= idx[None, :, None]
     if token_type_ids is not None:
-        is_image = token_type_ids == 1
-        starts = is_image & ~nn.functional.pad(is_image, (1, 0))[:, :-1]
-        block = torch.where(is_image, torch.cumsum(starts.int(), dim=1) - 1, -1)
-        allowed = allowed | ((block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0))
+        allowed = allowed | _same_image_block(token_type_ids)
     out: dict[str, Tensor | None] = {}
     skipped = _maskless(token_type_ids is not None, padded, n, sliding_window, layer_types)
     for kind in dict.fromkeys(layer_types):
@@ -445,6 +451,37 @@ def host_padded(lengths: Tensor | None, width: int | dict[str, Any]) -> bool | N
     return bool((lengths < width).any())
 
 
+def _record_masks(body: nn.Module, decoder: nn.Module, layer_types: Sequence[str], seen: dict[str, Any], *,
+                  stop: bool = False) -> list[Any]:
+    """Hooks that put the masks the model's forward builds itself into ``seen["masks"]``, and their handles (the
+    caller removes them). A vision-language body hands its decoder the masks as one dict; a text body builds
+    them inside the decoder, and the first layer of each type gets its type's. Only this thread's forward is
+    recorded. ``stop``: raise `_Recorded` once all are recorded (nothing further is computed)."""
+    owner = threading.get_ident()
+
+    def record(kind: str | None):
+        def hook(_module, _args, kwargs):
+            if threading.get_ident() != owner:  # another thread's forward of the same model
+                return
+            if kind is None:
+                seen.setdefault("masks", kwargs.get("attention_mask"))
+            else:
+                seen.setdefault("masks", {}).setdefault(kind, kwargs.get("attention_mask"))
+            if stop and (kind is None or len(seen["masks"]) == len(set(layer_types))):
+                raise _Recorded
+
+        return hook
+
+    if decoder is not body:
+        return [decoder.register_forward_pre_hook(record(None), with_kwargs=True)]
+    return [decoder.layers[layer_types.index(kind)].register_forward_pre_hook(record(kind), with_kwargs=True)
+            for kind in dict.fromkeys(layer_types)]
+
+
+class _Recorded(Exception):
+    """Raised by `_record_masks`' hook with ``stop`` once the masks are recorded: nothing further is computed."""
+
+
 @contextmanager
 def prepared_masks(body: nn.Module | None, inputs: dict[str, Any], *,
                    padded: bool | None = None) -> Iterator[dict[str, Any]]:
@@ -481,24 +518,7 @@ def prepared_masks(body: nn.Module | None, inputs: dict[str, Any], *,
         yield inputs
         return
     seen: dict[str, Any] = {}
-    owner = threading.get_ident()
-
-    def record(kind: str | None):
-        def hook(_module, _args, kwargs):
-            if threading.get_ident() != owner:  # another thread's forward of the same model
-                return
-            if kind is None:
-                seen.setdefault("masks", kwargs.get("attention_mask"))
-            else:
-                seen.setdefault("masks", {}).setdefault(kind, kwargs.get("attention_mask"))
-
-        return hook
-
-    if decoder is not body:  # a vision-language body hands the decoder its masks as one dict
-        handles = [decoder.register_forward_pre_hook(record(None), with_kwargs=True)]
-    else:  # a text body builds them inside: each layer gets its type's mask; the first layer of each type tells
-        handles = [decoder.layers[key[-1].index(kind)].register_forward_pre_hook(record(kind), with_kwargs=True)
-                   for kind in dict.fromkeys(key[-1])]
+    handles = _record_masks(body, decoder, key[-1], seen)
     try:
         yield inputs
     finally:  # also when the forward was stopped early (capture stops after its last layer)
@@ -549,10 +569,7 @@ def packed_masks(position_ids: Tensor, token_type_ids: Tensor | None, sliding_wi
     idx = torch.arange(n, device=seg.device)
     allowed = (idx[None, None, :] <= idx[None, :, None]).expand(seg.shape[0], n, n)
     if token_type_ids is not None:
-        is_image = token_type_ids == 1
-        starts = is_image & ~nn.functional.pad(is_image, (1, 0))[:, :-1]
-        block = torch.where(is_image, torch.cumsum(starts.int(), dim=1) - 1, -1)
-        allowed = allowed | ((block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0))
+        allowed = allowed | _same_image_block(token_type_ids)
     allowed = allowed & (seg[:, :, None] == seg[:, None, :])
     out: dict[str, Tensor] = {}
     for kind in dict.fromkeys(layer_types):
@@ -579,10 +596,6 @@ def packed_state(body: nn.Module, key: tuple) -> bool | None:
     return _MASKS_CHECKED.get(body, {}).get(key)
 
 
-class _Recorded(Exception):
-    """Raised by `probe_masks`' hook once the masks are recorded: nothing further is computed."""
-
-
 def probe_masks(model: nn.Module, body: nn.Module, inputs: dict[str, Tensor]) -> Any:
     """The masks ``body``'s forward builds itself for a padded batch (``inputs``: ``attention_mask`` and any
     ``token_type_ids``), recorded on their way into the decoder (a text body: into each layer type's first
@@ -597,27 +610,7 @@ def probe_masks(model: nn.Module, body: nn.Module, inputs: dict[str, Tensor]) ->
     embeds = torch.zeros(*mask.shape, width.shape[-1], dtype=width.dtype if width.is_floating_point()
                          else torch.float32, device=mask.device)
     seen: dict[str, Any] = {}
-    if decoder is not body:
-        def whole(_module, _args, kwargs):
-            seen["masks"] = kwargs.get("attention_mask")
-            raise _Recorded
-
-        handles = [decoder.register_forward_pre_hook(whole, with_kwargs=True)]
-    else:
-        first = {kind: key[-1].index(kind) for kind in dict.fromkeys(key[-1])}
-        masks: dict[str, Any] = {}
-
-        def per_kind(kind: str):
-            def hook(_module, _args, kwargs):
-                masks[kind] = kwargs.get("attention_mask")
-                if len(masks) == len(first):
-                    seen["masks"] = masks
-                    raise _Recorded
-
-            return hook
-
-        handles = [decoder.layers[i].register_forward_pre_hook(per_kind(kind), with_kwargs=True)
-                   for kind, i in first.items()]
+    handles = _record_masks(body, decoder, key[-1], seen, stop=True)
     try:
         model(inputs_embeds=embeds, **inputs, use_cache=False)
     except _Recorded:
