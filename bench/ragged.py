@@ -219,8 +219,8 @@ def main() -> None:
                 held: dict[str, interp.Activations] = {}  # the caller-order result (its warm-up run)
                 plans: dict[str, tuple[int, int]] = {}  # batches and padded positions of each config's runs
                 runs, checkers = {}, {}
-                corpus_configs = {c: ({"pack": any(getattr(q, "image", None) is not None for q in prompts)} if kw == "other" else kw)
-                                  for c, kw in configs.items()}
+                with_images = any(getattr(q, "image", None) is not None for q in prompts)
+                corpus_configs = {c: {"pack": with_images} if kw == "other" else kw for c, kw in configs.items()}
                 for config, kw in corpus_configs.items():
                     name = f"{cname}, positions={positions}, {config}"
 
